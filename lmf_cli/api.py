@@ -1,0 +1,133 @@
+"""The Python API: `Upscaler.load(...)` then `up.upscale(image, scale=... | size=...)`.
+
+Arrays in, arrays out, same dtype: uint8 and uint16 are scaled to [0, 1] and rounded back;
+float32 stays float32, clamped to [0, 1]. Grayscale (H x W or H x W x 1) comes back
+grayscale; a 4th (alpha) channel is upscaled by the model too, or bicubic on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lmf_cli.checkpoints import LoadedModel, load_weights
+from lmf_cli.engine import scaled_size, upscale_tensor
+from lmf_cli.errors import InputError
+from lmf_cli.zoo import DEFAULT_MODEL, resolve
+
+Scale = float | tuple[float, float]
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' prefers CUDA, then Apple MPS, then the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an upscale will do: sizes in (height, width)."""
+
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.out_hw[0] / self.in_hw[0], self.out_hw[1] / self.in_hw[1]
+
+
+def plan_size(in_hw: tuple[int, int], scale: Scale | None = None,
+              size: tuple[int, int] | None = None) -> Plan:
+    """Resolve `scale` (one factor or (y, x)) or `size` (height, width) to an output size.
+
+    Output = round(input x scale) per axis. lmf only enlarges: factors below 1 are refused,
+    because the decoder was never trained to shrink (its cell would be > 2 LR pixels) and a
+    resampler does that job better.
+    """
+    if (scale is None) == (size is None):
+        raise InputError("give exactly one of scale or size")
+    if size is not None:
+        out_hw = (int(size[0]), int(size[1]))
+        if min(out_hw) <= 0:
+            raise InputError(f"output size {out_hw[1]}x{out_hw[0]} must be positive")
+    else:
+        factors = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale)
+        if len(factors) != 2 or not all(np.isfinite(f) and f > 0 for f in factors):
+            raise InputError(f"scale {scale!r} must be a positive number or a (y, x) pair")
+        out_hw = scaled_size(in_hw, (float(factors[0]), float(factors[1])))
+    if out_hw[0] < in_hw[0] or out_hw[1] < in_hw[1]:
+        raise InputError(
+            f"{in_hw[1]}x{in_hw[0]} -> {out_hw[1]}x{out_hw[0]} would shrink the image; lmf only "
+            "enlarges (scale >= 1 on each axis); use a resampler such as Pillow's LANCZOS to shrink")
+    return Plan(in_hw, out_hw)
+
+
+class Upscaler:
+    """A loaded model on a device, ready to upscale numpy images."""
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto") -> None:
+        self.loaded = loaded
+        self.device = pick_device(device)
+        self.model = loaded.model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto") -> Upscaler:
+        """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`."""
+        return cls(load_weights(resolve(name_or_path)), device)
+
+    @property
+    def name(self) -> str:
+        return Path(self.loaded.source).stem
+
+    def upscale(self, image: np.ndarray, scale: Scale | None = None, size: tuple[int, int] | None = None,
+                *, tile: int | None = None, cmsr: bool | str = False, max_memory: int | None = None,
+                alpha: Literal["model", "bicubic"] = "model",
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Upscale an H x W (x C) array to `size` (height, width) or by `scale`."""
+        image = np.asarray(image)
+        dtype = image.dtype
+        if dtype not in (np.uint8, np.uint16, np.float32):
+            raise InputError(f"unsupported dtype {dtype}; use uint8, uint16 or float32 in [0, 1]")
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise InputError(f"expected an H x W, H x W x 1, x 3 or x 4 array, got shape {image.shape}")
+        if min(image.shape[:2]) == 0:
+            raise InputError("the image has no pixels")
+        plan = plan_size(image.shape[:2], scale, size)
+        peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
+        data = image.astype(np.float32) / peak if peak != 1.0 else np.clip(image, 0, 1)
+        gray = data.ndim == 2 or data.shape[2] == 1
+        if gray:
+            data = data.reshape(*data.shape[:2], 1)
+        colour, extra = (data[..., :3], data[..., 3:]) if data.shape[2] == 4 else (data, None)
+        run = dict(tile=tile, cmsr=cmsr, max_memory=max_memory, progress=progress)
+        out = self._run(np.repeat(colour, 3, axis=2) if gray else colour, plan, **run)
+        if gray:
+            out = out.mean(axis=2, keepdims=True)
+        if extra is not None:
+            if alpha == "bicubic":
+                from lmf_cli.evaluation import bicubic_resize_float
+                a = bicubic_resize_float(extra, plan.out_hw)
+            else:
+                a = self._run(np.repeat(extra, 3, axis=2), plan, **run).mean(axis=2, keepdims=True)
+            out = np.concatenate([out, a], axis=2)
+        if image.ndim == 2:
+            out = out[..., 0]
+        if peak == 1.0:
+            return np.ascontiguousarray(out, dtype=np.float32)
+        return np.round(out * peak).astype(dtype)
+
+    def _run(self, rgb: np.ndarray, plan: Plan, **engine) -> np.ndarray:
+        inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
+        inp = inp.mul(2).sub(1)
+        out = upscale_tensor(self.model, inp, plan.out_hw, **engine)
+        return out.clamp(0, 1)[0].permute(1, 2, 0).numpy()

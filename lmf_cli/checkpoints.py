@@ -1,0 +1,144 @@
+"""Weights files: our `.safetensors` (config as JSON metadata) and official LIIF/LTE/LMF `.pth`.
+
+Neither path unpickles arbitrary objects: safetensors holds only tensors and strings, and
+official files go through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmf_cli import models
+from lmf_cli.errors import CheckpointError, UnsupportedModelError
+from lmf_cli.models.base import ImplicitSR
+
+FORMAT = "lmf-1"
+
+
+@dataclass
+class LoadedModel:
+    """A model and what its file says about it (spandrel-style descriptor)."""
+
+    model: ImplicitSR
+    spec: dict[str, Any]
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+    cmsr_tables: dict[str, dict[str, float]] | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def encoder_name(self) -> str:
+        return self.spec["args"]["encoder_spec"]["name"]
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def save_weights(path: str | Path, model: ImplicitSR, spec: dict[str, Any],
+                 info: dict[str, Any] | None = None,
+                 cmsr_tables: dict[str, dict[str, float]] | None = None) -> None:
+    """Write weights atomically (temp file + rename) with the spec and provenance as metadata."""
+    path = Path(path)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "spec": json.dumps(spec), "info": json.dumps(info or {})}
+    if cmsr_tables is not None:
+        meta["cmsr"] = json.dumps(cmsr_tables)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
+
+
+def load_weights(path: str | Path) -> LoadedModel:
+    """Load our `.safetensors` or an official `.pth`; every failure is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_official(path)
+
+
+def _load_safetensors(path: Path) -> LoadedModel:
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "spec" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without an lmf model config")
+    try:
+        spec = json.loads(meta["spec"])
+        info = json.loads(meta.get("info", "{}"))
+        tables = json.loads(meta["cmsr"]) if "cmsr" in meta else None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: damaged model config ({exc.msg})") from exc
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: damaged or truncated weights ({_short(exc)})") from exc
+    model = _build(path, spec, state)
+    return LoadedModel(model, spec, str(path), info, tables)
+
+
+def _load_official(path: Path) -> LoadedModel:
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/truncated/pickled files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_short(exc)})") from exc
+    block = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(block, dict) or not {"name", "args", "sd"} <= block.keys():
+        raise CheckpointError(f"{path}: not an official LIIF/LTE/LMF checkpoint (no model name/args/sd)")
+    spec = {"name": block["name"], "args": block["args"]}
+    model = _build(path, spec, block["sd"])
+    info = {"origin": "official", "epoch": ckpt.get("epoch")}
+    return LoadedModel(model, spec, str(path), info)
+
+
+def _build(path: Path, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> ImplicitSR:
+    try:
+        model = models.make(spec)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{path}: {exc}") from exc
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: model config is incomplete ({_short(exc)})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the {spec['name']!r} architecture "
+                              f"({_short(exc)})") from exc
+    return model.eval()
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."

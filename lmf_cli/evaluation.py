@@ -1,0 +1,152 @@
+"""The evaluation protocol of DESIGN.md §2: bicubic LR made in code, Y-PSNR / RGB-PSNR, SSIM.
+
+`benchmark` protocol (Set5, Set14, B100, Urban100): PSNR on Y (BT.601, 16..235), shave =
+scale. `div2k` protocol: RGB PSNR, shave = scale + 6. HR is cropped to a whole number of
+LR pixels (a multiple of the scale for integer scales).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def bicubic_resize_uint8(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize of uint8 RGB, as PIL (the LR maker of the protocol)."""
+    out = Image.fromarray(img).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
+    return np.asarray(out)
+
+
+def bicubic_resize_float(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of float images in [0, 1] per channel, unquantised (the bicubic row)."""
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
+                         .resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC))
+              for c in range(img.shape[-1])]
+    return np.clip(np.stack(planes, -1), 0, 1)
+
+
+def make_pair(hr: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cropped HR, LR) for one scale: LR has floor(H / s) rows, HR keeps round(h * s)."""
+    h, w = hr.shape[:2]
+    lh, lw = max(1, int(h / scale + 1e-9)), max(1, int(w / scale + 1e-9))
+    hh, hw = round(lh * scale), round(lw * scale)
+    hr = hr[:hh, :hw]
+    return hr, bicubic_resize_uint8(hr, (lh, lw))
+
+
+def _mse(a: np.ndarray, b: np.ndarray, shave: int) -> float:
+    if shave > 0:
+        a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
+    return float(np.mean((a - b) ** 2))
+
+
+def to_y(img: np.ndarray) -> np.ndarray:
+    """Y channel in 0..255 from RGB in [0, 1]."""
+    return 16.0 + img.astype(np.float64) @ (Y_WEIGHTS * 255.0)
+
+
+def psnr(sr: np.ndarray, hr: np.ndarray, shave: int, y_only: bool) -> float:
+    """PSNR in dB of float images in [0, 1] (peak 255 on the Y or RGB scale)."""
+    if y_only:
+        mse = _mse(to_y(sr), to_y(hr), shave)
+    else:
+        mse = _mse(sr.astype(np.float64) * 255, hr.astype(np.float64) * 255, shave)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """SSIM on Y (Gaussian window 11, sigma 1.5), as in the SR literature."""
+    import cv2
+
+    a, b = to_y(sr), to_y(hr)
+    if shave > 0:
+        a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map[5:-5, 5:-5].mean())
+
+
+UpscaleFn = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+
+
+@dataclass
+class EvalResult:
+    method: str
+    scale: float
+    psnr: float
+    ssim: float
+    images: int
+    per_image: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(methods: dict[str, UpscaleFn], images: list[Path], scales: list[float],
+             protocol: str = "benchmark", with_ssim: bool = True,
+             progress: Callable[[], None] | None = None) -> list[EvalResult]:
+    """Average PSNR/SSIM of each method at each scale. A method maps (LR uint8, (H, W)) to
+    a float [0, 1] image of that size."""
+    hrs = {p.stem: load_rgb(p) for p in images}
+    results = []
+    for scale in scales:
+        shave = math.ceil(scale) + (6 if protocol == "div2k" else 0)
+        pairs = {name: make_pair(hr, scale) for name, hr in hrs.items()}
+        for method, fn in methods.items():
+            per_psnr, per_ssim = {}, []
+            for name, (hr, lr) in pairs.items():
+                hr_f = hr.astype(np.float32) / 255
+                sr = fn(lr, hr.shape[:2])
+                per_psnr[name] = psnr(sr, hr_f, shave, y_only=protocol != "div2k")
+                if with_ssim:
+                    per_ssim.append(ssim_y(sr, hr_f, shave))
+                if progress:
+                    progress()
+            results.append(EvalResult(method, scale, float(np.mean(list(per_psnr.values()))),
+                                      float(np.mean(per_ssim)) if per_ssim else float("nan"),
+                                      len(per_psnr), per_psnr))
+    return results
+
+
+def bicubic_method(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    return bicubic_resize_float(lr.astype(np.float32) / 255, size_hw)
+
+
+def model_method(model, device: str = "cpu") -> UpscaleFn:
+    """An evaluation method that renders with an implicit model (float output, unquantised)."""
+    import torch
+
+    from lmf_cli.engine import upscale_tensor
+
+    def run(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+        inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+        out = upscale_tensor(model, inp, size_hw, tile=max(lr.shape[:2]))
+        return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+    return run

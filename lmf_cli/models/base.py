@@ -1,0 +1,133 @@
+"""What every implicit upscaler here shares: encode once, then query points or render grids.
+
+Two forward paths, one set of formulas:
+- `query(latents, coord, cell)`: arbitrary points, one gather per neighbour (training, CMSR).
+- `render(latents, rows, cols, ...)`: a whole output window, with queries grouped by the
+  latent they read (`AxisSlots`), so per-latent work (first layer, modulations) is done once
+  per latent and broadcast over its slots instead of gathered per output pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmf_cli.models.geometry import AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
+
+Latents = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RenderWindow:
+    """Where a latent window sits in the global image, and which output window to render.
+
+    rows/cols: slots of the output window; bilinear_rows/cols: taps for the input skip.
+    rel_cell: (B, 2) cell in LR-pixel units (already clipped for large scales).
+    """
+
+    rows: AxisSlots
+    cols: AxisSlots
+    bilinear_rows: AxisBilinear | None
+    bilinear_cols: AxisBilinear | None
+    rel_cell: torch.Tensor
+
+
+def unfold3x3(feat: torch.Tensor) -> torch.Tensor:
+    """3x3 neighbourhood of every feature, zero padded, channel-major like F.unfold."""
+    b, c, h, w = feat.shape
+    return F.unfold(feat, 3, padding=1).view(b, c * 9, h, w)
+
+
+def channels_last_table(feat: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h, w, C): one contiguous row per latent."""
+    return feat.permute(0, 2, 3, 1).contiguous()
+
+
+class ImplicitSR(nn.Module):
+    """Base class: subclasses define `encode`, `decode_points` and `decode_slots`."""
+
+    encoder: nn.Module
+    local_ensemble: bool = True
+    bilinear_skip: bool = False
+    encoder_dtype: torch.dtype | None = None  # e.g. bfloat16: run the convolutions under autocast
+
+    def run_encoder(self, inp: torch.Tensor) -> torch.Tensor:
+        """Encoder features in float32, optionally computed in a lower precision."""
+        if self.encoder_dtype is None:
+            return self.encoder(inp).float()
+        with torch.autocast(inp.device.type, dtype=self.encoder_dtype):
+            return self.encoder(inp).float()
+
+    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        raise NotImplementedError
+
+    def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,
+                      rel_cell: torch.Tensor) -> torch.Tensor:
+        """Predictions (B, N, Q, 3) for latents at flat `index` (B, N, Q) with offsets `rel`."""
+        raise NotImplementedError
+
+    def decode_slots(self, latents: Latents, window: RenderWindow) -> torch.Tensor:
+        """Predictions (B, nr, Kr, nc, Kc, 3) for every slot of the window."""
+        raise NotImplementedError
+
+    def query(self, inp: torch.Tensor, latents: Latents, coord: torch.Tensor,
+              cell: torch.Tensor) -> torch.Tensor:
+        """RGB (normalised) at global coordinates (B, Q, 2), cells (B, Q, 2) -> (B, Q, 3)."""
+        h, w = inp.shape[-2:]
+        nb = neighbours(coord, h, w, self.local_ensemble)
+        rel_cell = cell * cell.new_tensor([h, w])
+        pred = self.decode_points(latents, nb.index, nb.rel, rel_cell)
+        out = (pred * nb.weight.unsqueeze(-1)).sum(1)
+        if self.bilinear_skip:
+            grid = coord.flip(-1).unsqueeze(1)
+            out = out + F.grid_sample(inp, grid, mode="bilinear", padding_mode="border",
+                                      align_corners=False)[:, :, 0].transpose(1, 2)
+        return out
+
+    def forward(self, inp: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        h, w = inp.shape[-2:]
+        latents = self.encode(inp, cell[:, 0] * cell.new_tensor([h, w]))
+        return self.query(inp, latents, coord, cell)
+
+    def render(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
+        """Render an output window as (B, 3, H', W') in normalised units."""
+        rows, cols = window.rows, window.cols
+        pred = self.decode_slots(latents, window)
+        b = pred.shape[0]
+        pred = pred * (rows.weight[:, :, None, None, None] * cols.weight[None, None, :, :, None])
+        n_out_r = int(rows.out.max()) + 1
+        n_out_c = int(cols.out.max()) + 1
+        nr, kr, nc, kc = pred.shape[1:5]
+        by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
+        by_col.index_add_(2, cols.out.flatten(), pred.reshape(b, nr * kr, nc * kc, 3))
+        out = pred.new_zeros(b, n_out_r, n_out_c, 3)
+        out.index_add_(1, rows.out.flatten(), by_col)
+        out = out.permute(0, 3, 1, 2)
+        if self.bilinear_skip:
+            out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
+        return out
+
+
+def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:
+    """The per-latent table (B, h, w, C) cut to the latents the window's slots use,
+    shaped (B, nr, 1, nc, 1, C) to broadcast over slots."""
+    r0, c0 = window.rows.lat0, window.cols.lat0
+    nr, nc = window.rows.n_latents, window.cols.n_latents
+    t = latents_map[:, r0:r0 + nr, c0:c0 + nc]
+    return t[:, :, None, :, None, :]
+
+
+def slot_rel(window: RenderWindow, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative coordinates of the slots, (nr, Kr, 1, 1, 1) for y and (1, 1, nc, Kc, 1) for x."""
+    ry = window.rows.rel.to(dtype)[:, :, None, None, None]
+    rx = window.cols.rel.to(dtype)[None, None, :, :, None]
+    return ry, rx
+
+
+def gather(latents_map: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B, h, w, C) table at flat indices (B, ...)."""
+    b, h, w, c = latents_map.shape
+    return gather_latents(latents_map.reshape(b, h * w, c), index)

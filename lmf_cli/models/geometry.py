@@ -1,0 +1,172 @@
+"""Coordinates, neighbour lookup and ensemble weights shared by every implicit decoder.
+
+Conventions (DESIGN.md §1): pixel centres in [-1, 1], first axis y; a query looks up the
+4 latents around it (offsets of half an LR pixel, +1e-6, clamped, nearest lookup) and
+weights each prediction by the area of the diagonally opposite rectangle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ENSEMBLE_EPS = 1e-6
+AREA_EPS = 1e-9
+
+
+def pixel_centres(n: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Centres of n pixels spanning [-1, 1]: -1 + (2i + 1) / n."""
+    return (torch.arange(n, device=device, dtype=torch.float64) * 2 + 1).div(n).sub(1).to(dtype)
+
+
+def make_coord(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(height * width, 2) pixel-centre coordinates in row-major order, (y, x) per row."""
+    ys = pixel_centres(height, device)
+    xs = pixel_centres(width, device)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The 4 ensemble neighbours of each query, flattened as (vy, vx) in (-1,-1),(-1,1),(1,-1),(1,1).
+
+    index: (B, 4, Q) flat latent index y * w + x; rel: (B, 4, Q, 2); weight: (B, 4, Q).
+    """
+
+    index: torch.Tensor
+    rel: torch.Tensor
+    weight: torch.Tensor
+
+
+def neighbours(coord: torch.Tensor, h: int, w: int, local_ensemble: bool = True) -> Neighbours:
+    """Ensemble neighbours of global query coordinates `coord` (B, Q, 2) on an h x w latent grid."""
+    offsets = (-1, 1) if local_ensemble else (0,)
+    eps = ENSEMBLE_EPS if local_ensemble else 0.0
+    indices, rels, areas = [], [], []
+    for vy in offsets:
+        for vx in offsets:
+            iy, ry = _lookup_eps(coord[..., 0], h, vy, eps)
+            ix, rx = _lookup_eps(coord[..., 1], w, vx, eps)
+            indices.append(iy * w + ix)
+            rels.append(torch.stack([ry, rx], dim=-1))
+            areas.append((ry * rx).abs() + AREA_EPS)
+    index = torch.stack(indices, 1)
+    rel = torch.stack(rels, 1)
+    area = torch.stack(areas, 1)
+    if local_ensemble:
+        area = area.flip(1)  # each prediction takes the area of the diagonally opposite one
+    return Neighbours(index, rel, area / area.sum(1, keepdim=True))
+
+
+def _lookup_eps(coord: torch.Tensor, n: int, offset: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    shifted = (coord + offset / n + eps).clamp(-1 + 1e-6, 1 - 1e-6)
+    index = ((shifted + 1) * (n / 2)).floor().long().clamp_(0, n - 1)
+    centre = (index.to(coord.dtype) * 2 + 1) / n - 1
+    return index, (coord - centre) * n
+
+
+def gather_latents(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of a per-latent table (B, h*w, C) at flat indices (B, ...) -> (B, ..., C)."""
+    b = table.shape[0]
+    flat = index.reshape(b, -1)
+    out = torch.gather(table, 1, flat.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+    return out.view(*index.shape, table.shape[-1])
+
+
+@dataclass(frozen=True)
+class AxisSlots:
+    """Output pixels of a window grouped by the latent they read, along one axis.
+
+    Latent `lat0 + r` (index into the latent window) owns slots k = 0..K-1: output index
+    `out[r, k]` (local to the output window), relative coordinate `rel[r, k]` and separable
+    ensemble weight `weight[r, k]` (0 for padding). Each output pixel sits in the slots of
+    the one or two latents around it, and its weights sum to 1.
+    """
+
+    lat0: int
+    out: torch.Tensor
+    rel: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def n_latents(self) -> int:
+        return self.out.shape[0]
+
+
+def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
+               local_ensemble: bool = True, device: torch.device | str = "cpu") -> AxisSlots:
+    """Group output pixels [out_start, out_stop) of an n_in -> n_out axis by neighbour latent.
+
+    Coordinates are global, so a tile renders exactly what the whole image would; latent
+    indices are returned relative to `lat_start`, the first latent the caller holds. The
+    weight of neighbour v is |rel of the other one| / (|rel_a| + |rel_b|): the product of the
+    two axes' weights is LIIF's normalised area weight.
+    """
+    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
+    offsets = (-1, 1) if local_ensemble else (0,)
+    eps = ENSEMBLE_EPS if local_ensemble else 0.0
+    found = [_lookup_eps(coord, n_in, v, eps) for v in offsets]
+    if local_ensemble:
+        (_, r0), (_, r1) = found
+        a0, a1 = r0.abs(), r1.abs()
+        total = a0 + a1
+        # Zero only where both neighbours are the same latent at the query's own centre.
+        w0 = torch.where(total > 0, a1 / total.clamp_min(1e-300), 0.5)
+        weights = [w0, 1 - w0]
+    else:
+        weights = [torch.ones_like(coord)]
+    n_win = out_stop - out_start
+    lat = torch.cat([f[0] for f in found]) - lat_start
+    if int(lat.min()) < 0:
+        raise ValueError("latent window starts after the output window needs it")
+    rel = torch.cat([f[1] for f in found])
+    weight = torch.cat(weights)
+    out = torch.arange(n_win, device=device).repeat(len(offsets))
+    # Both neighbours clamped onto one latent (image border): one slot with the summed weight.
+    key, inverse = torch.unique(lat * n_win + out, return_inverse=True)
+    merged_weight = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, weight)
+    merged_rel = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_copy_(0, inverse, rel)
+    lat_of = key // n_win
+    lat0 = int(lat_of.min())
+    lat_of = lat_of - lat0
+    counts = torch.bincount(lat_of)
+    first = torch.cumsum(counts, 0) - counts
+    k = torch.arange(key.numel(), device=device) - first[lat_of]
+    shape = (counts.numel(), max(int(counts.max()), 1))
+    out_t = torch.zeros(shape, dtype=torch.long, device=device)
+    rel_t = torch.zeros(shape, dtype=torch.float64, device=device)
+    w_t = torch.zeros(shape, dtype=torch.float64, device=device)
+    out_t[lat_of, k] = key % n_win
+    rel_t[lat_of, k] = merged_rel
+    w_t[lat_of, k] = merged_weight
+    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float())
+
+
+@dataclass(frozen=True)
+class AxisBilinear:
+    """Bilinear taps (border padding, align_corners=False) along one axis, local indices."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    frac: torch.Tensor
+
+
+def axis_bilinear(n_out: int, n_in: int, out_start: int, out_stop: int, src_start: int = 0,
+                  device: torch.device | str = "cpu") -> AxisBilinear:
+    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
+    pos = (((coord + 1) * n_in - 1) / 2).clamp(0, n_in - 1)
+    lo = pos.floor()
+    frac = pos - lo
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return AxisBilinear(lo - src_start, hi - src_start, frac.float())
+
+
+def bilinear_grid(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:
+    """Separable bilinear resampling of (B, C, h, w) at the window the axes describe."""
+    fy = rows.frac.view(1, 1, -1, 1).to(image.dtype)
+    y = image[:, :, rows.lo] * (1 - fy) + image[:, :, rows.hi] * fy
+    fx = cols.frac.view(1, 1, 1, -1).to(image.dtype)
+    return y[:, :, :, cols.lo] * (1 - fx) + y[:, :, :, cols.hi] * fx

@@ -1,0 +1,164 @@
+"""Latent Modulated Functions: LM-LIIF and LM-LTE (He et al., CVPR 2024).
+
+The latent MLP runs once per LR pixel and emits, per latent, the scale and shift of every
+render layer plus a compressed code; the tiny render MLP then runs per output pixel.
+In `decode_slots` the modulation is folded per latent, `(W h + b)(1 + s) + t =
+(W h)(1 + s) + (b (1 + s) + t)`, so a hidden layer costs one shared 16x16 matmul and one
+broadcast multiply-add, with no per-pixel gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow, channels_last_table, gather, slot_rel, slot_window
+from lmf_cli.models.mlp import MLP, ModulatedMLP
+
+
+def _modulated_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, first: int) -> torch.Tensor:
+    """Hidden layers first..depth-1 and the output layer, modulations folded per latent."""
+    d, n = render.hidden_dim, render.hidden_depth
+    linears = render.linears
+    for k in range(first, n):
+        layer = linears[k]
+        gain = 1 + mod[..., k * d:(k + 1) * d]
+        bias = torch.addcmul(mod[..., (n + k) * d:(n + k + 1) * d], layer.bias, gain)
+        x = torch.addcmul(bias, torch.matmul(x, layer.weight.t()), gain).relu_()
+    return torch.nn.functional.linear(x, linears[-1].weight, linears[-1].bias)
+
+
+class LMLIIF(ImplicitSR):
+    """LM-LIIF. Options beyond the official ones: `bilinear_skip` adds a bilinear upsample
+    of the input to the output (as LTE does), so training starts from a sensible image."""
+
+    def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 6,
+                 latent_hidden: int = 208, local_ensemble: bool = True, feat_unfold: bool = True,
+                 cell_decode: bool = True, mod_input: bool = True, bilinear_skip: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.local_ensemble = local_ensemble
+        self.feat_unfold = feat_unfold
+        self.cell_decode = cell_decode
+        self.mod_input = mod_input
+        self.bilinear_skip = bilinear_skip
+        code_dim = hidden_dim if mod_input else encoder.out_dim
+        render_in = code_dim + 2 + (2 if cell_decode else 0)
+        self.imnet = ModulatedMLP(render_in, 3, hidden_dim, hidden_depth)
+        latent_in = encoder.out_dim * (9 if feat_unfold else 1) + (2 if cell_decode else 0)
+        latent_out = self.imnet.mod_dim + (hidden_dim if mod_input else 0)
+        self.hypernet = MLP(latent_in, latent_out, [latent_hidden])
+
+    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        feat = self.run_encoder(inp)
+        first, second = self.hypernet.linears
+        c = feat.shape[1]
+        # Linear on the 3x3-unfolded feature == a 3x3 convolution with the same weights
+        # (F.unfold orders channels c * 9 + ky * 3 + kx): same numbers, no 576-wide copy.
+        if self.feat_unfold:
+            hidden = F.conv2d(feat, first.weight[:, :9 * c].reshape(-1, c, 3, 3), first.bias, padding=1)
+        else:
+            hidden = F.conv2d(feat, first.weight[:, :c, None, None], first.bias)
+        hidden = channels_last_table(hidden)
+        if self.cell_decode:
+            hidden = hidden + (rel_cell @ first.weight[:, -2:].t())[:, None, None, :]
+        latents = {"mod": second(hidden.relu())}
+        if not self.mod_input:
+            latents["code"] = channels_last_table(feat)
+        return latents
+
+    def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,
+                      rel_cell: torch.Tensor) -> torch.Tensor:
+        pieces = self.imnet.split(gather(latents["mod"], index))
+        code = pieces[-1] if self.mod_input else gather(latents["code"], index)
+        parts = [code, rel]
+        if self.cell_decode:
+            parts.append(rel_cell.unsqueeze(1).expand(*rel.shape))
+        return self.imnet(torch.cat(parts, -1), pieces)
+
+    def decode_slots(self, latents: Latents, window: RenderWindow) -> torch.Tensor:
+        mod = slot_window(latents["mod"], window)
+        code = mod[..., self.imnet.mod_dim:] if self.mod_input else slot_window(latents["code"], window)
+        first = self.imnet.linears[0]
+        c = code.shape[-1]
+        w_code, w_rel = first.weight[:, :c], first.weight[:, c:c + 2]
+        per_latent = torch.nn.functional.linear(code, w_code, first.bias)
+        if self.cell_decode:
+            w_cell = first.weight[:, c + 2:c + 4]
+            per_latent = per_latent + (window.rel_cell @ w_cell.t()).view(-1, 1, 1, 1, 1, w_cell.shape[0])
+        d, n = self.imnet.hidden_dim, self.imnet.hidden_depth
+        gain = 1 + mod[..., :d]
+        shift = mod[..., n * d:(n + 1) * d]
+        ry, rx = slot_rel(window, per_latent.dtype)
+        pre = (per_latent + ry * w_rel[:, 0]) + rx * w_rel[:, 1]
+        x = torch.addcmul(shift, pre, gain).relu_()
+        return _modulated_layers(self.imnet, x, mod, 1)
+
+
+class LMLTE(ImplicitSR):
+    """LM-LTE: LTE's Fourier features feed the latent MLP; the render MLP sees the code's
+    own (coef, freq) pair and adds a bilinear upsample of the input."""
+
+    def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 8,
+                 latent_hidden: int = 288, lte_dim: int = 128, local_ensemble: bool = True,
+                 cell_decode: bool = True, mod_input: bool = True) -> None:
+        super().__init__()
+        if not cell_decode:
+            raise ValueError("LM-LTE needs cell_decode")
+        self.encoder = encoder
+        self.local_ensemble = local_ensemble
+        self.mod_input = mod_input
+        self.bilinear_skip = True
+        self.coef = nn.Conv2d(encoder.out_dim, lte_dim, 3, padding=1)
+        self.freq = nn.Conv2d(encoder.out_dim, lte_dim, 3, padding=1)
+        self.phase = nn.Linear(2, lte_dim // 2, bias=False)
+        render_in = hidden_dim if mod_input else lte_dim
+        self.imnet = ModulatedMLP(render_in, 3, hidden_dim, hidden_depth)
+        latent_out = self.imnet.mod_dim + (2 * hidden_dim if mod_input else 0)
+        self.hypernet = MLP(lte_dim, latent_out, [latent_hidden])
+        if mod_input:
+            self.imphase = nn.Linear(2, hidden_dim // 2, bias=False)
+
+    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        feat = self.run_encoder(inp)
+        coef = channels_last_table(self.coef(feat))
+        freq = channels_last_table(self.freq(feat))
+        b, h, w, c = freq.shape
+        phase = freq.view(b, h, w, c // 2, 2).sum(-1) + self.phase(rel_cell).view(b, 1, 1, c // 2)
+        mod = self.hypernet(coef * torch.cat([torch.cos(math.pi * phase), torch.sin(math.pi * phase)], -1))
+        if self.mod_input:
+            return {"mod": mod}
+        return {"mod": mod, "coef": coef, "freq": freq}
+
+
+    def _phase_layer(self) -> nn.Linear:
+        return self.imphase if self.mod_input else self.phase
+
+    def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,
+                      rel_cell: torch.Tensor) -> torch.Tensor:
+        pieces = self.imnet.split(gather(latents["mod"], index))
+        if self.mod_input:
+            coef, freq = pieces[-2], pieces[-1]
+        else:
+            coef, freq = gather(latents["coef"], index), gather(latents["freq"], index)
+        z = freq[..., 0::2] * rel[..., :1] + freq[..., 1::2] * rel[..., 1:]
+        z = z + self._phase_layer()(rel_cell).unsqueeze(1)
+        x = coef * torch.cat([torch.cos(math.pi * z), torch.sin(math.pi * z)], -1)
+        return self.imnet(x, pieces)
+
+    def decode_slots(self, latents: Latents, window: RenderWindow) -> torch.Tensor:
+        mod = slot_window(latents["mod"], window)
+        if self.mod_input:
+            m, d = self.imnet.mod_dim, self.imnet.hidden_dim
+            coef, freq = mod[..., m:m + d], mod[..., m + d:m + 2 * d]
+        else:
+            coef, freq = slot_window(latents["coef"], window), slot_window(latents["freq"], window)
+        ry, rx = slot_rel(window, freq.dtype)
+        phase = self._phase_layer()(window.rel_cell).view(-1, 1, 1, 1, 1, freq.shape[-1] // 2)
+        z = (freq[..., 0::2] * ry + (freq[..., 1::2] * rx + phase))
+        z = z.mul_(math.pi)
+        x = coef * torch.cat([torch.cos(z), torch.sin(z)], -1)
+        return _modulated_layers(self.imnet, x, mod, 0)

@@ -1,0 +1,66 @@
+"""The MLPs of the decoders, with the official `layers.{0,2,...}` key layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _stack(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden:
+        layers += [nn.Linear(last, width), nn.ReLU()]
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    return nn.Sequential(*layers)
+
+
+class MLP(nn.Module):
+    """Plain ReLU MLP (LIIF's and LTE's decoder, LMF's latent MLP)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_list: list[int]) -> None:
+        super().__init__()
+        self.layers = _stack(in_dim, list(hidden_list), out_dim)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ModulatedMLP(nn.Module):
+    """LMF's render MLP: every hidden layer is `relu((W h + b) * (1 + scale) + shift)`."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, hidden_depth: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.hidden_depth = hidden_depth
+        self.layers = _stack(in_dim, [hidden_dim] * hidden_depth, out_dim)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    @property
+    def mod_dim(self) -> int:
+        """Scale and shift values per latent: (scale, shift) x depth x width."""
+        return 2 * self.hidden_depth * self.hidden_dim
+
+    def split(self, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Cut a latent table (..., C) into width-sized pieces: scales, shifts, then the rest.
+
+        One unbind instead of a slice per layer: in training, each slice's backward would
+        allocate and zero a gradient of the whole gathered table.
+        """
+        return table.unflatten(-1, (table.shape[-1] // self.hidden_dim, self.hidden_dim)).unbind(-2)
+
+    def forward(self, x: torch.Tensor, pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x (..., in_dim); pieces from `split`: depth scales, then depth shifts."""
+        n = self.hidden_depth
+        *linears, last = self.linears
+        for k, layer in enumerate(linears):
+            x = torch.relu(torch.addcmul(pieces[n + k], layer(x), 1 + pieces[k]))
+        return last(x)

@@ -1,0 +1,122 @@
+"""Shared fixtures: official-layout checkpoints built from shapes, small real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return torch.randn(*shape, generator=gen) / (fan_in ** 0.5)
+
+
+def encoder_state(gen: torch.Generator, spec: dict) -> dict[str, torch.Tensor]:
+    """Official key layout of EDSR-baseline / RDN, built from shapes alone."""
+    sd: dict[str, torch.Tensor] = {}
+
+    gain = 0.5 if spec["name"] == "rdn" else 1.0  # keeps 20 dense blocks' activations O(1)
+
+    def conv(name: str, out_ch: int, in_ch: int, k: int = 3) -> None:
+        sd[f"encoder.{name}.weight"] = _randn(gen, out_ch, in_ch, k, k) * gain
+        sd[f"encoder.{name}.bias"] = _randn(gen, out_ch) * 0.1
+
+    args = spec.get("args", {})
+    if spec["name"] == "rdn":
+        d, c, g = {"A": (20, 6, 32), "B": (16, 8, 64)}[args.get("RDNconfig", "B")]
+        g0 = args.get("G0", 64)
+        conv("SFENet1", g0, 3)
+        conv("SFENet2", g0, g0)
+        for i in range(d):
+            for j in range(c):
+                conv(f"RDBs.{i}.convs.{j}.conv.0", g, g0 + j * g)
+            conv(f"RDBs.{i}.LFF", g0, g0 + c * g, 1)
+        conv("GFF.0", g0, d * g0, 1)
+        conv("GFF.1", g0, g0)
+        return sd
+    n, f = args.get("n_resblocks", 16), args.get("n_feats", 64)
+    conv("sub_mean", 3, 3, 1)
+    conv("add_mean", 3, 3, 1)
+    conv("head.0", f, 3)
+    for i in range(n):
+        conv(f"body.{i}.body.0", f, f)
+        conv(f"body.{i}.body.2", f, f)
+    conv(f"body.{n}", f, f)
+    return sd
+
+
+def linear_stack(gen: torch.Generator, prefix: str, dims: list[int], sd: dict) -> None:
+    for j in range(len(dims) - 1):
+        sd[f"{prefix}.layers.{2 * j}.weight"] = _randn(gen, dims[j + 1], dims[j])
+        sd[f"{prefix}.layers.{2 * j}.bias"] = _randn(gen, dims[j + 1]) * 0.1
+
+
+def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
+    """A checkpoint dict exactly as the official code saves it (random weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = encoder_state(gen, encoder)
+    feat = encoder.get("args", {}).get("n_feats", 64) if encoder["name"] != "rdn" else encoder["args"].get("G0", 64)
+    if name == "liif":
+        hidden = [32, 32]
+        args = {"encoder_spec": encoder, "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": hidden}},
+                "local_ensemble": True, "feat_unfold": True, "cell_decode": True}
+        linear_stack(gen, "imnet", [feat * 9 + 4, *hidden, 3], sd)
+    elif name == "lte":
+        hidden_dim, hidden = 32, [32, 32]
+        args = {"encoder_spec": encoder, "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": hidden}},
+                "hidden_dim": hidden_dim}
+        for conv in ("coef", "freq"):
+            sd[f"{conv}.weight"] = _randn(gen, hidden_dim, feat, 3, 3)
+            sd[f"{conv}.bias"] = _randn(gen, hidden_dim) * 0.1
+        sd["phase.weight"] = _randn(gen, hidden_dim // 2, 2)
+        linear_stack(gen, "imnet", [hidden_dim, *hidden, 3], sd)
+    elif name == "lmliif":
+        args = {"encoder_spec": encoder,
+                "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 6,
+                                                         "mod_scale": True, "mod_shift": True}},
+                "hypernet_spec": {"name": "mlp", "args": {"out_dim": 208, "hidden_list": [208]}},
+                "local_ensemble": True, "feat_unfold": True, "cell_decode": True, "mod_input": True,
+                "mixed_le": False}
+        linear_stack(gen, "hypernet", [feat * 9 + 2, 208, 208], sd)
+        linear_stack(gen, "imnet", [20, *[16] * 6, 3], sd)
+    else:
+        args = {"encoder_spec": encoder,
+                "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 8,
+                                                         "mod_scale": True, "mod_shift": True}},
+                "hypernet_spec": {"name": "mlp", "args": {"out_dim": 288, "hidden_list": [288]}},
+                "hidden_dim": 128, "local_ensemble": True, "cell_decode": True, "mod_input": True}
+        for conv in ("coef", "freq"):
+            sd[f"{conv}.weight"] = _randn(gen, 128, feat, 3, 3)
+            sd[f"{conv}.bias"] = _randn(gen, 128) * 0.1
+        sd["phase.weight"] = _randn(gen, 64, 2)
+        sd["imphase.weight"] = _randn(gen, 8, 2)
+        linear_stack(gen, "hypernet", [128, 288, 288], sd)
+        linear_stack(gen, "imnet", [16, *[16] * 8, 3], sd)
+    return {"model": {"name": name, "args": args, "sd": sd}, "optimizer": {"lr": 1e-4}, "epoch": 1000}
+
+
+SMALL_EDSR = {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16, "no_upsampling": True}}
+
+
+@pytest.fixture(scope="session")
+def official_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("official")
+    files = {}
+    for name in ("liif", "lte", "lmliif", "lmlte"):
+        files[name] = folder / f"{name}.pth"
+        torch.save(official_checkpoint(name, SMALL_EDSR), files[name])
+    return files
+
+
+@pytest.fixture(scope="session")
+def butterfly() -> np.ndarray:
+    """A real 8-bit photo crop (Set5 butterfly), small enough for fast tests."""
+    from PIL import Image
+
+    with Image.open(DATA / "Set5" / "HR" / "butterfly.png") as img:
+        return np.asarray(img.convert("RGB"))[96:136, 80:128].copy()

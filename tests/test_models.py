@@ -1,0 +1,92 @@
+"""The four decoders against an independent float64 computation of the official formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmf_cli import Upscaler
+from lmf_cli.engine import upscale_tensor
+from lmf_cli.models.geometry import make_coord
+from tests.conftest import official_checkpoint
+from tests.reference import predict
+
+ARCHS = ["liif", "lte", "lmliif", "lmlte"]
+SIZES = {"x2": (2, 2), "x3.5": (3.5, 3.5), "x8": (8, 8), "x2.5/x1.5": (2.5, 1.5)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scale", list(SIZES))
+def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, scale):
+    up = Upscaler.load(official_files[arch], device="cpu")
+    lr = butterfly[:12, :14]
+    sy, sx = SIZES[scale]
+    out_hw = (round(12 * sy), round(14 * sx))
+    ours = up.upscale(lr.astype(np.float32) / 255, size=out_hw)
+    block = torch.load(official_files[arch], weights_only=True)["model"]
+    inp = torch.from_numpy(lr).permute(2, 0, 1)[None].double() / 255
+    ref = predict(block["name"], block["sd"], block["args"], inp, out_hw).numpy()
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_rdn_encoder_matches_formulas(tmp_path, butterfly):
+    rdn = {"name": "rdn", "args": {"G0": 16, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
+    path = tmp_path / "rdn-lmliif.pth"
+    torch.save(official_checkpoint("lmliif", rdn), path)
+    up = Upscaler.load(path, device="cpu")
+    lr = butterfly[:10, :9]
+    ours = up.upscale(lr.astype(np.float32) / 255, size=(23, 31))
+    block = torch.load(path, weights_only=True)["model"]
+    ref = predict("lmliif", block["sd"], block["args"], torch.from_numpy(lr).permute(2, 0, 1)[None] / 255,
+                  (23, 31)).numpy()
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grid_rendering_equals_point_queries(official_files, arch):
+    """The fast grouped renderer and the per-point path (used in training) agree."""
+    model = Upscaler.load(official_files[arch], device="cpu").model
+    torch.manual_seed(0)
+    inp = torch.rand(1, 3, 9, 11) * 2 - 1
+    big_h, big_w = 25, 20
+    grid = upscale_tensor(model, inp, (big_h, big_w)) * 2 - 1
+    coord = make_coord(big_h, big_w)[None]
+    cell = torch.tensor([2 / big_h, 2 / big_w]).expand(1, big_h * big_w, 2)
+    with torch.no_grad():
+        points = model(inp, coord, cell).view(1, big_h, big_w, 3).permute(0, 3, 1, 2)
+    assert torch.allclose(grid, points, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunk_size_changes_nothing(official_files, arch, butterfly):
+    model = Upscaler.load(official_files[arch], device="cpu").model
+    inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
+    outs = [upscale_tensor(model, inp, (97, 131), max_memory=m) for m in (1 << 30, 1 << 19, 1 << 16)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_deterministic(official_files, butterfly):
+    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    assert np.array_equal(up.upscale(butterfly, scale=2.7), up.upscale(butterfly, scale=2.7))
+
+
+def test_training_forward_has_gradients():
+    from lmf_cli import models
+
+    model = models.make(models.lmliif_spec(models.edsr_spec(1, 8), bilinear_skip=True))
+    inp = torch.rand(2, 3, 12, 12) * 2 - 1
+    coord = torch.rand(2, 50, 2) * 2 - 1
+    cell = torch.full((2, 50, 2), 2 / 30)
+    model(inp, coord, cell).abs().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_official_state_dict_keys_are_ours():
+    from lmf_cli import models
+
+    for arch in ARCHS:
+        ckpt = official_checkpoint(arch, models.edsr_spec(16, 64))
+        model = models.make({"name": arch, "args": ckpt["model"]["args"]})
+        assert set(model.state_dict()) == set(ckpt["model"]["sd"])
