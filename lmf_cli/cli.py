@@ -19,7 +19,7 @@ from lmf_cli.errors import LmfError
 
 app = typer.Typer(help="Upscale images to any size with Latent Modulated Functions.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 

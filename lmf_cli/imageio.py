@@ -51,7 +51,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageF
             if exif and 0x0112 in exif:
                 exif[0x0112] = 1
             exif_bytes = exif.tobytes() if exif else None
-            img.verify()
+        with Image.open(path) as img:
+            img.verify()  # PNG chunk CRCs and truncation
     except InputError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -160,7 +160,7 @@ class Prefetcher:
 def load_training_images(folders: list[str], log: Callable[[str], None]) -> list[np.ndarray]:
     images = []
     for folder in folders:
-        if Path(folder).name in EVAL_ONLY_SETS:
+        if set(Path(folder).resolve().parts) & set(EVAL_ONLY_SETS):
             raise ValueError(f"{folder}: evaluation sets are never used for training")
         paths = list_images(folder)
         if not paths:
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             dt = time.monotonic() - t0
             elapsed += dt
             if on_step:
-                on_step(step, float(loss), dt)
+                on_step(step, loss.item(), dt)
             if validate and cfg.val_every and step % cfg.val_every == 0:
                 model.eval()
                 scores = validate(model)

@@ -1,0 +1,86 @@
+"""The Python API contract (DESIGN.md §5): dtypes, sizes, channels, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmf_cli import InputError, Upscaler, plan_size
+
+
+@pytest.fixture(scope="module")
+def up(official_files):
+    return Upscaler.load(official_files["lmliif"], device="cpu")
+
+
+def test_dtypes_round_trip(up, butterfly):
+    u8 = up.upscale(butterfly, scale=2)
+    u16 = up.upscale(butterfly.astype(np.uint16) * 257, scale=2)
+    f32 = up.upscale(butterfly.astype(np.float32) / 255, scale=2)
+    assert (u8.dtype, u16.dtype, f32.dtype) == (np.uint8, np.uint16, np.float32)
+    assert u8.shape == u16.shape == f32.shape == (80, 96, 3)
+    assert 0 <= f32.min() and f32.max() <= 1
+    assert np.abs(u8.astype(int) - np.round(f32 * 255)).max() <= 1
+    assert np.abs(u16 / 65535 - f32).max() < 1e-4
+
+
+def test_float_input_is_clamped(up, butterfly):
+    img = butterfly.astype(np.float32) / 255
+    img[0, 0] = 5.0
+    out = up.upscale(img, scale=1.5)
+    assert out.max() <= 1
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(3.7, (148, 178)), (1.33, (53, 64)), ((2.5, 1.25), (100, 60))])
+def test_fractional_and_per_axis_sizes(up, butterfly, scale, expected):
+    assert up.upscale(butterfly, scale=scale).shape[:2] == expected
+
+
+def test_exact_size(up, butterfly):
+    assert up.upscale(butterfly, size=(123, 77)).shape == (123, 77, 3)
+
+
+def test_grayscale_and_alpha(up, butterfly):
+    gray = butterfly.mean(axis=2).astype(np.uint8)
+    assert up.upscale(gray, scale=2).shape == (80, 96)
+    assert up.upscale(gray[..., None], scale=2).shape == (80, 96, 1)
+    alpha = butterfly[..., 1]
+    rgba = np.dstack([butterfly, alpha])
+    out = up.upscale(rgba, scale=2)
+    assert out.shape == (80, 96, 4)
+    assert np.array_equal(out[..., 3], up.upscale(alpha, scale=2))
+    assert np.array_equal(out[..., :3], up.upscale(butterfly, scale=2))
+    flat = np.dstack([butterfly, np.full(butterfly.shape[:2], 200, np.uint8)])
+    assert (up.upscale(flat, scale=2, alpha="bicubic")[..., 3] == 200).all()
+
+
+def test_model_beats_nothing_but_runs_on_real_photo(up, butterfly):
+    out = up.upscale(butterfly, scale=2)
+    assert out.std() > 1  # a random-weight model still renders a non-constant image
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 0.5}, {"scale": (2, 0.9)}, {"size": (10, 10)}, {"size": (0, 90)},
+                                    {"scale": -1}, {}, {"scale": 2, "size": (90, 90)}])
+def test_refusals(up, butterfly, kwargs):
+    with pytest.raises(InputError):
+        up.upscale(butterfly, **kwargs)
+
+
+def test_bad_arrays(up):
+    with pytest.raises(InputError):
+        up.upscale(np.zeros((4, 4, 3), np.float64), scale=2)
+    with pytest.raises(InputError):
+        up.upscale(np.zeros((4, 4, 2), np.uint8), scale=2)
+    with pytest.raises(InputError):
+        up.upscale(np.zeros((0, 4, 3), np.uint8), scale=2)
+
+
+def test_plan_rounding():
+    assert plan_size((10, 10), scale=1.25).out_hw == (13, 13)  # round half up: 12.5 -> 13
+    assert plan_size((3, 7), scale=(1.5, 2)).out_hw == (5, 14)
+
+
+def test_model_and_encoder_are_exposed(up):
+    import torch
+
+    assert isinstance(up.model, torch.nn.Module) and isinstance(up.model.encoder, torch.nn.Module)

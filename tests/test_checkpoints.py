@@ -1,0 +1,134 @@
+"""Weights files: our safetensors round trip, and one-line errors for everything else."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lmf_cli import CheckpointError, UnsupportedModelError, Upscaler
+from lmf_cli import models as registry
+from lmf_cli.checkpoints import load_weights, save_weights
+from lmf_cli.zoo import resolve
+from tests.conftest import SMALL_EDSR, official_checkpoint
+
+
+def _single_line(exc: Exception) -> str:
+    text = str(exc)
+    assert "\n" not in text and len(text) < 300
+    return text
+
+
+def test_safetensors_round_trip_keeps_outputs_and_metadata(tmp_path, official_files, butterfly):
+    official = load_weights(official_files["lmliif"])
+    path = tmp_path / "ours.safetensors"
+    save_weights(path, official.model, official.spec, {"steps": 12}, {"8": {"1": 0.1}})
+    ours = load_weights(path)
+    assert ours.info == {"steps": 12} and ours.cmsr_tables == {"8": {"1": 0.1}}
+    a = Upscaler(official, "cpu").upscale(butterfly, scale=3)
+    b = Upscaler(ours, "cpu").upscale(butterfly, scale=3)
+    assert np.array_equal(a, b)
+
+
+def test_unknown_extra_arguments_are_ignored(tmp_path):
+    ckpt = official_checkpoint("lmliif", SMALL_EDSR)
+    ckpt["model"]["args"]["some_future_flag"] = 3
+    torch.save(ckpt, tmp_path / "extra.pth")
+    assert load_weights(tmp_path / "extra.pth").architecture == "lmliif"
+
+
+@pytest.mark.parametrize("arch", ["swinir-lmliif", "ciaosr", "metasr"])
+def test_unsupported_architecture(tmp_path, arch):
+    ckpt = official_checkpoint("lmliif", SMALL_EDSR)
+    ckpt["model"]["name"] = arch
+    torch.save(ckpt, tmp_path / "x.pth")
+    with pytest.raises(UnsupportedModelError) as err:
+        load_weights(tmp_path / "x.pth")
+    assert arch in _single_line(err.value) and "x.pth" in str(err.value)
+
+
+def test_unsupported_encoder(tmp_path):
+    ckpt = official_checkpoint("lmliif", SMALL_EDSR)
+    ckpt["model"]["args"]["encoder_spec"] = {"name": "swinir", "args": {}}
+    torch.save(ckpt, tmp_path / "swin.pth")
+    with pytest.raises(UnsupportedModelError) as err:
+        load_weights(tmp_path / "swin.pth")
+    assert "swinir" in _single_line(err.value)
+
+
+def test_truncated_official_checkpoint(tmp_path, official_files):
+    data = official_files["lmlte"].read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "cut.pth")
+    assert "cut.pth" in _single_line(err.value)
+
+
+def test_garbage_and_empty_files(tmp_path):
+    (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name in ("noise.pth", "empty.safetensors"):
+        with pytest.raises(CheckpointError) as err:
+            load_weights(tmp_path / name)
+        assert name in _single_line(err.value)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": print}))  # a global weights_only refuses
+    with pytest.raises(CheckpointError):
+        load_weights(tmp_path / "evil.pth")
+
+
+def test_wrong_shapes_and_missing_keys(tmp_path):
+    ckpt = official_checkpoint("lmliif", SMALL_EDSR)
+    del ckpt["model"]["sd"]["imnet.layers.4.bias"]
+    torch.save(ckpt, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "missing.pth")
+    assert "missing.pth" in _single_line(err.value)
+
+
+def test_not_a_model_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "other.pth")
+    assert "official" in _single_line(err.value)
+
+
+def test_truncated_safetensors(tmp_path):
+    model = registry.make(registry.lmliif_spec(registry.edsr_spec(1, 8)))
+    path = tmp_path / "m.safetensors"
+    save_weights(path, model, registry.lmliif_spec(registry.edsr_spec(1, 8)))
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "cut.safetensors")
+    assert "cut.safetensors" in _single_line(err.value)
+
+
+def test_safetensors_without_lmf_config(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "plain.safetensors")
+    assert "lmf model config" in _single_line(err.value)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(CheckpointError):
+        resolve(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        resolve("lmf-huge")
+    assert "lmf-edsr" in _single_line(err.value)
+
+
+def test_shipped_name_without_weights_says_so(monkeypatch, tmp_path):
+    from lmf_cli import zoo
+
+    monkeypatch.setattr(zoo, "weights_dirs", lambda: [tmp_path])
+    with pytest.raises(CheckpointError) as err:
+        Upscaler.load("lmf-edsr")
+    assert "no trained weights" in _single_line(err.value)

@@ -1,0 +1,50 @@
+"""Tiled upscaling equals untiled upscaling for every architecture, tile size and aspect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmf_cli import Upscaler
+from lmf_cli.checkpoints import load_weights
+from tests.conftest import official_checkpoint
+
+# Full-depth EDSR-baseline (16 blocks: receptive radius 34) with few channels, so the tile
+# margin is tested at its real size while the test stays fast.
+DEEP_EDSR = {"name": "edsr-baseline", "args": {"n_resblocks": 16, "n_feats": 8, "no_upsampling": True}}
+
+
+@pytest.fixture(scope="module")
+def deep_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deep")
+    out = {}
+    for arch in ("liif", "lte", "lmliif", "lmlte"):
+        torch.save(official_checkpoint(arch, DEEP_EDSR, seed=3), folder / f"{arch}.pth")
+        out[arch] = Upscaler(load_weights(folder / f"{arch}.pth"), "cpu")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["liif", "lte", "lmliif", "lmlte"])
+@pytest.mark.parametrize(("scale", "tile"), [(2, 16), (3.7, 16), ((1.6, 2.9), 23), (5, 40)])
+def test_tiled_equals_untiled(deep_models, butterfly, arch, scale, tile):
+    up = deep_models[arch]
+    image = butterfly.astype(np.float32) / 255  # 48 x 40: tiles of 16 make a 3 x 3 grid
+    whole = up.upscale(image, scale=scale, tile=10_000)
+    tiled = up.upscale(image, scale=scale, tile=tile)
+    assert whole.shape == tiled.shape
+    assert np.abs(whole - tiled).max() < 1e-4
+
+
+def test_tiles_report_progress(deep_models, butterfly):
+    seen = []
+    deep_models["lmliif"].upscale(butterfly, scale=2, tile=16, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (9, 9)
+
+
+def test_rdn_tiles(tmp_path, butterfly):
+    rdn = {"name": "rdn", "args": {"G0": 8, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
+    torch.save(official_checkpoint("lmliif", rdn), tmp_path / "rdn.pth")
+    up = Upscaler.load(tmp_path / "rdn.pth", device="cpu")
+    image = butterfly[:30, :30]
+    assert np.array_equal(up.upscale(image, scale=2.5, tile=10_000), up.upscale(image, scale=2.5, tile=16))

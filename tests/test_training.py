@@ -1,0 +1,84 @@
+"""`lmf train` and `lmf eval` end to end on tiny data: steps, resume, export, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lmf_cli import models as registry
+from lmf_cli.cli import app
+from lmf_cli.training import TrainConfig, learning_rate, train
+from tests.conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hr")
+    for name in ("t1", "t2"):
+        img = Image.open(DATA / "T91" / "HR" / f"{name}.png").convert("RGB")
+        img.save(folder / f"{name}.png")
+    return folder
+
+
+def _config(tiny_data, out, steps=4):
+    spec = registry.lmliif_spec(registry.edsr_spec(1, 8), bilinear_skip=True)
+    return TrainConfig(spec=spec, data=[str(tiny_data)], out_dir=str(out), steps=steps, batch=2, patch=16,
+                       queries=64, lr=1e-3, warmup=2, schedule="cosine", val_every=0, bf16=True)
+
+
+def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
+    straight = train(_config(tiny_data, tmp_path / "a"), log=lambda _: None)
+    train(_config(tiny_data, tmp_path / "b"), max_steps=2, log=lambda _: None)
+    resumed = train(_config(tiny_data, tmp_path / "b"), resume=True, log=lambda _: None)
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_training_reduces_loss(tiny_data, tmp_path):
+    losses = []
+    cfg = _config(tiny_data, tmp_path / "c", steps=40)
+    train(cfg, log=lambda _: None, on_step=lambda step, loss, dt: losses.append(loss))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_schedules():
+    cfg = TrainConfig(spec={}, data=[], out_dir="", steps=600, lr=1e-3)
+    assert learning_rate(cfg, 0) == 1e-3 and learning_rate(cfg, 599) == 1e-3 / 32
+    cfg = TrainConfig(spec={}, data=[], out_dir="", steps=100, lr=1e-3, warmup=10, schedule="cosine")
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4) and learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 99) < 1e-4
+
+
+def test_evaluation_sets_are_refused(tmp_path):
+    cfg = TrainConfig(spec=registry.lmliif_spec(registry.edsr_spec(1, 8)), data=[str(DATA / "Set5" / "HR")],
+                      out_dir=str(tmp_path), steps=1)
+    with pytest.raises(ValueError, match="evaluation sets"):
+        train(cfg, log=lambda _: None)
+
+
+def test_cli_train_then_eval(tiny_data, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(run), "--encoder", "edsr-1x8", "--data", str(tiny_data),
+                                 "--steps", "3", "--batch", "2", "--patch", "16", "--queries", "32",
+                                 "--val-every", "0", "--skip"])
+    assert result.exit_code == 0, result.output
+    assert (run / "model.safetensors").exists() and (run / "train.log").exists()
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    for name in ("baby", "bird"):
+        Image.open(DATA / "Set5" / "HR" / f"{name}.png").crop((0, 0, 96, 72)).save(eval_dir / f"{name}.png")
+    out_json = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(eval_dir), "--model", str(run / "model.safetensors"),
+                                 "--scales", "2,3", "--json", str(out_json), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out_json.read_text())["results"]
+    bicubic = {r["scale"]: r["psnr"] for r in rows if r["method"] == "bicubic"}
+    assert set(bicubic) == {2.0, 3.0} and bicubic[2.0] > bicubic[3.0] > 20
+    assert all(r["images"] == 2 for r in rows)
