@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lmf_cli.checkpoints import LoadedModel, load_weights
+from lmf_cli.cmsr import resolve_threshold, schedule_for, supports_cmsr
 from lmf_cli.engine import scaled_size, upscale_tensor
 from lmf_cli.errors import InputError
 from lmf_cli.zoo import DEFAULT_MODEL, resolve
@@ -79,6 +80,7 @@ class Upscaler:
         self.loaded = loaded
         self.device = pick_device(device)
         self.model = loaded.model.to(self.device).eval()
+        self.last_stats: dict[str, int] = {}
 
     @classmethod
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto") -> Upscaler:
@@ -90,10 +92,16 @@ class Upscaler:
         return Path(self.loaded.source).stem
 
     def upscale(self, image: np.ndarray, scale: Scale | None = None, size: tuple[int, int] | None = None,
-                *, tile: int | None = None, cmsr: bool | str = False, max_memory: int | None = None,
+                *, tile: int | None = None, cmsr: bool | str | float = False, max_memory: int | None = None,
                 alpha: Literal["model", "bicubic"] = "model",
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Upscale an H x W (x C) array to `size` (height, width) or by `scale`."""
+        """Upscale an H x W (x C) array to `size` (height, width) or by `scale`.
+
+        tile: tile side in input pixels (None: from `max_memory`, default a share of free
+        memory). cmsr: False, True (the default table), a level ("fast", "balanced", "fine",
+        "exact") or an MSE threshold the model was calibrated for. `last_stats` then holds how
+        many pixels the render MLP drew.
+        """
         image = np.asarray(image)
         dtype = image.dtype
         if dtype not in (np.uint8, np.uint16, np.float32):
@@ -109,7 +117,14 @@ class Upscaler:
         if gray:
             data = data.reshape(*data.shape[:2], 1)
         colour, extra = (data[..., :3], data[..., 3:]) if data.shape[2] == 4 else (data, None)
-        run = dict(tile=tile, cmsr=cmsr, max_memory=max_memory, progress=progress)
+        schedule = None
+        if cmsr is not False and cmsr is not None:
+            if not supports_cmsr(self.model):
+                raise InputError(f"{self.name}: CMSR needs an LMF model (LM-LIIF or LM-LTE)")
+            key = resolve_threshold(self.loaded.cmsr_tables, cmsr)
+            schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
+        self.last_stats: dict[str, int] = {}
+        run = dict(tile=tile, schedule=schedule, max_memory=max_memory, progress=progress, stats=self.last_stats)
         out = self._run(np.repeat(colour, 3, axis=2) if gray else colour, plan, **run)
         if gray:
             out = out.mean(axis=2, keepdims=True)

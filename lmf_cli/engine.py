@@ -8,11 +8,14 @@ neighbours, the same ops and the same summation order whatever the chunk size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from lmf_cli.models.base import ImplicitSR, RenderWindow
-from lmf_cli.models.geometry import axis_bilinear, axis_slots
+from lmf_cli.cmsr import Schedule, intensity, level_grid
+from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow
+from lmf_cli.models.geometry import AxisBilinear, axis_bilinear, axis_slots, bilinear_grid
 
 TRAINED_MAX_SCALE = 4.0
 
@@ -26,16 +29,17 @@ def rel_cell_for(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[float
     return cells[0], cells[1]
 
 
-def slot_bytes_per_pixel(model: ImplicitSR) -> int:
-    """Rough bytes of live activations per output pixel while rendering (for chunk sizing)."""
+def render_block(model: ImplicitSR, max_memory: int | None) -> tuple[int, int]:
+    """Output block (rows, cols) rendered at once. Small enough that the render MLP's
+    activations (4 neighbours x width floats per pixel) stay in cache: the hidden layers
+    are memory-bound elementwise work, so cache residency is what makes them fast."""
     width = max(layer.out_features for layer in model.imnet.linears)
-    return 4 * 4 * width * 4 + 64
-
-
-def scaled_size(in_hw: tuple[int, int], scale: float | tuple[float, float]) -> tuple[int, int]:
-    """round(input x scale) per axis, at least 1."""
-    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
-    return max(1, math.floor(in_hw[0] * sy + 0.5)), max(1, math.floor(in_hw[1] * sx + 0.5))
+    bytes_per_pixel = 4 * 4 * width
+    pixels = (4 << 20) // bytes_per_pixel
+    if max_memory is not None:
+        pixels = max(256, min(pixels, max_memory // 8 // bytes_per_pixel))
+    side = max(16, int(math.sqrt(pixels)))
+    return side, side
 
 
 def _first_output(a: int, n_in: int, n_out: int) -> int:
@@ -76,14 +80,16 @@ def _free_memory(device: torch.device) -> int:
 
 @torch.inference_mode()
 def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], tile: int | None = None,
-                   cmsr: bool | str = False, max_memory: int | None = None,
-                   progress=None) -> torch.Tensor:
+                   schedule: Schedule | None = None, max_memory: int | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   stats: dict[str, int] | None = None) -> torch.Tensor:
     """Upscale a (1, 3, h, w) tensor in [-1, 1] to a (1, 3, H, W) CPU tensor in [0, 1] units.
 
     The input is cut into tiles of `tile` x `tile` input pixels (None: from the memory
     budget); each tile is encoded with a margin and renders exactly the output pixels whose
     centres fall in its core, on the global grid, so tiling never changes the result
-    beyond float rounding.
+    beyond float rounding. With a CMSR `schedule`, each output block renders only the
+    levels its LR pixels need. `stats` receives the count of pixels the render MLP drew.
     """
     h, w = inp.shape[-2:]
     big_h, big_w = out_hw
@@ -95,8 +101,10 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     canvas = torch.empty(1, 3, big_h, big_w, dtype=torch.float32)
     row_cores = [(a, min(h, a + tile)) for a in range(0, h, tile)]
     col_cores = [(a, min(w, a + tile)) for a in range(0, w, tile)]
-    chunk = max(big_w, (max_memory or (1 << 30)) // 8 // slot_bytes_per_pixel(model))
+    block_h, block_w = render_block(model, max_memory)
     total, done = len(row_cores) * len(col_cores), 0
+    counts = stats if stats is not None else {}
+    counts.update(rendered=0, total=big_h * big_w)
     for r0, r1 in row_cores:
         i0, i1 = _first_output(r0, h, big_h), _first_output(r1, h, big_h) if r1 < h else big_h
         lr0, lr1 = max(0, r0 - margin), min(h, r1 + margin)
@@ -104,20 +112,112 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
             j0, j1 = _first_output(c0, w, big_w), _first_output(c1, w, big_w) if c1 < w else big_w
             done += 1
             if i1 <= i0 or j1 <= j0:
+                if progress:
+                    progress(done, total)
                 continue
             lc0, lc1 = max(0, c0 - margin), min(w, c1 + margin)
             piece = inp[:, :, lr0:lr1, lc0:lc1]
             latents = model.encode(piece, rel_cell)
-            cols = axis_slots(big_w, w, j0, j1, lc0, device=inp.device)
-            bil_cols = axis_bilinear(big_w, w, j0, j1, lc0, device=inp.device) if model.bilinear_skip else None
-            rows_per_chunk = max(1, chunk // (j1 - j0))
-            for a in range(i0, i1, rows_per_chunk):
-                b = min(i1, a + rows_per_chunk)
-                rows = axis_slots(big_h, h, a, b, lr0, device=inp.device)
-                bil_rows = axis_bilinear(big_h, h, a, b, lr0, device=inp.device) if model.bilinear_skip else None
-                window = RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell)
-                out = model.render(piece, latents, window)
-                canvas[:, :, a:b, j0:j1] = out.add_(1).mul_(0.5).float().cpu()
+            levels = schedule.levels(intensity(model, latents)[0]) if schedule else None
+            geometry = _Geometry((h, w), out_hw, lr0, lc0, piece, latents, counts)
+            for a in range(i0, i1, block_h):
+                for ca in range(j0, j1, block_w):
+                    block = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
+                    if levels is None:
+                        out = render_region(model, geometry, out_hw, *block)
+                    else:
+                        out = _render_levels(model, geometry, schedule, levels, *block)
+                    (ra, rb), (cc, cd) = block
+                    canvas[:, :, ra:rb, cc:cd] = out.add_(1).mul_(0.5).float().cpu()
             if progress:
                 progress(done, total)
     return canvas
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    lr0: int
+    lc0: int
+    piece: torch.Tensor
+    latents: Latents
+    counts: dict[str, int]
+
+
+def _owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: torch.device) -> torch.Tensor:
+    """Local index of the LR pixel containing each output pixel centre."""
+    i = torch.arange(start, stop, device=device)
+    return torch.div((2 * i + 1) * n_in, 2 * n_out, rounding_mode="floor") - first
+
+
+def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: torch.Tensor,
+                   rows_range: tuple[int, int], cols_range: tuple[int, int]) -> torch.Tensor:
+    """One output block under CMSR: each level present is rendered over the bounding box of
+    its pixels, then written where the pixels' LR owners chose it."""
+    (h, w), (big_h, big_w) = g.in_hw, g.out_hw
+    (a, b), (ca, cb) = rows_range, cols_range
+    device = g.piece.device
+    own = levels[_owners(a, b, big_h, h, g.lr0, device)][:, _owners(ca, cb, big_w, w, g.lc0, device)]
+    full_level = len(schedule.decode_scales)
+    scale = max(big_h / h, big_w / w)
+    out = g.piece.new_zeros(1, 3, b - a, cb - ca)
+    for level in torch.unique(own).tolist():
+        mask = own == level
+        rows = torch.nonzero(mask.any(1)).flatten()
+        cols = torch.nonzero(mask.any(0)).flatten()
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        box = (a + r0, a + r1), (ca + c0, ca + c1)
+        if level == full_level:
+            img = render_region(model, g, g.out_hw, *box)
+        else:
+            img = _coarse_level(model, g, level_grid(g.out_hw, scale, schedule.decode_scales[level]), *box)
+        region = out[:, :, r0:r1, c0:c1]
+        out[:, :, r0:r1, c0:c1] = torch.where(mask[r0:r1, c0:c1][None, None], img, region)
+    return out
+
+
+def _coarse_level(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                  cols_range: tuple[int, int]) -> torch.Tensor:
+    """Render the coarse grid around an output block, then bilinearly sample it at the block."""
+    big_h, big_w = g.out_hw
+    device = g.piece.device
+    taps_r = axis_bilinear(big_h, grid_hw[0], *rows_range, device=device)
+    taps_c = axis_bilinear(big_w, grid_hw[1], *cols_range, device=device)
+    r0, r1 = int(taps_r.lo.min()), int(taps_r.hi.max()) + 1
+    c0, c1 = int(taps_c.lo.min()), int(taps_c.hi.max()) + 1
+    coarse = render_region(model, g, grid_hw, (r0, r1), (c0, c1))
+    local_r = AxisBilinear(taps_r.lo - r0, taps_r.hi - r0, taps_r.frac)
+    local_c = AxisBilinear(taps_c.lo - c0, taps_c.hi - c0, taps_c.frac)
+    return bilinear_grid(coarse, local_r, local_c)
+
+
+def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                  cols_range: tuple[int, int]) -> torch.Tensor:
+    """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised.
+
+    The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
+    encoded for this image; the cell is the grid's own.
+    """
+    (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
+    window = RenderWindow(
+        axis_slots(grid_hw[0], h, *rows_range, g.lr0, device=device),
+        axis_slots(grid_hw[1], w, *cols_range, g.lc0, device=device),
+        axis_bilinear(grid_hw[0], h, *rows_range, g.lr0, device=device) if bil else None,
+        axis_bilinear(grid_hw[1], w, *cols_range, g.lc0, device=device) if bil else None,
+        g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
+    out = model.render(g.piece, g.latents, window)
+    g.counts["rendered"] = g.counts.get("rendered", 0) + out.shape[-2] * out.shape[-1]
+    return out
+
+
+def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> _Geometry:
+    """Encode a whole (untiled) image for rendering grids of it (calibration, benchmarks)."""
+    rel_cell = inp.new_tensor([rel_cell_for(tuple(inp.shape[-2:]), out_hw)])
+    return _Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {})
+
+
+def scaled_size(in_hw: tuple[int, int], scale: float | tuple[float, float]) -> tuple[int, int]:
+    """round(input x scale) per axis (halves round up), at least 1."""
+    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+    return max(1, math.floor(in_hw[0] * sy + 0.5)), max(1, math.floor(in_hw[1] * sx + 0.5))

@@ -1,0 +1,124 @@
+"""CMSR: the coverage rule, its equivalence limits, tiling, and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmf_cli import InputError, Upscaler
+from lmf_cli.checkpoints import LoadedModel, load_weights
+from lmf_cli.cmsr import Schedule, calibrate, intensity, merge_tables, resolve_threshold, schedule_for
+from lmf_cli.engine import encode_image, render_region
+from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
+from tests.conftest import official_checkpoint
+
+DEEP = {"name": "edsr-baseline", "args": {"n_resblocks": 16, "n_feats": 8, "no_upsampling": True}}
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cmsr") / "lm.pth"
+    torch.save(official_checkpoint("lmliif", DEEP, seed=5), path)
+    return load_weights(path)
+
+
+def _with_tables(loaded: LoadedModel, tables) -> Upscaler:
+    return Upscaler(LoadedModel(loaded.model, loaded.spec, loaded.source, {}, tables), "cpu")
+
+
+def _median_intensity(loaded, image, scale):
+    inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out_hw = (round(image.shape[0] * scale), round(image.shape[1] * scale))
+    return float(intensity(loaded.model, encode_image(loaded.model, inp, out_hw).latents).median())
+
+
+def test_zero_thresholds_render_everything_in_full(lm, butterfly):
+    up = _with_tables(lm, {"2e-05": {"8": {"1": 0.0, "2": 0.0, "4": 0.0}}})
+    full = up.upscale(butterfly, scale=8)
+    with_cmsr = up.upscale(butterfly, scale=8, cmsr=True)
+    assert up.last_stats["rendered"] == up.last_stats["total"]
+    assert np.array_equal(full, with_cmsr)
+
+
+def test_coverage_rule_follows_intensity(lm, butterfly):
+    """LR pixels at or below the threshold are drawn at decode scale 2, the rest in full."""
+    image = butterfly.copy()
+    image[:, :24] = 128  # a flat half: calm latents, as sky or a wall would be
+    inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    strength = intensity(lm.model, encode_image(lm.model, inp, (320, 384)).latents)[0]
+    threshold = float(strength[:, 4:20].max()) + 1e-6
+    calm = float((strength <= threshold).float().mean())
+    up = _with_tables(lm, {"2e-05": {"8": {"2": threshold}}})
+    out = up.upscale(image, scale=8, cmsr=True)
+    stats = up.last_stats
+    busy = 1 - calm
+    assert 0.2 < busy < 0.8
+    assert busy * stats["total"] <= stats["rendered"] <= (busy + 0.15) * stats["total"]
+    full = up.upscale(image, scale=8)
+    owner_busy = (strength > threshold).numpy().repeat(8, 0).repeat(8, 1)
+    assert np.array_equal(out[owner_busy], full[owner_busy])  # busy pixels are exactly the full render
+    assert not np.array_equal(out[~owner_busy], full[~owner_busy])
+
+
+def test_everything_calm_renders_coarse_only(lm, butterfly):
+    up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
+    out = up.upscale(butterfly, scale=8, cmsr=True)
+    assert up.last_stats["rendered"] < 0.1 * up.last_stats["total"]
+    # expected: latents for the x8 target, an x2 grid rendered with its own cell, then bilinear
+    inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        g = encode_image(lm.model, inp, (320, 384))
+        coarse = render_region(lm.model, g, (80, 96), (0, 80), (0, 96))
+        expected = bilinear_grid(coarse, axis_bilinear(320, 80, 0, 320), axis_bilinear(384, 96, 0, 384))
+    expected = np.round(((expected[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy() * 255)
+    assert np.abs(out.astype(np.float32) - expected).max() <= 1
+
+
+def test_cmsr_with_tiles_equals_untiled(lm, butterfly):
+    median = _median_intensity(lm, butterfly, 6)
+    up = _with_tables(lm, {"2e-05": {"6": {"1": median / 2, "3": median}}})
+    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=1000)
+    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=16)
+    assert np.abs(whole - tiled).max() < 1e-4
+
+
+def test_not_applied_within_training_range(lm, butterfly):
+    up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
+    assert np.array_equal(up.upscale(butterfly, scale=3, cmsr=True), up.upscale(butterfly, scale=3))
+
+
+def test_table_choice_and_levels():
+    tables = {"2e-05": {"6": {"1": 0.1, "2": 0.2}, "12": {"1": 0.1, "4": 0.3, "8": 0.5}}}
+    assert schedule_for(tables, "2e-05", 5.0) == Schedule((1.0, 2.0), (0.1, 0.2))
+    assert schedule_for(tables, "2e-05", 8.0) == Schedule((1.0, 4.0), (0.1, 0.3))
+    assert schedule_for(tables, "2e-05", 30.0).decode_scales == (1.0, 4.0, 8.0)
+    assert schedule_for(tables, "2e-05", 4.0) is None
+    levels = Schedule((1.0, 4.0), (0.1, 0.3)).levels(torch.tensor([0.05, 0.1, 0.2, 0.31]))
+    assert levels.tolist() == [0, 0, 1, 2]
+
+
+def test_threshold_resolution():
+    tables = {"2e-05": {}, "0.0001": {}}
+    assert resolve_threshold(tables, True) == "2e-05"
+    assert resolve_threshold(tables, "fast") == "0.0001"
+    assert resolve_threshold(tables, "exact") is None
+    assert resolve_threshold(tables, False) is None
+    with pytest.raises(InputError):
+        resolve_threshold(tables, "fine")
+    with pytest.raises(InputError):
+        resolve_threshold(None, True)
+
+
+def test_merge_is_cautious_and_monotone():
+    merged = merge_tables([{1.0: 0.3, 2.0: 0.2, 4.0: 0.5}, {1.0: 0.1, 2.0: 0.4, 4.0: 0.6}])
+    assert merged == {"1": 0.1, "2": 0.2, "4": 0.5}
+
+
+def test_calibration_builds_monotone_tables(lm, butterfly):
+    tables = calibrate(lm.model, [butterfly], threshold=1e-3, targets=(6.0, 8.0))
+    assert set(tables) == {"6", "8"}
+    for table in tables.values():
+        values = [table[k] for k in sorted(table, key=float)]
+        assert values == sorted(values) and all(0 <= v <= 1 for v in values)
+    assert set(tables["8"]) == {"1", "1.5", "2", "3", "4", "6"}
