@@ -294,3 +294,56 @@ def evaluate_cmd(
             print(text)
         else:
             json_out.write_text(text)
+
+
+@app.command()
+def calibrate(
+    weights: str = typer.Argument(..., help="Model name or weights file to calibrate."),
+    output: Path | None = typer.Option(None, "--output", "-o",
+                                          help="Write here (default: update the .safetensors in place)."),
+    threshold: float = typer.Option(2e-5, "--threshold", help="MSE (normalised space) a coarse level may add."),
+    data: list[Path] = typer.Option(None, "--data", help="HR folders (default: T91 and BSD200)."),
+    images: int = typer.Option(24, "--images", help="Images used per target scale."),
+    targets: str = typer.Option("6,8,12,16,24,32", "--targets", help="Target scales to tabulate."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Build CMSR Scale2Mod tables for a model and store them in its weights file."""
+    from lmf_cli.api import Upscaler
+    from lmf_cli.checkpoints import save_weights
+    from lmf_cli.cmsr import calibrate as run_calibration
+    from lmf_cli.evaluation import list_images, load_rgb
+
+    try:
+        up = Upscaler.load(weights, device)
+        scales = tuple(float(t) for t in targets.split(","))
+    except ValueError:
+        fail(f"--targets {targets!r} must be numbers separated by commas")
+    except LmfError as exc:
+        fail(str(exc))
+    target = output or Path(up.loaded.source)
+    if target.suffix != ".safetensors":
+        fail(f"{target}: tables are stored in .safetensors weights; pass --output NAME.safetensors")
+    folders = data or [DATA_ROOT / "T91" / "HR", DATA_ROOT / "BSD200" / "HR"]
+    paths = [p for folder in folders for p in list_images(folder)]
+    if not paths:
+        fail("no calibration images found")
+    step = max(1, len(paths) // images)
+    chosen = [load_rgb(p) for p in paths[::step][:images]]
+    progress = Progress(TextColumn("calibrate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=not sys.stderr.isatty())
+    try:
+        with progress:
+            task = progress.add_task("calibrate", total=len(chosen) * len(scales))
+            tables = run_calibration(up.model, chosen, threshold, scales, up.device,
+                                     progress=lambda: progress.advance(task))
+    except LmfError as exc:
+        fail(str(exc))
+    merged = dict(up.loaded.cmsr_tables or {})
+    merged[f"{threshold:g}"] = tables
+    save_weights(target, up.model.cpu(), up.loaded.spec, up.loaded.info, merged)
+    table = Table("target", *[f"{d:g}" for d in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24)],
+                  title=f"CMSR thresholds (MSE {threshold:g}) -> {target}")
+    for scale_key, row in tables.items():
+        table.add_row(f"x{scale_key}", *[f"{row[k]:.2f}" if k in row else "" for k in
+                                         ("1", "1.5", "2", "3", "4", "6", "8", "12", "16", "24")])
+    Console().print(table)

@@ -122,3 +122,25 @@ def test_calibration_builds_monotone_tables(lm, butterfly):
         values = [table[k] for k in sorted(table, key=float)]
         assert values == sorted(values) and all(0 <= v <= 1 for v in values)
     assert set(tables["8"]) == {"1", "1.5", "2", "3", "4", "6"}
+
+
+def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lmf_cli.checkpoints import save_weights
+    from lmf_cli.cli import app
+
+    weights = tmp_path / "m.safetensors"
+    save_weights(weights, lm.model, lm.spec, {"steps": 1})
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    Image.fromarray(np.kron(butterfly, np.ones((2, 2, 1), np.uint8))).save(folder / "a.png")
+    result = CliRunner().invoke(app, ["calibrate", str(weights), "--data", str(folder), "--images", "1",
+                                      "--targets", "6,8", "--threshold", "0.001", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    tables = load_weights(weights).cmsr_tables
+    assert set(tables) == {"0.001"} and set(tables["0.001"]) == {"6", "8"}
+    up = Upscaler.load(weights, device="cpu")
+    out = up.upscale(butterfly, scale=8, cmsr=1e-3)
+    assert out.shape == (320, 384, 3)
