@@ -73,19 +73,44 @@ def plan_size(in_hw: tuple[int, int], scale: Scale | None = None,
     return Plan(in_hw, out_hw)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def encoder_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The encoder's compute dtype (None = float32). The MLPs always run in float32: their
+    inputs are sub-pixel coordinates, which half precision would round away.
+    auto: fp16 on CUDA, float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise InputError("fp16 is for GPUs; on a CPU use bf16 (fast where the CPU has AMX/AVX-512 BF16) or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 class Upscaler:
     """A loaded model on a device, ready to upscale numpy images."""
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto") -> None:
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", precision: str = "auto") -> None:
         self.loaded = loaded
         self.device = pick_device(device)
         self.model = loaded.model.to(self.device).eval()
+        self.model.encoder_dtype = encoder_dtype(precision, self.device)
         self.last_stats: dict[str, int] = {}
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto") -> Upscaler:
-        """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`."""
-        return cls(load_weights(resolve(name_or_path)), device)
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
+             precision: str = "auto") -> Upscaler:
+        """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`.
+
+        precision: auto (fp16 encoder on CUDA, fp32 elsewhere), fp32, bf16 or fp16.
+        """
+        return cls(load_weights(resolve(name_or_path)), device, precision)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.model.encoder_dtype]
 
     @property
     def name(self) -> str:

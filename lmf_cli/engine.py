@@ -8,6 +8,7 @@ neighbours, the same ops and the same summation order whatever the chunk size.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,48 +91,83 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     centres fall in its core, on the global grid, so tiling never changes the result
     beyond float rounding. With a CMSR `schedule`, each output block renders only the
     levels its LR pixels need. `stats` receives the count of pixels the render MLP drew.
+    A tile that runs out of GPU memory is split in four and retried; finished tiles stay.
     """
     h, w = inp.shape[-2:]
-    big_h, big_w = out_hw
     if tile is None:
         tile = default_tile(model, max_memory, inp.device)
     tile = max(1, int(tile))
-    margin = tile_margin(model)
-    rel_cell = inp.new_tensor([rel_cell_for((h, w), out_hw)])
-    canvas = torch.empty(1, 3, big_h, big_w, dtype=torch.float32)
-    row_cores = [(a, min(h, a + tile)) for a in range(0, h, tile)]
-    col_cores = [(a, min(w, a + tile)) for a in range(0, w, tile)]
-    block_h, block_w = render_block(model, max_memory)
-    total, done = len(row_cores) * len(col_cores), 0
-    counts = stats if stats is not None else {}
-    counts.update(rendered=0, total=big_h * big_w)
-    for r0, r1 in row_cores:
+    run = _TiledRun(model, inp, out_hw, schedule, max_memory, stats)
+    cores = [(r, min(h, r + tile), c, min(w, c + tile)) for r in range(0, h, tile) for c in range(0, w, tile)]
+    for done, core in enumerate(cores, 1):
+        run.tile(*core)
+        if progress:
+            progress(done, len(cores))
+    return run.canvas
+
+
+class _TiledRun:
+    """State of one upscale: the host canvas and what every tile shares."""
+
+    def __init__(self, model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], schedule: Schedule | None,
+                 max_memory: int | None, stats: dict[str, int] | None) -> None:
+        self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
+        self.in_hw = tuple(inp.shape[-2:])
+        self.margin = tile_margin(model)
+        self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)])
+        self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
+        self.block = render_block(model, max_memory)
+        self.counts = stats if stats is not None else {}
+        self.counts.update(rendered=0, total=out_hw[0] * out_hw[1])
+
+    def tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        try:
+            self._render_tile(r0, r1, c0, c1)
+        except torch.OutOfMemoryError:
+            if max(r1 - r0, c1 - c0) <= 16:
+                raise
+            warnings.warn(f"out of memory on a {c1 - c0}x{r1 - r0} tile; retrying it as four smaller tiles",
+                          stacklevel=2)
+            if self.inp.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
+            for sub in ((r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)):
+                if sub[1] > sub[0] and sub[3] > sub[2]:
+                    self.tile(*sub)
+
+    def _render_tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        (h, w), (big_h, big_w), model = self.in_hw, self.out_hw, self.model
         i0, i1 = _first_output(r0, h, big_h), _first_output(r1, h, big_h) if r1 < h else big_h
-        lr0, lr1 = max(0, r0 - margin), min(h, r1 + margin)
-        for c0, c1 in col_cores:
-            j0, j1 = _first_output(c0, w, big_w), _first_output(c1, w, big_w) if c1 < w else big_w
-            done += 1
-            if i1 <= i0 or j1 <= j0:
-                if progress:
-                    progress(done, total)
-                continue
-            lc0, lc1 = max(0, c0 - margin), min(w, c1 + margin)
-            piece = inp[:, :, lr0:lr1, lc0:lc1]
-            latents = model.encode(piece, rel_cell)
-            levels = schedule.levels(intensity(model, latents)[0]) if schedule else None
-            geometry = _Geometry((h, w), out_hw, lr0, lc0, piece, latents, counts)
-            for a in range(i0, i1, block_h):
-                for ca in range(j0, j1, block_w):
-                    block = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
-                    if levels is None:
-                        out = render_region(model, geometry, out_hw, *block)
-                    else:
-                        out = _render_levels(model, geometry, schedule, levels, *block)
-                    (ra, rb), (cc, cd) = block
-                    canvas[:, :, ra:rb, cc:cd] = out.add_(1).mul_(0.5).float().cpu()
-            if progress:
-                progress(done, total)
-    return canvas
+        j0, j1 = _first_output(c0, w, big_w), _first_output(c1, w, big_w) if c1 < w else big_w
+        if i1 <= i0 or j1 <= j0:
+            return
+        lr0, lc0 = max(0, r0 - self.margin), max(0, c0 - self.margin)
+        piece = self.inp[:, :, lr0:min(h, r1 + self.margin), lc0:min(w, c1 + self.margin)]
+        latents = _encode_finite(model, piece, self.rel_cell)
+        levels = self.schedule.levels(intensity(model, latents)[0]) if self.schedule else None
+        geometry = _Geometry(self.in_hw, self.out_hw, lr0, lc0, piece, latents, self.counts)
+        block_h, block_w = self.block
+        for a in range(i0, i1, block_h):
+            for ca in range(j0, j1, block_w):
+                rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
+                if levels is None:
+                    out = render_region(model, geometry, self.out_hw, rows, cols)
+                else:
+                    out = _render_levels(model, geometry, self.schedule, levels, rows, cols)
+                self.canvas[:, :, rows[0]:rows[1], cols[0]:cols[1]] = out.add_(1).mul_(0.5).float().cpu()
+
+
+def _encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+    """Encode, falling back to float32 when a reduced-precision encoder overflowed."""
+    latents = model.encode(piece, rel_cell)
+    if model.encoder_dtype is None or all(bool(torch.isfinite(t).all()) for t in latents.values()):
+        return latents
+    warnings.warn("reduced-precision encoder produced NaN/inf on a tile; recomputing it in float32", stacklevel=3)
+    saved, model.encoder_dtype = model.encoder_dtype, None
+    try:
+        return model.encode(piece, rel_cell)
+    finally:
+        model.encoder_dtype = saved
 
 
 @dataclass(frozen=True)

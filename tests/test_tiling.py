@@ -48,3 +48,46 @@ def test_rdn_tiles(tmp_path, butterfly):
     up = Upscaler.load(tmp_path / "rdn.pth", device="cpu")
     image = butterfly[:30, :30]
     assert np.array_equal(up.upscale(image, scale=2.5, tile=10_000), up.upscale(image, scale=2.5, tile=16))
+
+
+def test_out_of_memory_tile_is_split_and_retried(deep_models, butterfly, monkeypatch):
+    up = deep_models["lmliif"]
+    expected = up.upscale(butterfly, scale=2, tile=10_000)
+    real_encode = up.model.encode
+    calls = []
+
+    def encode(piece, rel_cell):
+        calls.append(piece.shape)
+        if len(calls) == 1:  # the first, whole-image tile "does not fit"
+            raise torch.OutOfMemoryError("simulated")
+        return real_encode(piece, rel_cell)
+
+    monkeypatch.setattr(up.model, "encode", encode)
+    with pytest.warns(UserWarning, match="out of memory"):
+        out = up.upscale(butterfly, scale=2, tile=10_000)
+    assert len(calls) == 5  # one failure, then four quarter tiles
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_reduced_precision_nan_falls_back_to_float32(deep_models, butterfly, monkeypatch):
+    up = deep_models["lmlte"]
+    expected = up.upscale(butterfly, scale=2)
+    real_forward = up.model.encoder.forward
+
+    def forward(x):
+        out = real_forward(x)
+        return out * float("nan") if torch.is_autocast_cpu_enabled() else out
+
+    monkeypatch.setattr(up.model.encoder, "forward", forward)
+    monkeypatch.setattr(up.model, "encoder_dtype", torch.bfloat16)
+    with pytest.warns(UserWarning, match="float32"):
+        out = up.upscale(butterfly, scale=2)
+    assert np.array_equal(out, expected)
+
+
+def test_bf16_encoder_is_close_to_fp32(official_files, butterfly):
+    fp32 = Upscaler.load(official_files["lmliif"], device="cpu", precision="fp32").upscale(butterfly, scale=2)
+    bf16 = Upscaler.load(official_files["lmliif"], device="cpu", precision="bf16")
+    assert bf16.precision == "bf16"
+    diff = np.abs(bf16.upscale(butterfly, scale=2).astype(int) - fp32.astype(int))
+    assert diff.mean() < 2 and diff.max() < 40
