@@ -124,13 +124,15 @@ def _edsr_spec(n_resblocks: int = 16, n_feats: int = 64) -> Spec:
             "args": {"n_resblocks": n_resblocks, "n_feats": n_feats, "no_upsampling": True}}
 
 
-def lmliif_spec(encoder: Spec | None = None, bilinear_skip: bool = False) -> Spec:
-    """The paper's LM-LIIF (render MLP 16 x 6, latent MLP 578 -> 208 -> 208)."""
+def lmliif_spec(encoder: Spec | None = None, bilinear_skip: bool = False, latent_hidden: int = 208,
+                render_depth: int = 6) -> Spec:
+    """LM-LIIF; the defaults are the paper's (render MLP 16 x 6, latent MLP 578 -> 208 -> 208)."""
+    mod_out = 2 * 16 * render_depth + 16
     return {"name": "lmliif", "args": {
         "encoder_spec": encoder or _edsr_spec(),
-        "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 6,
+        "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": render_depth,
                                                   "mod_scale": True, "mod_shift": True}},
-        "hypernet_spec": {"name": "mlp", "args": {"out_dim": 208, "hidden_list": [208]}},
+        "hypernet_spec": {"name": "mlp", "args": {"out_dim": mod_out, "hidden_list": [latent_hidden]}},
         "local_ensemble": True, "feat_unfold": True, "cell_decode": True, "mod_input": True,
         "bilinear_skip": bilinear_skip}}
 

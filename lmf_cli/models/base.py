@@ -35,6 +35,23 @@ class RenderWindow:
     rel_cell: torch.Tensor
 
 
+MIN_GEMM_ROWS = 16
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over the last axis whose rows do not depend on how many rows there are.
+
+    BLAS picks other kernels (other summation orders) for very few rows; padding to a
+    minimum row count keeps every output value independent of block and tile sizes.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows < MIN_GEMM_ROWS:
+        flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])])
+    out = F.linear(flat, weight, bias)[:rows]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def unfold3x3(feat: torch.Tensor) -> torch.Tensor:
     """3x3 neighbourhood of every feature, zero padded, channel-major like F.unfold."""
     b, c, h, w = feat.shape
@@ -97,7 +114,7 @@ class ImplicitSR(nn.Module):
         rows, cols = window.rows, window.cols
         pred = self.decode_slots(latents, window)
         b = pred.shape[0]
-        pred = pred * (rows.weight[:, :, None, None, None] * cols.weight[None, None, :, :, None])
+        pred = pred * ensemble_weights(rows, cols).unsqueeze(-1)
         n_out_r = int(rows.out.max()) + 1
         n_out_c = int(cols.out.max()) + 1
         nr, kr, nc, kc = pred.shape[1:5]
@@ -109,6 +126,17 @@ class ImplicitSR(nn.Module):
         if self.bilinear_skip:
             out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
         return out
+
+
+def ensemble_weights(rows: AxisSlots, cols: AxisSlots) -> torch.Tensor:
+    """(nr, Kr, nc, Kc) weights: the separable product, except where an axis collapsed."""
+    wy = rows.weight[:, :, None, None]
+    wx = cols.weight[None, None, :, :]
+    if bool(cols.collapsed.any()):
+        wy = torch.where(cols.collapsed[None, None], rows.flat[:, :, None, None], wy)
+    if bool(rows.collapsed.any()):
+        wx = torch.where(rows.collapsed[:, :, None, None], cols.flat[None, None], wx)
+    return wy * wx
 
 
 def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:

@@ -83,12 +83,19 @@ class AxisSlots:
     `out[r, k]` (local to the output window), relative coordinate `rel[r, k]` and separable
     ensemble weight `weight[r, k]` (0 for padding). Each output pixel sits in the slots of
     the one or two latents around it, and its weights sum to 1.
+
+    `collapsed` marks the one case LIIF's area formula does not separate: both neighbours
+    clamped onto the same latent with the query exactly at its centre (last row or column
+    at odd integer scales). All four areas are then the 1e-9 floor, so the official weights
+    are uniform along the *other* axis: `flat` (1 / number of latents) holds those weights.
     """
 
     lat0: int
     out: torch.Tensor
     rel: torch.Tensor
     weight: torch.Tensor
+    flat: torch.Tensor
+    collapsed: torch.Tensor
 
     @property
     def n_latents(self) -> int:
@@ -128,6 +135,9 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     key, inverse = torch.unique(lat * n_win + out, return_inverse=True)
     merged_weight = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, weight)
     merged_rel = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_copy_(0, inverse, rel)
+    out_of = key % n_win
+    distinct = torch.bincount(out_of, minlength=n_win)[out_of]
+    collapsed = (distinct == 1) & (merged_rel == 0) & local_ensemble
     lat_of = key // n_win
     lat0 = int(lat_of.min())
     lat_of = lat_of - lat0
@@ -138,10 +148,14 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     out_t = torch.zeros(shape, dtype=torch.long, device=device)
     rel_t = torch.zeros(shape, dtype=torch.float64, device=device)
     w_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    out_t[lat_of, k] = key % n_win
+    flat_t = torch.zeros(shape, dtype=torch.float32, device=device)
+    collapsed_t = torch.zeros(shape, dtype=torch.bool, device=device)
+    out_t[lat_of, k] = out_of
     rel_t[lat_of, k] = merged_rel
     w_t[lat_of, k] = merged_weight
-    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float())
+    flat_t[lat_of, k] = 1.0 / distinct.float()
+    collapsed_t[lat_of, k] = collapsed
+    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t)
 
 
 @dataclass(frozen=True)

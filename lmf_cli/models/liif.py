@@ -18,6 +18,7 @@ from lmf_cli.models.base import (
     RenderWindow,
     channels_last_table,
     gather,
+    rows_linear,
     slot_rel,
     slot_window,
     unfold3x3,
@@ -28,8 +29,8 @@ from lmf_cli.models.mlp import MLP
 def _run_rest(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
     linears = mlp.linears
     for layer in linears[1:-1]:
-        x = torch.nn.functional.linear(x.relu_(), layer.weight, layer.bias)
-    return torch.nn.functional.linear(x.relu_(), linears[-1].weight, linears[-1].bias)
+        x = rows_linear(x.relu_(), layer.weight, layer.bias)
+    return rows_linear(x.relu_(), linears[-1].weight, linears[-1].bias)
 
 
 class LIIF(ImplicitSR):
@@ -59,7 +60,7 @@ class LIIF(ImplicitSR):
         feat = slot_window(latents["feat"], window)
         first = self.imnet.linears[0]
         f = self.feat_dim
-        per_latent = torch.nn.functional.linear(feat, first.weight[:, :f], first.bias)
+        per_latent = rows_linear(feat, first.weight[:, :f], first.bias)
         if self.cell_decode:
             w_cell = first.weight[:, f + 2:f + 4]
             per_latent = per_latent + (window.rel_cell @ w_cell.t()).view(-1, 1, 1, 1, 1, w_cell.shape[0])
@@ -101,4 +102,4 @@ class LTE(ImplicitSR):
         z = freq[..., 0::2] * ry + (freq[..., 1::2] * rx + phase)
         x = self._features(coef, z)
         first = self.imnet.linears[0]
-        return _run_rest(self.imnet, torch.nn.functional.linear(x, first.weight, first.bias))
+        return _run_rest(self.imnet, rows_linear(x, first.weight, first.bias))

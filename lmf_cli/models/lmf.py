@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow, channels_last_table, gather, slot_rel, slot_window
+from lmf_cli.models.base import (
+    ImplicitSR,
+    Latents,
+    RenderWindow,
+    channels_last_table,
+    gather,
+    rows_linear,
+    slot_rel,
+    slot_window,
+)
 from lmf_cli.models.mlp import MLP, ModulatedMLP
 
 
@@ -27,8 +36,8 @@ def _modulated_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, 
         layer = linears[k]
         gain = 1 + mod[..., k * d:(k + 1) * d]
         bias = torch.addcmul(mod[..., (n + k) * d:(n + k + 1) * d], layer.bias, gain)
-        x = torch.addcmul(bias, torch.matmul(x, layer.weight.t()), gain).relu_()
-    return torch.nn.functional.linear(x, linears[-1].weight, linears[-1].bias)
+        x = torch.addcmul(bias, rows_linear(x, layer.weight), gain).relu_()
+    return rows_linear(x, linears[-1].weight, linears[-1].bias)
 
 
 class LMLIIF(ImplicitSR):
@@ -85,7 +94,7 @@ class LMLIIF(ImplicitSR):
         first = self.imnet.linears[0]
         c = code.shape[-1]
         w_code, w_rel = first.weight[:, :c], first.weight[:, c:c + 2]
-        per_latent = torch.nn.functional.linear(code, w_code, first.bias)
+        per_latent = rows_linear(code, w_code, first.bias)
         if self.cell_decode:
             w_cell = first.weight[:, c + 2:c + 4]
             per_latent = per_latent + (window.rel_cell @ w_cell.t()).view(-1, 1, 1, 1, 1, w_cell.shape[0])
