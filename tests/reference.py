@@ -140,6 +140,6 @@ def predict(name: str, sd: dict, args: dict, inp: torch.Tensor, out_hw: tuple[in
     total = sum(areas)
     areas = areas[::-1]
     out = sum(p * (a / total).unsqueeze(-1) for p, a in zip(preds, areas, strict=True))
-    if name in ("lte", "lmlte"):
+    if name in ("lte", "lmlte") or args.get("bilinear_skip"):
         out = out + sample(x, coord, mode="bilinear")
     return ((out + 1) / 2).clamp(0, 1).view(big_h, big_w, 3)

@@ -32,6 +32,19 @@ def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, s
     assert np.abs(ours - ref).max() < 1e-4
 
 
+def test_lmliif_with_bilinear_skip_matches_formulas(tmp_path, butterfly):
+    """Our shipped variant: official LM-LIIF plus a bilinear upsample of the input."""
+    ckpt = official_checkpoint("lmliif", {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16}})
+    ckpt["model"]["args"]["bilinear_skip"] = True
+    torch.save(ckpt, tmp_path / "skip.pth")
+    up = Upscaler.load(tmp_path / "skip.pth", device="cpu")
+    lr = butterfly[:12, :14]
+    ours = up.upscale(lr.astype(np.float32) / 255, size=(41, 30))
+    ref = predict("lmliif", ckpt["model"]["sd"], ckpt["model"]["args"],
+                  torch.from_numpy(lr).permute(2, 0, 1)[None].double() / 255, (41, 30)).numpy()
+    assert np.abs(ours - ref).max() < 1e-4
+
+
 def test_rdn_encoder_matches_formulas(tmp_path, butterfly):
     rdn = {"name": "rdn", "args": {"G0": 16, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
     path = tmp_path / "rdn-lmliif.pth"
