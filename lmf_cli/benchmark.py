@@ -1,0 +1,183 @@
+"""Where the time goes: encoder, latent MLP and rendering timed separately, beside LIIF on
+the same encoder and OpenCV bicubic, with MACs computed from the architecture."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmf_cli.cmsr import Schedule, intensity
+from lmf_cli.engine import rel_cell_for, upscale_tensor
+from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.liif import LIIF
+
+
+@dataclass
+class Timing:
+    median_s: float
+    spread_s: float  # max - min over the repeats
+
+    @staticmethod
+    def of(samples: list[float]) -> Timing:
+        return Timing(statistics.median(samples), max(samples) - min(samples))
+
+
+@dataclass
+class Row:
+    method: str
+    scale: float
+    encoder: Timing | None
+    latent: Timing | None
+    render: Timing | None
+    total: Timing
+    macs: dict[str, float]
+    megapixels_per_s: float
+    peak_memory_mb: float
+    rendered_fraction: float = 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def conv_macs_per_pixel(module: nn.Module, channels: int = 3) -> float:
+    """MACs per input pixel of a fully convolutional module (measured with hooks on 8x8)."""
+    total = 0.0
+
+    def hook(layer: nn.Conv2d, _inputs, output) -> None:
+        nonlocal total
+        k = layer.kernel_size[0] * layer.kernel_size[1]
+        total += output.shape[2] * output.shape[3] * layer.out_channels * layer.in_channels // layer.groups * k
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, channels, 8, 8, device=next(module.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total / 64
+
+
+def _linear_macs(layers: list[nn.Linear]) -> float:
+    return float(sum(layer.in_features * layer.out_features for layer in layers))
+
+
+def model_macs(model: ImplicitSR, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+    """MACs of each stage for one image: encoder and latent stage per LR pixel, render per
+    output pixel (4 ensemble neighbours)."""
+    lr_pixels, hr_pixels = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    encoder = conv_macs_per_pixel(model.encoder) - sum(
+        conv_macs_per_pixel(m) for m in (model.encoder.sub_mean, model.encoder.add_mean)
+        if hasattr(model.encoder, "sub_mean"))
+    latent = 0.0
+    for name in ("coef", "freq"):
+        if hasattr(model, name):
+            conv = getattr(model, name)
+            latent += conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if hasattr(model, "hypernet"):
+        latent += _linear_macs(model.hypernet.linears)
+    neighbours = 4 if model.local_ensemble else 1
+    render = neighbours * _linear_macs(model.imnet.linears)
+    return {"encoder": encoder * lr_pixels, "latent": latent * lr_pixels, "render": render * hr_pixels}
+
+
+def liif_twin(model: ImplicitSR) -> ImplicitSR:
+    """LIIF (580 -> 256 x 4 -> 3) on the same encoder module: the paper's baseline. Its MLP
+    is untrained; only its cost is measured."""
+    return LIIF(model.encoder).to(next(model.parameters()).device).eval()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark_model(name: str, model: ImplicitSR, inp: torch.Tensor, scale: float, repeats: int, warmup: int,
+                    schedule: Schedule | None = None) -> Row:
+    device = inp.device
+    in_hw = tuple(inp.shape[-2:])
+    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
+    rel_cell = inp.new_tensor([rel_cell_for(in_hw, out_hw)])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats: dict[str, int] = {}
+    with torch.inference_mode():
+        enc = _time(lambda: model.run_encoder(inp), device, repeats, warmup)
+        latent = _time(lambda: model.encode(inp, rel_cell), device, repeats, warmup)
+        total = _time(lambda: upscale_tensor(model, inp, out_hw, tile=max(in_hw), schedule=schedule, stats=stats),
+                      device, repeats, warmup)
+    macs = model_macs(model, in_hw, out_hw)
+    fraction = stats["rendered"] / stats["total"] if stats.get("total") else 1.0
+    macs["render"] *= fraction
+    latent_only = [max(0.0, a - b) for a, b in zip(latent, enc, strict=True)]
+    render_only = [max(0.0, a - b) for a, b in zip(total, latent, strict=True)]
+    return Row(name, scale, Timing.of(enc), Timing.of(latent_only), Timing.of(render_only), Timing.of(total),
+               macs, out_hw[0] * out_hw[1] / 1e6 / statistics.median(total), peak_memory_mb(device), fraction)
+
+
+def benchmark_bicubic(inp_uint8: np.ndarray, scale: float, repeats: int, warmup: int) -> Row:
+    import cv2
+
+    h, w = inp_uint8.shape[:2]
+    size = (round(w * scale), round(h * scale))
+    samples = _time(lambda: cv2.resize(inp_uint8, size, interpolation=cv2.INTER_CUBIC), torch.device("cpu"),
+                    repeats, warmup)
+    total = Timing.of(samples)
+    return Row("bicubic (OpenCV)", scale, None, None, None, total, {"render": 16.0 * size[0] * size[1]},
+               size[0] * size[1] / 1e6 / total.median_s, peak_memory_mb(torch.device("cpu")))
+
+
+def machine_info(device: torch.device) -> dict[str, str | int]:
+    info: dict[str, str | int] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                  "device": str(device), "python": platform.python_version(),
+                                  "cpu": _cpu_name()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def intensity_map(model: ImplicitSR, inp: torch.Tensor, scale: float) -> torch.Tensor:
+    in_hw = tuple(inp.shape[-2:])
+    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
+    with torch.inference_mode():
+        return intensity(model, model.encode(inp, inp.new_tensor([rel_cell_for(in_hw, out_hw)])))
