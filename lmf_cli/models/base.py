@@ -112,12 +112,11 @@ class ImplicitSR(nn.Module):
     def render(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
         """Render an output window as (B, 3, H', W') in normalised units."""
         rows, cols = window.rows, window.cols
-        pred = self.decode_slots(latents, window)
-        b = pred.shape[0]
-        pred = pred * ensemble_weights(rows, cols).unsqueeze(-1)
+        pred = self.decode_slots(latents, window)  # (B, nr, nc, Kr, Kc, 3)
+        b, nr, nc, kr, kc, _ = pred.shape
+        pred = (pred * ensemble_weights(rows, cols).unsqueeze(-1)).permute(0, 1, 3, 2, 4, 5)
         n_out_r = int(rows.out.max()) + 1
         n_out_c = int(cols.out.max()) + 1
-        nr, kr, nc, kc = pred.shape[1:5]
         by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
         by_col.index_add_(2, cols.out.flatten(), pred.reshape(b, nr * kr, nc * kc, 3))
         out = pred.new_zeros(b, n_out_r, n_out_c, 3)
@@ -129,30 +128,38 @@ class ImplicitSR(nn.Module):
 
 
 def ensemble_weights(rows: AxisSlots, cols: AxisSlots) -> torch.Tensor:
-    """(nr, Kr, nc, Kc) weights: the separable product, except where an axis collapsed."""
-    wy = rows.weight[:, :, None, None]
-    wx = cols.weight[None, None, :, :]
+    """(nr, nc, Kr, Kc) weights: the separable product, except where an axis collapsed."""
+    wy = rows.weight[:, None, :, None]
+    wx = cols.weight[None, :, None, :]
     if bool(cols.collapsed.any()):
-        wy = torch.where(cols.collapsed[None, None], rows.flat[:, :, None, None], wy)
+        wy = torch.where(cols.collapsed[None, :, None, :], rows.flat[:, None, :, None], wy)
     if bool(rows.collapsed.any()):
-        wx = torch.where(rows.collapsed[:, :, None, None], cols.flat[None, None], wx)
+        wx = torch.where(rows.collapsed[:, None, :, None], cols.flat[None, :, None, :], wx)
     return wy * wx
 
 
 def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:
     """The per-latent table (B, h, w, C) cut to the latents the window's slots use,
-    shaped (B, nr, 1, nc, 1, C) to broadcast over slots."""
+    shaped (B, nr, nc, 1, 1, C) to broadcast over their (Kr, Kc) slots."""
     r0, c0 = window.rows.lat0, window.cols.lat0
     nr, nc = window.rows.n_latents, window.cols.n_latents
-    t = latents_map[:, r0:r0 + nr, c0:c0 + nc]
-    return t[:, :, None, :, None, :]
+    return latents_map[:, r0:r0 + nr, c0:c0 + nc, None, None, :]
 
 
 def slot_rel(window: RenderWindow, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relative coordinates of the slots, (nr, Kr, 1, 1, 1) for y and (1, 1, nc, Kc, 1) for x."""
-    ry = window.rows.rel.to(dtype)[:, :, None, None, None]
-    rx = window.cols.rel.to(dtype)[None, None, :, :, None]
+    """Relative coordinates of the slots: y as (nr, 1, Kr, 1, 1), x as (1, nc, 1, Kc, 1)."""
+    ry = window.rows.rel.to(dtype)[:, None, :, None, None]
+    rx = window.cols.rel.to(dtype)[None, :, None, :, None]
     return ry, rx
+
+
+def slot_rel_pairs(window: RenderWindow, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B * nr * nc, Kr * Kc, 2) relative (y, x) of every slot, latent-major for bmm."""
+    ry, rx = slot_rel(window, dtype)
+    nr, kr = window.rows.rel.shape
+    nc, kc = window.cols.rel.shape
+    pairs = torch.cat([ry.expand(nr, nc, kr, kc, 1), rx.expand(nr, nc, kr, kc, 1)], -1)
+    return pairs.expand(batch, nr, nc, kr, kc, 2).reshape(batch * nr * nc, kr * kc, 2)
 
 
 def gather(latents_map: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ weights each prediction by the area of the diagonally opposite rectangle.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +145,9 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     counts = torch.bincount(lat_of)
     first = torch.cumsum(counts, 0) - counts
     k = torch.arange(key.numel(), device=device) - first[lat_of]
-    shape = (counts.numel(), max(int(counts.max()), 1))
+    # One slot count per axis for the whole image, so every block hands the batched matmuls
+    # the same per-latent shapes (and BLAS the same kernels): blocks never change a value.
+    shape = (counts.numel(), max(int(counts.max()), axis_slot_count(n_out, n_in, local_ensemble)))
     out_t = torch.zeros(shape, dtype=torch.long, device=device)
     rel_t = torch.zeros(shape, dtype=torch.float64, device=device)
     w_t = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -156,6 +159,24 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     flat_t[lat_of, k] = 1.0 / distinct.float()
     collapsed_t[lat_of, k] = collapsed
     return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t)
+
+
+@functools.lru_cache(maxsize=64)
+def axis_slot_count(n_out: int, n_in: int, local_ensemble: bool = True) -> int:
+    """Most output pixels any one latent serves along an n_in -> n_out axis."""
+    slots = axis_slots_unpadded(n_out, n_in, local_ensemble)
+    return max(int(slots.max()), 1)
+
+
+def axis_slots_unpadded(n_out: int, n_in: int, local_ensemble: bool) -> torch.Tensor:
+    """Per-latent count of (merged) output slots over a whole axis."""
+    coord = pixel_centres(n_out, "cpu", torch.float64)
+    offsets = (-1, 1) if local_ensemble else (0,)
+    eps = ENSEMBLE_EPS if local_ensemble else 0.0
+    lat = torch.cat([_lookup_eps(coord, n_in, v, eps)[0] for v in offsets])
+    out = torch.arange(n_out).repeat(len(offsets))
+    keys = torch.unique(lat * n_out + out)
+    return torch.bincount(keys // n_out, minlength=n_in)
 
 
 @dataclass(frozen=True)

@@ -22,22 +22,34 @@ from lmf_cli.models.base import (
     channels_last_table,
     gather,
     rows_linear,
-    slot_rel,
+    slot_rel_pairs,
     slot_window,
 )
 from lmf_cli.models.mlp import MLP, ModulatedMLP
 
 
-def _modulated_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, first: int) -> torch.Tensor:
-    """Hidden layers first..depth-1 and the output layer, modulations folded per latent."""
+def _folded_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, first: int) -> torch.Tensor:
+    """Modulated layers first..depth-1 and the output layer over latent-major slots.
+
+    x: (L, S, width), the S slots of each of L latents; mod: (L, mod_dim). Each latent's
+    gain is folded into its own copy of the weights, (W h + b)(1 + s) + t =
+    (W diag(1 + s)) h + (b (1 + s) + t), so a layer is one batched matmul and one ReLU.
+    """
     d, n = render.hidden_dim, render.hidden_depth
     linears = render.linears
     for k in range(first, n):
         layer = linears[k]
-        gain = 1 + mod[..., k * d:(k + 1) * d]
-        bias = torch.addcmul(mod[..., (n + k) * d:(n + k + 1) * d], layer.bias, gain)
-        x = torch.addcmul(bias, rows_linear(x, layer.weight), gain).relu_()
+        gain = 1 + mod[:, k * d:(k + 1) * d]
+        weight = layer.weight.t().unsqueeze(0) * gain.unsqueeze(1)
+        bias = torch.addcmul(mod[:, (n + k) * d:(n + k + 1) * d], layer.bias, gain).unsqueeze(1)
+        x = torch.baddbmm(bias, x, weight).relu_()
     return rows_linear(x, linears[-1].weight, linears[-1].bias)
+
+
+def _latent_rows(table: torch.Tensor, window: RenderWindow) -> torch.Tensor:
+    """(B * nr * nc, C): the window's latents, one row each."""
+    t = slot_window(table, window)
+    return t.reshape(-1, t.shape[-1])
 
 
 class LMLIIF(ImplicitSR):
@@ -89,22 +101,27 @@ class LMLIIF(ImplicitSR):
         return self.imnet(torch.cat(parts, -1), pieces)
 
     def decode_slots(self, latents: Latents, window: RenderWindow) -> torch.Tensor:
-        mod = slot_window(latents["mod"], window)
-        code = mod[..., self.imnet.mod_dim:] if self.mod_input else slot_window(latents["code"], window)
+        mod = _latent_rows(latents["mod"], window)
+        code = mod[:, self.imnet.mod_dim:] if self.mod_input else _latent_rows(latents["code"], window)
         first = self.imnet.linears[0]
         c = code.shape[-1]
-        w_code, w_rel = first.weight[:, :c], first.weight[:, c:c + 2]
-        per_latent = rows_linear(code, w_code, first.bias)
+        per_latent = rows_linear(code, first.weight[:, :c], first.bias)
         if self.cell_decode:
-            w_cell = first.weight[:, c + 2:c + 4]
-            per_latent = per_latent + (window.rel_cell @ w_cell.t()).view(-1, 1, 1, 1, 1, w_cell.shape[0])
+            per_latent = per_latent + window.rel_cell @ first.weight[:, c + 2:c + 4].t()
         d, n = self.imnet.hidden_dim, self.imnet.hidden_depth
-        gain = 1 + mod[..., :d]
-        shift = mod[..., n * d:(n + 1) * d]
-        ry, rx = slot_rel(window, per_latent.dtype)
-        pre = (per_latent + ry * w_rel[:, 0]) + rx * w_rel[:, 1]
-        x = torch.addcmul(shift, pre, gain).relu_()
-        return _modulated_layers(self.imnet, x, mod, 1)
+        gain = 1 + mod[:, :d]
+        # layer 0 is affine in the slot's (rel_y, rel_x): one batched matmul per latent
+        rel_weight = first.weight[:, c:c + 2].t().unsqueeze(0) * gain.unsqueeze(1)
+        bias = torch.addcmul(mod[:, n * d:(n + 1) * d], per_latent, gain).unsqueeze(1)
+        rel = slot_rel_pairs(window, latents["mod"].shape[0], per_latent.dtype)
+        x = torch.baddbmm(bias, rel, rel_weight).relu_()
+        out = _folded_layers(self.imnet, x, mod, 1)
+        return out.view(*_slot_shape(latents["mod"], window), 3)
+
+
+def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
+    return (table.shape[0], window.rows.n_latents, window.cols.n_latents,
+            window.rows.rel.shape[1], window.cols.rel.shape[1])
 
 
 class LMLTE(ImplicitSR):
@@ -159,15 +176,17 @@ class LMLTE(ImplicitSR):
         return self.imnet(x, pieces)
 
     def decode_slots(self, latents: Latents, window: RenderWindow) -> torch.Tensor:
-        mod = slot_window(latents["mod"], window)
+        mod = _latent_rows(latents["mod"], window)
         if self.mod_input:
             m, d = self.imnet.mod_dim, self.imnet.hidden_dim
-            coef, freq = mod[..., m:m + d], mod[..., m + d:m + 2 * d]
+            coef, freq = mod[:, m:m + d], mod[:, m + d:m + 2 * d]
         else:
-            coef, freq = slot_window(latents["coef"], window), slot_window(latents["freq"], window)
-        ry, rx = slot_rel(window, freq.dtype)
-        phase = self._phase_layer()(window.rel_cell).view(-1, 1, 1, 1, 1, freq.shape[-1] // 2)
-        z = (freq[..., 0::2] * ry + (freq[..., 1::2] * rx + phase))
-        z = z.mul_(math.pi)
-        x = coef * torch.cat([torch.cos(z), torch.sin(z)], -1)
-        return _modulated_layers(self.imnet, x, mod, 0)
+            coef, freq = _latent_rows(latents["coef"], window), _latent_rows(latents["freq"], window)
+        # phase of every slot: (freq_y, freq_x) . rel + phase(cell), one batched matmul
+        freq_pairs = torch.stack([freq[:, 0::2], freq[:, 1::2]], 1)
+        phase = self._phase_layer()(window.rel_cell).expand(freq.shape[0], -1).unsqueeze(1)
+        rel = slot_rel_pairs(window, latents["mod"].shape[0], freq.dtype)
+        z = torch.baddbmm(phase, rel, freq_pairs).mul_(math.pi)
+        x = coef.unsqueeze(1) * torch.cat([torch.cos(z), torch.sin(z)], -1)
+        out = _folded_layers(self.imnet, x, mod, 0)
+        return out.view(*_slot_shape(latents["mod"], window), 3)
