@@ -5,27 +5,50 @@ Errors that users can act on (LmfError) print one line and exit 1, never a trace
 
 from __future__ import annotations
 
+import glob
 import json
+import math
+import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lmf_cli.errors import LmfError
+from lmf_cli.errors import CheckpointError, InputError, LmfError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lmf_cli.api import Upscaler
 
 app = typer.Typer(help="Upscale images to any size with Latent Modulated Functions.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True, soft_wrap=True)
 DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+TRAINED_MAX_SCALE = 4.0  # every shipped model is trained on x1..x4
+SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff")
+CMSR_LEVELS = ("fast", "balanced", "fine", "exact")
+ALPHA_MODES = ("model", "bicubic")
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def report(kind: str, message: str) -> None:
+    """One line `kind: message`; paths are printed literally, never read as Rich markup."""
+    style = {"failed": "red", "warning": "yellow", "skipped": "dim"}.get(kind, "bold")
+    console.print(f"[{style}]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def parse_wxh(text: str, option: str) -> tuple[int, int]:
@@ -34,104 +57,515 @@ def parse_wxh(text: str, option: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         fail(f"{option} {text!r} must look like WIDTHxHEIGHT, e.g. 1920x1080")
+    if w <= 0 or h <= 0:
+        fail(f"{option} {text}: width and height must be positive")
     return h, w
+
+
+def parse_amount(text: str, option: str, base: int) -> int:
+    """'2G', '512M', '1.5k' or a plain number -> an integer (k/M/G/T are powers of `base`)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b|px?)?\s*", text.lower())
+    value = float(match[1]) * base ** " kmgt".index(match[2] or " ") if match else 0
+    if value < 1:
+        fail(f"{option} {text!r} must be a positive amount such as 512M or 2G")
+    return int(value)
 
 
 def fmt_size(hw: tuple[int, int]) -> str:
     return f"{hw[1]} x {hw[0]}"
 
 
-def fmt_scale(value: float) -> str:
-    return f"{value:g}"
+def _round(value: float) -> int:
+    """The one rounding rule, as lmf_cli.engine.scaled_size: halves up, at least 1."""
+    return max(1, math.floor(value + 0.5))
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The requested output size, resolved per image; one rule: round(input x scale) per axis, halves up."""
+
+    scale: tuple[float, float] | None = None  # (y, x)
+    uniform: bool = False  # a single --scale: outputs are named <stem>_x<scale>
+    width: int | None = None
+    height: int | None = None
+    box: tuple[int, int] | None = None  # --fit (height, width)
+
+    def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output (height, width) for an input; lmf_cli.api.plan_size refuses shrinking and empty sizes."""
+        from lmf_cli.api import plan_size
+
+        if self.scale is not None:
+            return plan_size(in_hw, scale=self.scale).out_hw
+        h, w = in_hw
+        out_h, out_w = self.height, self.width
+        if self.box is not None:
+            box_h, box_w = self.box
+            if box_w * h <= box_h * w:  # the width is the tighter side
+                out_h, out_w = min(box_h, _round(h * box_w / w)), box_w
+            else:
+                out_h, out_w = box_h, min(box_w, _round(w * box_h / h))
+        elif out_h is None:
+            out_h = _round(h * out_w / w)
+        elif out_w is None:
+            out_w = _round(w * out_h / h)
+        return plan_size(in_hw, size=(out_h, out_w)).out_hw
+
+    def label(self, out_hw: tuple[int, int]) -> str:
+        return f"x{self.scale[0]:g}" if self.uniform else f"{out_hw[1]}x{out_hw[0]}"
+
+
+def parse_sizing(scale: float | None, scale_x: float | None, scale_y: float | None, width: int | None,
+                 height: int | None, size: str | None, fit: str | None) -> Sizing:
+    """Check the size options once, before any file is touched."""
+    groups = [scale is not None or scale_x is not None or scale_y is not None,
+              width is not None or height is not None, size is not None, fit is not None]
+    if sum(groups) != 1:
+        fail(f"give one of {SIZE_OPTIONS}")
+    for option, value in (("--scale", scale), ("--scale-x", scale_x), ("--scale-y", scale_y)):
+        if value is None:
+            continue
+        if not math.isfinite(value) or value <= 0:
+            fail(f"{option} {value:g} must be a positive number")
+        if value < 1:
+            fail(f"{option} {value:g}: lmf only enlarges (scale >= 1 on each axis); use a resampler such as "
+                 "Pillow's LANCZOS to shrink")
+    if groups[0]:
+        base = scale if scale is not None else 1.0
+        factors = (scale_y if scale_y is not None else base, scale_x if scale_x is not None else base)
+        return Sizing(scale=factors, uniform=scale_x is None and scale_y is None)
+    for option, value in (("--width", width), ("--height", height)):
+        if value is not None and value <= 0:
+            fail(f"{option} {value} must be a positive number of pixels")
+    if size is not None:
+        h, w = parse_wxh(size, "--size")
+        return Sizing(width=w, height=h)
+    if fit is not None:
+        return Sizing(box=parse_wxh(fit, "--fit"))
+    return Sizing(width=width, height=height)
+
+
+@dataclass
+class Job:
+    """One input file and what becomes of it."""
+
+    source: Path
+    base: Path  # where its mirrored tree starts (--recursive)
+    explicit: bool  # named on the command line, so never taken for an earlier output
+    status: str = "pending"  # -> done, skipped, failed (or dry-run)
+    reason: str = ""
+    in_hw: tuple[int, int] | None = None
+    out_hw: tuple[int, int] | None = None
+    target: Path | None = None
+    seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    def drop(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+
+    def record(self) -> str:
+        """The --json line for scripts: sizes as [width, height]."""
+        def wh(hw: tuple[int, int] | None) -> list[int] | None:
+            return [hw[1], hw[0]] if hw else None
+
+        return json.dumps({"input": str(self.source), "output": str(self.target) if self.target else None,
+                           "input_size": wh(self.in_hw), "output_size": wh(self.out_hw),
+                           "seconds": round(self.seconds, 3), "status": self.status, "reason": self.reason or None})
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """Identity that survives symlinks, hard links and case-insensitive names."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and folder in path.resolve().parents
+
+
+def _folder_images(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+    """Image files of a folder (and its subfolders with --recursive); hidden ones are left out."""
+    from lmf_cli.evaluation import IMAGE_SUFFIXES
+
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and not _inside(p, exclude))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder a pattern's matches are mirrored from: its parts before the first wildcard."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.escape(part) != part:
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> list[Job]:
+    """Files, folders and glob patterns -> one job per distinct file; inputs that match nothing fail."""
+    from lmf_cli.evaluation import IMAGE_SUFFIXES
+
+    jobs: list[Job] = []
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: Path, base: Path, explicit: bool) -> None:
+        key = _file_id(path)
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(path, base, explicit))
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            add(path, path.parent, True)
+            continue
+        if path.is_dir():
+            base, found = path, _folder_images(path, recursive, exclude)
+            empty = "no images in this folder" + ("" if recursive else " (--recursive includes subfolders)")
+        elif glob.escape(item) != item:
+            base, found = _glob_base(item), []
+            for match in map(Path, sorted(glob.glob(item, recursive=recursive))):
+                if match.is_dir():
+                    found += _folder_images(match, recursive, exclude)
+                elif match.suffix.lower() in IMAGE_SUFFIXES and not _inside(match, exclude):
+                    found.append(match)
+            empty = "no image matches this pattern"
+        else:
+            jobs.append(Job(path, path.parent, True, "failed", "no such file or folder"))
+            continue
+        for p in found:
+            add(p, base, False)
+        if not found:
+            jobs.append(Job(path, base, True, "failed", empty))
+    return jobs
+
+
+def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tuple[Path | None, Path | None]:
+    """(output file, output folder) from -o: a file only for a single input file."""
+    from lmf_cli.imageio import FORMATS, WRITABLE
+
+    if output is None:
+        return None, None
+    path = Path(output)
+    if path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix:
+        return None, path
+    if len(inputs) == 1 and Path(inputs[0]).is_file():
+        if path.suffix.lower() not in WRITABLE:
+            fail(f"-o {output}: lmf writes {', '.join(OUTPUT_FORMATS)} files")
+        if fmt is not None and FORMATS[fmt] != FORMATS[path.suffix.lower()[1:]]:
+            fail(f"-o {output} does not match --format {fmt}")
+        return path, None
+    if path.suffix.lower() in WRITABLE:
+        fail(f"-o {output}: several inputs need an output folder, not a file")
+    return None, path
+
+
+def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recursive: bool) -> Path:
+    """<stem>_<label>.<ext> beside the input, or in the output folder (mirroring the tree with --recursive)."""
+    from lmf_cli.imageio import FORMATS, WRITABLE
+
+    src = job.source
+    suffix = FORMATS[fmt] if fmt else src.suffix if src.suffix.lower() in WRITABLE else ".png"
+    name = f"{src.stem}_{label}{suffix}"
+    if out_dir is None:
+        return src.with_name(name)
+    return out_dir / (os.path.relpath(src.parent, job.base) if recursive else "") / name
+
+
+def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None, out_file: Path | None,
+              out_dir: Path | None, recursive: bool, overwrite: bool) -> None:
+    """Sizes and output names from the headers alone; settles what will be skipped or refused."""
+    from lmf_cli.imageio import probe_image
+
+    for job in jobs:
+        if job.status != "pending":
+            continue
+        try:
+            width, height = probe_image(job.source, max_pixels)
+            job.in_hw = (height, width)
+            out_hw = sizing.out_hw(job.in_hw)
+            if out_hw[0] * out_hw[1] > max_pixels:
+                raise InputError(f"the output {fmt_size(out_hw)} is {out_hw[0] * out_hw[1]:,} pixels, over the "
+                                 f"limit of {max_pixels:,} (--max-pixels)")
+        except LmfError as exc:
+            job.drop("failed", str(exc))
+            continue
+        job.out_hw = out_hw
+        job.target = out_file or target_for(job, sizing.label(out_hw), fmt, out_dir, recursive)
+        factor = max(out_hw[0] / height, out_hw[1] / width)
+        if factor > TRAINED_MAX_SCALE + 1e-9:
+            job.warnings = (f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
+                            "quality may drop",)
+    planned = [j for j in jobs if j.status == "pending"]
+    owners = {_file_id(j.target): j for j in planned if j.target.exists()}
+    for job in jobs:  # a folder rerun finds the last run's outputs (even broken ones): they are not inputs
+        owner = None if job.explicit else owners.get(_file_id(job.source))
+        if owner is not None and owner is not job:
+            job.drop("skipped", f"it is the output of {owner.source}")
+            job.target = None
+    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and j.source.exists()}
+    claimed: dict[str, Job] = {}
+    for job in (j for j in planned if j.status == "pending"):
+        key = os.path.normcase(os.path.abspath(job.target))
+        if job.target.exists() and _file_id(job.target) in inputs:
+            job.drop("failed", f"refusing to write over the input {job.target}")
+        elif key in claimed:
+            job.drop("failed", f"{job.target} is also the output of {claimed[key].source}")
+        elif job.target.exists() and not overwrite:
+            job.drop("skipped", f"{job.target} exists (--overwrite replaces it)")
+        else:
+            claimed[key] = job
+
+
+class TileBar:
+    """The current image's tiles, fed by Upscaler.upscale's per-tile callback (an alpha channel is a
+    second pass over the same tiles); shown only when an image has more than one tile."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.task = bars.add_task("tiles", total=None, visible=False)
+        self.passes = 1
+        self.offset = self.last = 0
+
+    def start(self, passes: int) -> None:
+        self.passes, self.offset, self.last = passes, 0, 0
+        self.bars.reset(self.task, total=None, visible=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < self.last:
+            self.offset += total
+        self.last = done
+        self.bars.update(self.task, total=total * self.passes, visible=total > 1,
+                         completed=min(self.offset + done, total * self.passes))
+
+
+def upscale_pixels(up: Upscaler, pixels: np.ndarray, out_hw: tuple[int, int], **engine) -> np.ndarray:
+    """Upscaler.upscale, plus gray + alpha (which the API takes as RGBA)."""
+    import numpy as np
+
+    if pixels.ndim == 3 and pixels.shape[2] == 2:  # in float, to round once as the API does for gray
+        peak = float(np.iinfo(pixels.dtype).max)
+        rgba = up.upscale(pixels[..., [0, 0, 0, 1]].astype(np.float32) / peak, size=out_hw, **engine)
+        gray_alpha = np.stack([rgba[..., :3].mean(axis=2), rgba[..., 3]], axis=2)
+        return np.round(gray_alpha * peak).astype(pixels.dtype)
+    return up.upscale(pixels, size=out_hw, **engine)
+
+
+def load_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
+    """The Upscaler, with --device and --quality checked once instead of failing on every file."""
+    from lmf_cli.api import Upscaler
+    from lmf_cli.cmsr import resolve_threshold, supports_cmsr
+
+    try:
+        up = Upscaler.load(model, device, precision)
+    except LmfError as exc:
+        fail(str(exc))
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or one this build lacks
+        fail(f"--device {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if quality != "exact":
+        if not supports_cmsr(up.model):
+            fail(f"--quality {quality}: {up.name} is not an LMF model; CMSR levels need LM-LIIF or LM-LTE")
+        try:
+            resolve_threshold(up.loaded.cmsr_tables, quality)
+        except InputError as exc:
+            fail(f"--quality {quality}: {exc}")
+    return up
+
+
+def run_job(job: Job, up: Upscaler, engine: dict, tiles: TileBar, max_pixels: int, jpeg_quality: int,
+            keep_metadata: bool) -> list[str]:
+    """Read, upscale, write atomically; returns what the output format could not keep."""
+    import torch
+
+    from lmf_cli.imageio import ImageFile, read_image, write_image
+
+    try:
+        src = read_image(job.source, max_pixels)
+        alpha_pass = src.pixels.ndim == 3 and src.pixels.shape[2] in (2, 4) and engine["alpha"] == "model"
+        tiles.start(2 if alpha_pass else 1)
+        pixels = upscale_pixels(up, src.pixels, job.out_hw, progress=tiles, **engine)
+        try:
+            return write_image(job.target, ImageFile(pixels, src.icc_profile, src.exif), jpeg_quality, keep_metadata)
+        except OSError as exc:
+            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
+    except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
+        raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
 
 
 @app.command()
 def upscale(
-    inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders and glob patterns ('shots/*.jpg')."),
     scale: float | None = typer.Option(None, "--scale", "-s", help="Factor for both axes, e.g. 3.7."),
-    width: int | None = typer.Option(None, "--width", help="Output width; height keeps the aspect."),
-    height: int | None = typer.Option(None, "--height", help="Output height; width keeps the aspect."),
-    size: str | None = typer.Option(None, "--size", help="Exact output size WxH."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output file (one input) or folder."),
+    scale_x: float | None = typer.Option(None, "--scale-x", help="Horizontal factor (default: --scale or 1)."),
+    scale_y: float | None = typer.Option(None, "--scale-y", help="Vertical factor (default: --scale or 1)."),
+    width: int | None = typer.Option(None, "--width", help="Output width; the height keeps the aspect."),
+    height: int | None = typer.Option(None, "--height", help="Output height; the width keeps the aspect."),
+    size: str | None = typer.Option(None, "--size", help="Exact output size WxH, e.g. 1920x1080."),
+    fit: str | None = typer.Option(None, "--fit", help="Largest size inside the box WxH, aspect kept."),
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="Output file (one input) or folder (created if missing)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r",
+                                   help="Include subfolders and mirror the tree under the output folder."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="png, jpg, webp or tiff (default: as the input)."),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG/WebP file quality, 1..100."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (never an input)."),
+    strip_metadata: bool = typer.Option(False, "--strip-metadata", help="Drop the ICC profile and EXIF."),
+    alpha: str = typer.Option("model", "--alpha", help="Upscale alpha with the model or bicubic."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List what would be written, and the sizes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout, for scripts."),
+    max_pixels_text: str = typer.Option("400M", "--max-pixels",
+                                        help="Largest input or output, in pixels (400M = 400 megapixels)."),
     model: str = typer.Option("lmf-edsr", "--model", "-m", help="Shipped model name or weights file."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in input pixels (default: from memory)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget for tiles, e.g. 2G or 512M."),
+    quality: str = typer.Option("exact", "--quality",
+                                help="CMSR level: fast, balanced, fine or exact. Not the file quality "
+                                     "(that is --jpeg-quality)."),
+    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
 ) -> None:
-    """Upscale images: output size = round(input x scale) per axis."""
-    from lmf_cli.api import Upscaler, plan_size
-    from lmf_cli.evaluation import list_images
-    from lmf_cli.imageio import ImageFile, read_image, write_image
+    """Upscale images to any size with the model.
 
-    chosen = [o for o in (scale, width, height, size) if o is not None]
-    if len(chosen) != 1:
-        fail("give exactly one of --scale, --width, --height, --size")
-    files = [p for item in inputs for p in (list_images(item) if item.is_dir() else [item])]
-    if not files:
-        fail("no input images found")
-    if output is not None and len(files) > 1 and output.suffix:
-        fail(f"{output}: several inputs need an output folder, not a file")
-    try:
-        up = Upscaler.load(model, device)
-    except LmfError as exc:
-        fail(str(exc))
-    console.print(f"model {up.name} on {up.device}", highlight=False)
-    failures = 0
-    for path in files:
+    Output size per axis = round(input x scale), halves rounded up; sizes are written W x H.
+    Outputs are named <stem>_x<scale>.<ext> (--scale) or <stem>_<W>x<H>.<ext> (other sizes), beside the input.
+    Existing outputs are skipped (--overwrite), inputs are never written over, and every write is atomic.
+    Bit depth (8/16), grayscale, alpha, ICC profile and EXIF are kept; EXIF orientation is applied.
+
+    --quality is the CMSR level: fast, balanced or fine render calm regions coarser above x4; exact (default) does not.
+    --jpeg-quality is the file quality of JPEG and WebP outputs.
+    """
+    from lmf_cli.api import PRECISIONS
+    from lmf_cli.imageio import FORMATS
+    from lmf_cli.zoo import resolve
+
+    start = time.perf_counter()
+    sizing = parse_sizing(scale, scale_x, scale_y, width, height, size, fit)
+    for option, value, choices in (("--format", fmt, (*OUTPUT_FORMATS, "jpeg", "tif")),
+                                   ("--quality", quality, CMSR_LEVELS), ("--alpha", alpha, ALPHA_MODES),
+                                   ("--precision", precision, PRECISIONS)):
+        if value is not None and value not in choices:
+            fail(f"{option} {value}: choose one of {', '.join(choices)}")
+    if tile is not None and tile < 1:
+        fail(f"--tile {tile} must be at least 1 input pixel")
+    if not 1 <= jpeg_quality <= 100:
+        fail(f"--jpeg-quality {jpeg_quality} must be between 1 and 100")
+    fmt = FORMATS[fmt][1:] if fmt else None
+    max_pixels = parse_amount(max_pixels_text, "--max-pixels", 1000)
+    memory = parse_amount(max_memory, "--max-memory", 1024) if max_memory else None
+    out_file, out_dir = output_place(output, inputs, fmt)
+    jobs = expand_inputs(inputs, recursive, out_dir.resolve() if out_dir else None)
+    plan_jobs(jobs, sizing, max_pixels, fmt, out_file, out_dir, recursive, overwrite)
+    pending = [j for j in jobs if j.status == "pending"]
+
+    def say(message: str) -> None:
+        if not quiet:
+            console.print(escape(message), highlight=False)
+
+    def finish(job: Job, notes: list[str] | None = None) -> None:
+        for message in notes or []:
+            report("warning", f"{job.source}: {message}")
+        if job.status in ("failed", "skipped") and (job.status == "failed" or not quiet):
+            report(job.status, f"{job.source}: {job.reason}")
+        if json_lines:
+            print(job.record(), flush=True)
+
+    def announce(job: Job) -> None:
+        say(f"{job.source} -> {job.target}: {fmt_size(job.in_hw)} -> {fmt_size(job.out_hw)}"
+            + (" (dry run)" if dry_run else ""))
+        for message in job.warnings:
+            report("warning", f"{job.source}: {message}")
+
+    if dry_run:
         try:
-            src = read_image(path)
-            in_hw = src.pixels.shape[:2]
-            if size is not None:
-                plan = plan_size(in_hw, size=parse_wxh(size, "--size"))
-            elif width is not None:
-                plan = plan_size(in_hw, size=(round(in_hw[0] * width / in_hw[1]), width))
-            elif height is not None:
-                plan = plan_size(in_hw, size=(height, round(in_hw[1] * height / in_hw[0])))
-            else:
-                plan = plan_size(in_hw, scale=scale)
-            label = fmt_scale(scale) if scale is not None else f"{plan.out_hw[1]}x{plan.out_hw[0]}"
-            target = _target(path, output, len(files), label)
-            if target.resolve() == path.resolve():
-                raise LmfError(f"{path}: refusing to write over the input")
-            if target.exists() and not overwrite:
-                console.print(f"skip {target} (exists; --overwrite to replace)", highlight=False)
-                continue
-            console.print(f"{path}: {fmt_size(in_hw)} -> {fmt_size(plan.out_hw)}", highlight=False)
-            t0 = time.perf_counter()
-            pixels = up.upscale(src.pixels, size=plan.out_hw, tile=tile)
-            write_image(target, ImageFile(pixels, src.icc_profile, src.exif))
-            console.print(f"wrote {target} in {time.perf_counter() - t0:.2f} s", highlight=False)
+            resolve(model)
         except LmfError as exc:
-            failures += 1
-            console.print(f"[red]failed:[/] {exc}", highlight=False, soft_wrap=True)
-    if failures:
-        fail(f"{failures} of {len(files)} file(s) failed")
+            fail(str(exc))
+        for job in jobs:
+            if job.status == "pending":
+                job.status = "dry-run"
+                announce(job)
+            finish(job)
+    else:
+        up = load_upscaler(model, device, precision, quality) if pending else None
+        if up is not None:
+            say(f"model {up.name} on {up.device} ({up.precision})")
+        engine = dict(tile=tile, max_memory=memory, alpha=alpha, cmsr=False if quality == "exact" else quality)
+        bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal)
+        with bars:
+            files = bars.add_task("files", total=len(pending))
+            tiles = TileBar(bars)
+            for job in jobs:
+                notes: list[str] = []
+                if job.status == "pending":
+                    announce(job)
+                    t0 = time.perf_counter()
+                    try:
+                        notes = run_job(job, up, engine, tiles, max_pixels, jpeg_quality, not strip_metadata)
+                        job.status = "done"
+                    except LmfError as exc:
+                        job.drop("failed", str(exc))
+                    job.seconds = time.perf_counter() - t0
+                    bars.advance(files)
+                    if job.status == "done":
+                        say(f"wrote {job.target} in {job.seconds:.2f} s")
+                finish(job, notes)
+    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "dry-run", "skipped", "failed")}
+    first = f"would write {counts['dry-run']}" if dry_run else f"done {counts['done']}"
+    say(f"{first}, skipped {counts['skipped']}, failed {counts['failed']} in {time.perf_counter() - start:.1f} s")
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
-def _target(path: Path, output: Path | None, count: int, label: str) -> Path:
-    name = f"{path.stem}_x{label}{path.suffix}"
-    if output is None:
-        return path.with_name(name)
-    if count == 1 and output.suffix:
-        return output
-    return output / name
+def _card(path: Path) -> tuple[str, str, str, str]:
+    """Encoder, parameters, training and Set5 PSNR from the weights' header, without building the model."""
+    from safetensors import safe_open
+
+    from lmf_cli.checkpoints import read_metadata
+
+    meta = read_metadata(path)
+    try:
+        spec, info = json.loads(meta.get("spec", "{}")), json.loads(meta.get("info", "{}"))
+        with safe_open(str(path), framework="pt") as f:
+            parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (json.JSONDecodeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged ({exc})") from exc
+    enc = spec.get("args", {}).get("encoder_spec", {}) if isinstance(spec, dict) else {}
+    enc_args = enc.get("args", {})
+    encoder = f"{spec.get('name', '?')} / {enc.get('name', '?')}"
+    if "n_resblocks" in enc_args:
+        encoder += f" {enc_args['n_resblocks']}x{enc_args.get('n_feats', '?')}"
+    info = info if isinstance(info, dict) else {}
+    training = f"{info['steps']:,} steps" if isinstance(info.get("steps"), int) else "?"
+    if isinstance(info.get("train_seconds"), (int, float)):
+        training += f", {info['train_seconds'] / 3600:.1f} h"
+    evals = info.get("eval")
+    set5 = evals.get("Set5") if isinstance(evals, dict) else None
+    psnr = "not evaluated"
+    if isinstance(set5, dict):
+        by_scale = {f"{float(k):g}": v for k, v in set5.items() if re.fullmatch(r"\d+(\.\d+)?", str(k))}
+        psnr = " / ".join(f"{by_scale[s]:.2f}" if isinstance(by_scale.get(s), (int, float)) else "-"
+                          for s in ("2", "3", "4"))
+    return encoder, f"{parameters / 1e6:.2f} M", training, psnr
 
 
 @app.command()
 def models() -> None:
-    """List the shipped models and what their cards say."""
-    from lmf_cli.checkpoints import read_metadata
+    """List the shipped models and the key facts of their cards."""
     from lmf_cli.zoo import SHIPPED, shipped_path
 
-    table = Table("name", "status", "summary", "training")
+    table = Table("name", "status", "model / encoder", "parameters", "training", "Set5 PSNR x2 / x3 / x4", "summary")
     for entry in SHIPPED.values():
         path = shipped_path(entry.name)
         if path is None:
-            table.add_row(entry.name, "not trained yet", entry.summary, "")
+            table.add_row(entry.name, "not trained yet", "", "", "", "", entry.summary)
             continue
-        info = json.loads(read_metadata(path).get("info", "{}"))
-        trained = f"{info.get('steps', '?')} steps, {info.get('train_seconds', 0) / 3600:.1f} h"
-        table.add_row(entry.name, "ready", entry.summary, trained)
+        try:
+            table.add_row(entry.name, "ready", *_card(path), entry.summary)
+        except LmfError as exc:
+            table.add_row(entry.name, f"unreadable: {exc}", "", "", "", "", entry.summary)
     Console().print(table)
 
 
