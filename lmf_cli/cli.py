@@ -596,6 +596,8 @@ def train(
     warmup: int = typer.Option(0, "--warmup", help="Linear warm-up steps."),
     schedule: str = typer.Option("step", "--schedule", help="step (official halvings) or cosine."),
     skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF: add a bilinear upsample of the input."),
+    latent_hidden: int = typer.Option(208, "--latent-hidden", help="LM-LIIF: width of the latent MLP's hidden layer."),
+    render_depth: int = typer.Option(6, "--render-depth", help="LM-LIIF: modulated hidden layers of the render MLP."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="Encoder in bfloat16 autocast."),
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation HR folder (default Set5)."),
@@ -614,7 +616,10 @@ def train(
     if arch not in registry.ARCHITECTURES:
         fail(f"--arch {arch!r}: choose one of {', '.join(registry.ARCHITECTURES)}")
     enc = _encoder_spec(encoder)
-    spec = registry.lmliif_spec(enc, bilinear_skip=skip) if arch == "lmliif" else registry.ARCHITECTURES[arch](enc)
+    if arch == "lmliif":
+        spec = registry.lmliif_spec(enc, skip, latent_hidden, render_depth)
+    else:
+        spec = registry.ARCHITECTURES[arch](enc)
     folders = [str(p) for p in data] if data else [str(DATA_ROOT / s / "HR") for s in DEFAULT_TRAIN_SETS]
     val_folder = val_data or DATA_ROOT / "Set5" / "HR"
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
