@@ -181,3 +181,36 @@ def intensity_map(model: ImplicitSR, inp: torch.Tensor, scale: float) -> torch.T
     out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
     with torch.inference_mode():
         return intensity(model, model.encode(inp, inp.new_tensor([rel_cell_for(in_hw, out_hw)])))
+
+
+def test_image(height: int, width: int) -> np.ndarray:
+    """A deterministic photo-like test card: smooth gradients, texture, hard edges."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 0.5 + 0.4 * np.sin(x / max(width, 1) * 6.0) * np.cos(y / max(height, 1) * 4.0)
+    g = 0.5 + 0.3 * np.sin((x + y) / 7.0) * (x > width / 2)
+    b = np.clip((x // 16 + y // 16) % 2 * 0.6 + 0.2 * y / max(height, 1), 0, 1)
+    return (np.stack([r, g, b], -1).clip(0, 1) * 255).astype(np.uint8)
+
+
+def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeats: int, warmup: int,
+                      window: int = 192) -> Row:
+    """LIIF's time from a window x window output crop, scaled to the whole output (its cost
+    is linear in output pixels); MACs for the whole output."""
+    from lmf_cli.engine import encode_image, render_region
+
+    twin = liif_twin(model)
+    device = inp.device
+    in_hw = tuple(inp.shape[-2:])
+    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
+    crop = (min(window, out_hw[0]), min(window, out_hw[1]))
+    factor = out_hw[0] * out_hw[1] / (crop[0] * crop[1])
+    with torch.inference_mode():
+        enc = _time(lambda: twin.run_encoder(inp), device, repeats, warmup)
+        g = encode_image(twin, inp, out_hw)
+        part = _time(lambda: render_region(twin, g, out_hw, (0, crop[0]), (0, crop[1])), device, repeats, warmup)
+    render = [p * factor for p in part]
+    total = [a + b for a, b in zip(enc, render, strict=True)]
+    macs = model_macs(twin, in_hw, out_hw)
+    return Row(f"LIIF (same encoder, x{factor:.0f} extrapolated)" if factor > 1 else "LIIF (same encoder)",
+               scale, Timing.of(enc), Timing.of([0.0] * len(enc)), Timing.of(render), Timing.of(total), macs,
+               out_hw[0] * out_hw[1] / 1e6 / statistics.median(total), peak_memory_mb(device))

@@ -786,3 +786,132 @@ def calibrate(
         table.add_row(f"x{scale_key}", *[f"{row[k]:.2f}" if k in row else "" for k in
                                          ("1", "1.5", "2", "3", "4", "6", "8", "12", "16", "24")])
     Console().print(table)
+
+
+@app.command()
+def benchmark(
+    size: str = typer.Option("320x180", "--size", help="Input size WxH."),
+    scales: str = typer.Option("2,3,4,8,12,30", "--scales", help="Comma-separated factors."),
+    model: str = typer.Option("lmf-edsr", "--model", "-m"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16, auto."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per measurement (median and spread)."),
+    warmup: int = typer.Option(1, "--warmup"),
+    liif: bool = typer.Option(True, "--liif/--no-liif", help="Time LIIF on the same encoder."),
+    psnr: bool = typer.Option(False, "--psnr", help="Add Set5 PSNR (standard protocol) beside the time."),
+    quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat: under a minute."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG of time and PSNR against scale."),
+) -> None:
+    """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
+    and bicubic, with MACs from the architecture."""
+    import torch
+
+    from lmf_cli import benchmark as bench
+    from lmf_cli.api import Upscaler
+    from lmf_cli.cmsr import DEFAULT_THRESHOLD, schedule_for
+
+    if quick:
+        size, scales, repeats, warmup = "96x64", "2,4,8", 1, 1
+    in_h, in_w = parse_wxh(size, "--size")
+    try:
+        scale_list = [float(s) for s in scales.split(",")]
+        up = Upscaler.load(model, device, precision)
+    except ValueError:
+        fail(f"--scales {scales!r} must be numbers separated by commas")
+    except LmfError as exc:
+        fail(str(exc))
+    image = bench.test_image(in_h, in_w)
+    inp = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device)
+    info = bench.machine_info(up.device)
+    console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
+                  f"input {in_w} x {in_h}", highlight=False)
+    tables = up.loaded.cmsr_tables or {}
+    key = f"{DEFAULT_THRESHOLD:g}"
+    rows = []
+    for scale in scale_list:
+        rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inp, scale, repeats, warmup))
+        schedule = schedule_for(tables, key, scale)
+        if schedule is not None:
+            rows.append(bench.benchmark_model(f"LMF + CMSR ({up.name})", up.model, inp, scale, repeats, warmup,
+                                              schedule))
+        if liif:
+            rows.append(bench.liif_extrapolated(up.model, inp, scale, repeats, warmup,
+                                                window=96 if quick else 192))
+        rows.append(bench.benchmark_bicubic(image, scale, repeats, warmup))
+        console.print(f"x{scale:g} done", highlight=False)
+    scores = _benchmark_psnr(up, scale_list, tables, key) if psnr else {}
+    table = Table("method", "scale", "encoder", "latent", "render", "total", "GMACs enc/lat/rend", "MP/s",
+                  "peak MB", "drawn", "PSNR", title=f"lmf benchmark, {in_w} x {in_h} input, median of {repeats}")
+    for row in rows:
+        stages = [f"{t.median_s * 1e3:.0f} ms" if t else "" for t in (row.encoder, row.latent, row.render)]
+        macs = "/".join(f"{row.macs.get(k, 0) / 1e9:.1f}" for k in ("encoder", "latent", "render"))
+        score = scores.get((row.method.split(" (")[0], row.scale))
+        table.add_row(row.method, f"x{row.scale:g}", *stages,
+                      f"{row.total.median_s * 1e3:.0f} ± {row.total.spread_s * 1e3:.0f} ms", macs,
+                      f"{row.megapixels_per_s:.1f}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
+                      f"{score:.2f}" if score else "")
+    Console().print(table)
+    for scale in scale_list:
+        lmf_row = next(r for r in rows if r.scale == scale and r.method.startswith("LMF ("))
+        liif_row = next((r for r in rows if r.scale == scale and r.method.startswith("LIIF")), None)
+        if liif_row:
+            lmf_dec = lmf_row.macs["latent"] + lmf_row.macs["render"]
+            lmf_time = lmf_row.latent.median_s + lmf_row.render.median_s
+            Console().print(f"x{scale:g}: decoder {lmf_dec / 1e9:.1f} vs LIIF {liif_row.macs['render'] / 1e9:.0f} "
+                            f"GMACs ({liif_row.macs['render'] / lmf_dec:.0f}x fewer); decoder time "
+                            f"{lmf_time:.2f} vs {liif_row.render.median_s:.2f} s "
+                            f"({liif_row.render.median_s / max(lmf_time, 1e-9):.0f}x faster); whole upscale "
+                            f"{liif_row.total.median_s / lmf_row.total.median_s:.1f}x faster", highlight=False)
+    if json_out is not None:
+        payload = {"machine": info, "input_wh": [in_w, in_h], "model": up.name, "repeats": repeats,
+                   "rows": [r.as_dict() for r in rows],
+                   "psnr": [{"method": m, "scale": s, "psnr": v} for (m, s), v in scores.items()]}
+        json_out.write_text(json.dumps(payload, indent=2))
+    if plot is not None:
+        _benchmark_plot(plot, rows, scores, f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}")
+
+
+def _benchmark_psnr(up, scales: list[float], tables: dict, key: str) -> dict[tuple[str, float], float]:
+    from lmf_cli.cmsr import schedule_for
+    from lmf_cli.evaluation import bicubic_method, evaluate, list_images, model_method
+
+    images = list_images(DATA_ROOT / "Set5" / "HR")
+    if not images:
+        console.print("no Set5 images found; skipping PSNR", highlight=False)
+        return {}
+    scores: dict[tuple[str, float], float] = {}
+    for scale in [s for s in scales if s <= 12]:
+        methods = {"LMF": model_method(up.model, str(up.device)), "bicubic": bicubic_method}
+        schedule = schedule_for(tables, key, scale)
+        if schedule is not None:
+            methods["LMF + CMSR"] = model_method(up.model, str(up.device), schedule)
+        for result in evaluate(methods, images, [scale], with_ssim=False):
+            name = "bicubic (OpenCV)" if result.method == "bicubic" else result.method
+            scores[(name.split(" (")[0], scale)] = result.psnr
+    return scores
+
+
+def _benchmark_plot(path: Path, rows: list, scores: dict, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot needs matplotlib: pip install 'lmf-cli[plot]'")
+    fig, (ax_time, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r.method for r in rows):
+        points = [(r.scale, r.total.median_s) for r in rows if r.method == method]
+        ax_time.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax_time.set(xscale="log", yscale="log", xlabel="scale", ylabel="seconds (whole upscale)", title="time")
+    for method in dict.fromkeys(m for m, _ in scores):
+        points = sorted((s, v) for (m, s), v in scores.items() if m == method)
+        ax_psnr.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax_psnr.set(xscale="log", xlabel="scale", ylabel="Set5 PSNR (dB, Y)", title="quality")
+    for ax in (ax_time, ax_psnr):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -138,15 +138,16 @@ def bicubic_method(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return bicubic_resize_float(lr.astype(np.float32) / 255, size_hw)
 
 
-def model_method(model, device: str = "cpu") -> UpscaleFn:
-    """An evaluation method that renders with an implicit model (float output, unquantised)."""
+def model_method(model, device: str = "cpu", schedule=None) -> UpscaleFn:
+    """An evaluation method that renders with an implicit model (float output, unquantised),
+    optionally with a CMSR schedule."""
     import torch
 
     from lmf_cli.engine import upscale_tensor
 
     def run(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-        out = upscale_tensor(model, inp, size_hw, tile=max(lr.shape[:2]))
+        out = upscale_tensor(model, inp, size_hw, tile=max(lr.shape[:2]), schedule=schedule)
         return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
     return run

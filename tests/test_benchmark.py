@@ -1,0 +1,48 @@
+"""`lmf benchmark`: MACs from the architecture against the paper's table, and a quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lmf_cli import models as registry
+from lmf_cli.benchmark import liif_twin, model_macs
+from lmf_cli.checkpoints import load_weights, save_weights
+from lmf_cli.cli import app
+
+# DESIGN.md §1: decoder GMACs for a 320x180 input
+PAPER = {1: (79.7, 9.8), 4: (1275, 15.5), 8: (5100, 33.7), 30: (71717, 351)}
+
+
+@pytest.mark.parametrize("scale", list(PAPER))
+def test_decoder_macs_match_the_paper(scale):
+    lmf = registry.make(registry.lmliif_spec())
+    out_hw = (180 * scale, 320 * scale)
+    ours = model_macs(lmf, (180, 320), out_hw)
+    liif = model_macs(liif_twin(lmf), (180, 320), out_hw)
+    paper_liif, paper_lmf = PAPER[scale]
+    assert (ours["latent"] + ours["render"]) / 1e9 == pytest.approx(paper_lmf, rel=0.01)
+    assert liif["render"] / 1e9 == pytest.approx(paper_liif, rel=0.01)
+    assert ours["encoder"] / (180 * 320) == pytest.approx(1.22e6, rel=0.01)
+
+
+def test_quick_benchmark_writes_json_and_plot(official_files, tmp_path):
+    loaded = load_weights(official_files["lmliif"])
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(weights, loaded.model, loaded.spec, {}, {"2e-05": {"8": {"1": 0.0, "2": 0.05, "4": 0.1}}})
+    result = CliRunner().invoke(app, ["benchmark", "--quick", "--model", str(weights), "--device", "cpu",
+                                      "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
+                                      "--psnr"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    methods = {(r["method"].split(" (")[0], r["scale"]) for r in data["rows"]}
+    assert {("LMF", 8.0), ("LMF + CMSR", 8.0), ("LIIF", 8.0), ("bicubic", 2.0)} <= methods
+    assert data["machine"]["threads"] >= 1 and data["machine"]["torch"]
+    lmf8 = next(r for r in data["rows"] if r["method"].startswith("LMF (") and r["scale"] == 8.0)
+    liif8 = next(r for r in data["rows"] if r["method"].startswith("LIIF") and r["scale"] == 8.0)
+    assert liif8["macs"]["render"] > 20 * lmf8["macs"]["render"]
+    assert lmf8["total"]["median_s"] > 0 and lmf8["megapixels_per_s"] > 0
+    assert any(p["method"] == "bicubic" for p in data["psnr"])
+    assert (tmp_path / "b.png").stat().st_size > 10_000
