@@ -42,6 +42,7 @@ class Row:
     megapixels_per_s: float
     peak_memory_mb: float
     rendered_fraction: float = 1.0
+    note: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -211,6 +212,7 @@ def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeat
     render = [p * factor for p in part]
     total = [a + b for a, b in zip(enc, render, strict=True)]
     macs = model_macs(twin, in_hw, out_hw)
-    return Row(f"LIIF (same encoder, x{factor:.0f} extrapolated)" if factor > 1 else "LIIF (same encoder)",
-               scale, Timing.of(enc), Timing.of([0.0] * len(enc)), Timing.of(render), Timing.of(total), macs,
-               out_hw[0] * out_hw[1] / 1e6 / statistics.median(total), peak_memory_mb(device))
+    note = f"render timed on a {crop[1]}x{crop[0]} crop, scaled x{factor:.1f}" if factor > 1 else ""
+    return Row("LIIF (same encoder)", scale, Timing.of(enc), Timing.of([0.0] * len(enc)), Timing.of(render),
+               Timing.of(total), macs, out_hw[0] * out_hw[1] / 1e6 / statistics.median(total),
+               peak_memory_mb(device), note=note)

@@ -851,7 +851,10 @@ def benchmark(
                       f"{row.total.median_s * 1e3:.0f} ± {row.total.spread_s * 1e3:.0f} ms", macs,
                       f"{row.megapixels_per_s:.1f}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
                       f"{score:.2f}" if score else "")
-    Console().print(table)
+    Console(width=max(Console().width, 150)).print(table)
+    for row in rows:
+        if row.note:
+            console.print(f"{row.method} x{row.scale:g}: {row.note}", highlight=False)
     for scale in scale_list:
         lmf_row = next(r for r in rows if r.scale == scale and r.method.startswith("LMF ("))
         liif_row = next((r for r in rows if r.scale == scale and r.method.startswith("LIIF")), None)
@@ -898,6 +901,7 @@ def _benchmark_plot(path: Path, rows: list, scores: dict, title: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         fail("--plot needs matplotlib: pip install 'lmf-cli[plot]'")
     fig, (ax_time, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -910,6 +914,9 @@ def _benchmark_plot(path: Path, rows: list, scores: dict, title: str) -> None:
         ax_psnr.plot(*zip(*points, strict=True), marker="o", label=method)
     ax_psnr.set(xscale="log", xlabel="scale", ylabel="Set5 PSNR (dB, Y)", title="quality")
     for ax in (ax_time, ax_psnr):
+        ax.set_xticks(sorted({r.scale for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("x%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
