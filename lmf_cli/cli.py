@@ -694,6 +694,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", "--device"),
     no_bicubic: bool = typer.Option(False, "--no-bicubic", help="Skip the bicubic row."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here (- for stdout)."),
+    record: bool = typer.Option(False, "--record", help="Store the PSNRs in the model's .safetensors card."),
 ) -> None:
     """PSNR / SSIM of a model (and bicubic) with the standard SR protocol."""
     from lmf_cli.api import Upscaler
@@ -727,12 +728,32 @@ def evaluate_cmd(
                      if r["set"] == set_name and r["method"] == method]
             table.add_row(set_name, method, *cells)
     Console().print(table)
+    if record:
+        _record_eval(up, rows, protocol)
     if json_out is not None:
         text = json.dumps({"model": up.name, "protocol": protocol, "results": rows}, indent=2)
         if str(json_out) == "-":
             print(text)
         else:
             json_out.write_text(text)
+
+
+def _record_eval(up, rows: list[dict], protocol: str) -> None:
+    """Merge PSNRs into the weights' info metadata: {"eval": {set: {scale: psnr}}}."""
+    from lmf_cli.checkpoints import save_weights
+
+    source = Path(up.loaded.source)
+    if source.suffix != ".safetensors":
+        fail(f"{source}: --record needs .safetensors weights")
+    info = dict(up.loaded.info)
+    for key, method in (("eval", up.name), ("eval_bicubic", "bicubic")):
+        table = info.setdefault(key, {})
+        for r in rows:
+            if r["method"] == method:
+                table.setdefault(r["set"], {})[f"{r['scale']:g}"] = r["psnr"]
+    info["eval_protocol"] = protocol
+    save_weights(source, up.model.cpu(), up.loaded.spec, info, up.loaded.cmsr_tables)
+    console.print(f"recorded in {source}", highlight=False)
 
 
 @app.command()
