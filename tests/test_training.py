@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lmf_cli import models as registry
+from lmf_cli.checkpoints import load_weights
 from lmf_cli.cli import app
 from lmf_cli.training import TrainConfig, learning_rate, train
 from tests.conftest import DATA
@@ -76,9 +77,12 @@ def test_cli_train_then_eval(tiny_data, tmp_path):
         Image.open(DATA / "Set5" / "HR" / f"{name}.png").crop((0, 0, 96, 72)).save(eval_dir / f"{name}.png")
     out_json = tmp_path / "eval.json"
     result = runner.invoke(app, ["eval", str(eval_dir), "--model", str(run / "model.safetensors"),
-                                 "--scales", "2,3", "--json", str(out_json), "--device", "cpu"])
+                                 "--scales", "2,3", "--json", str(out_json), "--device", "cpu", "--record"])
     assert result.exit_code == 0, result.output
     rows = json.loads(out_json.read_text())["results"]
     bicubic = {r["scale"]: r["psnr"] for r in rows if r["method"] == "bicubic"}
     assert set(bicubic) == {2.0, 3.0} and bicubic[2.0] > bicubic[3.0] > 20
     assert all(r["images"] == 2 for r in rows)
+    card = load_weights(run / "model.safetensors").info
+    assert card["eval"]["eval"] == {"2": rows[0]["psnr"], "3": rows[2]["psnr"]}
+    assert card["eval_bicubic"]["eval"]["2"] == bicubic[2.0] and card["steps"] == 3
