@@ -55,13 +55,25 @@ def tile_margin(model: ImplicitSR) -> int:
     return int(getattr(model.encoder, "receptive_radius", 64)) + 3
 
 
+CPU_DEFAULT_BUDGET = 1 << 30
+
+
+def default_budget(device: torch.device) -> int:
+    """Working memory for one tile: half the free VRAM on a GPU; on a CPU a quarter of the
+    free RAM, at most 1 GiB, which keeps a 2000x1500 x2 upscale well under 2 GB resident."""
+    if device.type == "cuda":
+        return _free_memory(device) // 2
+    return min(_free_memory(device) // 4, CPU_DEFAULT_BUDGET)
+
+
 def default_tile(model: ImplicitSR, max_memory: int | None, device: torch.device) -> int:
-    """Largest tile side whose encoder and latent activations fit the memory budget."""
-    if max_memory is None:
-        max_memory = _free_memory(device) // 4
+    """Largest tile side (input pixels, margin included) whose activations fit the budget:
+    a few encoder feature maps plus the latent tables, per LR pixel."""
+    budget = default_budget(device) if max_memory is None else max_memory
     width = getattr(model.encoder, "out_dim", 64)
-    bytes_per_pixel = 4 * (4 * width + 2 * 300)
-    side = int(math.sqrt(max(max_memory, 1 << 26) / bytes_per_pixel))
+    latent = model.hypernet.linears[-1].out_features if hasattr(model, "hypernet") else 9 * width
+    bytes_per_pixel = 4 * (4 * width + 3 * latent)
+    side = int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)) - 2 * tile_margin(model)
     return max(16, side)
 
 
