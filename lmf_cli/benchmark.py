@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmf_cli.cmsr import Schedule, intensity
+from lmf_cli.cmsr import Schedule
 from lmf_cli.engine import rel_cell_for, upscale_tensor
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.liif import LIIF
@@ -175,13 +175,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def intensity_map(model: ImplicitSR, inp: torch.Tensor, scale: float) -> torch.Tensor:
-    in_hw = tuple(inp.shape[-2:])
-    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
-    with torch.inference_mode():
-        return intensity(model, model.encode(inp, inp.new_tensor([rel_cell_for(in_hw, out_hw)])))
 
 
 def test_image(height: int, width: int) -> np.ndarray:

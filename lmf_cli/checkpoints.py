@@ -39,10 +39,6 @@ class LoadedModel:
         return self.spec["name"]
 
     @property
-    def encoder_name(self) -> str:
-        return self.spec["args"]["encoder_spec"]["name"]
-
-    @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
