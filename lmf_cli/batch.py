@@ -1,0 +1,278 @@
+"""From a command line's files, folders and patterns to upscale jobs: sizes, names, refusals.
+
+Everything here is decided from file headers before any pixel is decoded, so a batch
+reports what it will do (or why it won't) up front. Errors are InputError, one line each.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmf_cli.engine import TRAINED_MAX_SCALE
+from lmf_cli.errors import InputError, LmfError
+
+SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff")
+
+
+def parse_wxh(text: str, option: str) -> tuple[int, int]:
+    """'1920x1080' -> (height, width); sizes are written W x H everywhere."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"{option} {text!r} must look like WIDTHxHEIGHT, e.g. 1920x1080") from None
+    if w <= 0 or h <= 0:
+        raise InputError(f"{option} {text}: width and height must be positive")
+    return h, w
+
+
+def fmt_size(hw: tuple[int, int]) -> str:
+    return f"{hw[1]} x {hw[0]}"
+
+
+def _round(value: float) -> int:
+    """The one rounding rule, as lmf_cli.engine.scaled_size: halves up, at least 1."""
+    return max(1, math.floor(value + 0.5))
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The requested output size, resolved per image; one rule: round(input x scale) per axis, halves up."""
+
+    scale: tuple[float, float] | None = None  # (y, x)
+    uniform: bool = False  # a single --scale: outputs are named <stem>_x<scale>
+    width: int | None = None
+    height: int | None = None
+    box: tuple[int, int] | None = None  # --fit (height, width)
+
+    def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output (height, width) for an input; lmf_cli.api.plan_size refuses shrinking and empty sizes."""
+        from lmf_cli.api import plan_size
+
+        if self.scale is not None:
+            return plan_size(in_hw, scale=self.scale).out_hw
+        h, w = in_hw
+        out_h, out_w = self.height, self.width
+        if self.box is not None:
+            box_h, box_w = self.box
+            if box_w * h <= box_h * w:  # the width is the tighter side
+                out_h, out_w = min(box_h, _round(h * box_w / w)), box_w
+            else:
+                out_h, out_w = box_h, min(box_w, _round(w * box_h / h))
+        elif out_h is None:
+            out_h = _round(h * out_w / w)
+        elif out_w is None:
+            out_w = _round(w * out_h / h)
+        return plan_size(in_hw, size=(out_h, out_w)).out_hw
+
+    def label(self, out_hw: tuple[int, int]) -> str:
+        return f"x{self.scale[0]:g}" if self.uniform else f"{out_hw[1]}x{out_hw[0]}"
+
+
+def parse_sizing(scale: float | None, scale_x: float | None, scale_y: float | None, width: int | None,
+                 height: int | None, size: str | None, fit: str | None) -> Sizing:
+    """Check the size options once, before any file is touched."""
+    groups = [scale is not None or scale_x is not None or scale_y is not None,
+              width is not None or height is not None, size is not None, fit is not None]
+    if sum(groups) != 1:
+        raise InputError(f"give one of {SIZE_OPTIONS}")
+    for option, value in (("--scale", scale), ("--scale-x", scale_x), ("--scale-y", scale_y)):
+        if value is None:
+            continue
+        if not math.isfinite(value) or value <= 0:
+            raise InputError(f"{option} {value:g} must be a positive number")
+        if value < 1:
+            raise InputError(f"{option} {value:g}: lmf only enlarges (scale >= 1 on each axis); use a resampler "
+                             "such as Pillow's LANCZOS to shrink")
+    if groups[0]:
+        base = scale if scale is not None else 1.0
+        factors = (scale_y if scale_y is not None else base, scale_x if scale_x is not None else base)
+        return Sizing(scale=factors, uniform=scale_x is None and scale_y is None)
+    for option, value in (("--width", width), ("--height", height)):
+        if value is not None and value <= 0:
+            raise InputError(f"{option} {value} must be a positive number of pixels")
+    if size is not None:
+        h, w = parse_wxh(size, "--size")
+        return Sizing(width=w, height=h)
+    if fit is not None:
+        return Sizing(box=parse_wxh(fit, "--fit"))
+    return Sizing(width=width, height=height)
+
+
+@dataclass
+class Job:
+    """One input file and what becomes of it."""
+
+    source: Path
+    base: Path  # where its mirrored tree starts (--recursive)
+    explicit: bool  # named on the command line, so never taken for an earlier output
+    status: str = "pending"  # -> done, skipped, failed (or dry-run)
+    reason: str = ""
+    in_hw: tuple[int, int] | None = None
+    out_hw: tuple[int, int] | None = None
+    target: Path | None = None
+    seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    def drop(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+
+    def record(self) -> str:
+        """The --json line for scripts: sizes as [width, height]."""
+        def wh(hw: tuple[int, int] | None) -> list[int] | None:
+            return [hw[1], hw[0]] if hw else None
+
+        return json.dumps({"input": str(self.source), "output": str(self.target) if self.target else None,
+                           "input_size": wh(self.in_hw), "output_size": wh(self.out_hw),
+                           "seconds": round(self.seconds, 3), "status": self.status, "reason": self.reason or None})
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """Identity that survives symlinks, hard links and case-insensitive names."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and folder in path.resolve().parents
+
+
+def _folder_images(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+    """Image files of a folder (and its subfolders with --recursive); hidden ones are left out."""
+    from lmf_cli.evaluation import IMAGE_SUFFIXES
+
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and not _inside(p, exclude))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder a pattern's matches are mirrored from: its parts before the first wildcard."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.escape(part) != part:
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> list[Job]:
+    """Files, folders and glob patterns -> one job per distinct file; inputs that match nothing fail."""
+    from lmf_cli.evaluation import IMAGE_SUFFIXES
+
+    jobs: list[Job] = []
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: Path, base: Path, explicit: bool) -> None:
+        key = _file_id(path)
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(path, base, explicit))
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            add(path, path.parent, True)
+            continue
+        if path.is_dir():
+            base, found = path, _folder_images(path, recursive, exclude)
+            empty = "no images in this folder" + ("" if recursive else " (--recursive includes subfolders)")
+        elif glob.escape(item) != item:
+            base, found = _glob_base(item), []
+            for match in map(Path, sorted(glob.glob(item, recursive=recursive))):
+                if match.is_dir():
+                    found += _folder_images(match, recursive, exclude)
+                elif match.suffix.lower() in IMAGE_SUFFIXES and not _inside(match, exclude):
+                    found.append(match)
+            empty = "no image matches this pattern"
+        else:
+            jobs.append(Job(path, path.parent, True, "failed", "no such file or folder"))
+            continue
+        for p in found:
+            add(p, base, False)
+        if not found:
+            jobs.append(Job(path, base, True, "failed", empty))
+    return jobs
+
+
+def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tuple[Path | None, Path | None]:
+    """(output file, output folder) from -o: a file only for a single input file."""
+    from lmf_cli.imageio import FORMATS, WRITABLE
+
+    if output is None:
+        return None, None
+    path = Path(output)
+    if path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix:
+        return None, path
+    if len(inputs) == 1 and Path(inputs[0]).is_file():
+        if path.suffix.lower() not in WRITABLE:
+            raise InputError(f"-o {output}: lmf writes {', '.join(OUTPUT_FORMATS)} files")
+        if fmt is not None and FORMATS[fmt] != FORMATS[path.suffix.lower()[1:]]:
+            raise InputError(f"-o {output} does not match --format {fmt}")
+        return path, None
+    if path.suffix.lower() in WRITABLE:
+        raise InputError(f"-o {output}: several inputs need an output folder, not a file")
+    return None, path
+
+
+def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recursive: bool) -> Path:
+    """<stem>_<label>.<ext> beside the input, or in the output folder (mirroring the tree with --recursive)."""
+    from lmf_cli.imageio import FORMATS, WRITABLE
+
+    src = job.source
+    suffix = FORMATS[fmt] if fmt else src.suffix if src.suffix.lower() in WRITABLE else ".png"
+    name = f"{src.stem}_{label}{suffix}"
+    if out_dir is None:
+        return src.with_name(name)
+    return out_dir / (os.path.relpath(src.parent, job.base) if recursive else "") / name
+
+
+def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None, out_file: Path | None,
+              out_dir: Path | None, recursive: bool, overwrite: bool) -> None:
+    """Sizes and output names from the headers alone; settles what will be skipped or refused."""
+    from lmf_cli.imageio import probe_image
+
+    for job in jobs:
+        if job.status != "pending":
+            continue
+        try:
+            width, height = probe_image(job.source, max_pixels)
+            job.in_hw = (height, width)
+            out_hw = sizing.out_hw(job.in_hw)
+            if out_hw[0] * out_hw[1] > max_pixels:
+                raise InputError(f"the output {fmt_size(out_hw)} is {out_hw[0] * out_hw[1]:,} pixels, over the "
+                                 f"limit of {max_pixels:,} (--max-pixels)")
+        except LmfError as exc:
+            job.drop("failed", str(exc))
+            continue
+        job.out_hw = out_hw
+        job.target = out_file or target_for(job, sizing.label(out_hw), fmt, out_dir, recursive)
+        factor = max(out_hw[0] / height, out_hw[1] / width)
+        if factor > TRAINED_MAX_SCALE + 1e-9:
+            job.warnings = (f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
+                            "quality may drop",)
+    planned = [j for j in jobs if j.status == "pending"]
+    owners = {_file_id(j.target): j for j in planned if j.target.exists()}
+    for job in jobs:  # a folder rerun finds the last run's outputs (even broken ones): they are not inputs
+        owner = None if job.explicit else owners.get(_file_id(job.source))
+        if owner is not None and owner is not job:
+            job.drop("skipped", f"it is the output of {owner.source}")
+            job.target = None
+    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and j.source.exists()}
+    claimed: dict[str, Job] = {}
+    for job in (j for j in planned if j.status == "pending"):
+        key = os.path.normcase(os.path.abspath(job.target))
+        if job.target.exists() and _file_id(job.target) in inputs:
+            job.drop("failed", f"refusing to write over the input {job.target}")
+        elif key in claimed:
+            job.drop("failed", f"{job.target} is also the output of {claimed[key].source}")
+        elif job.target.exists() and not overwrite:
+            job.drop("skipped", f"{job.target} exists (--overwrite replaces it)")
+        else:
+            claimed[key] = job
