@@ -97,6 +97,7 @@ class Upscaler:
         self.device = pick_device(device)
         self.model = loaded.model.to(self.device).eval()
         self.model.encoder_dtype = encoder_dtype(precision, self.device)
+        self.model.use_channels_last()
         self.last_stats: dict[str, int] = {}
 
     @classmethod

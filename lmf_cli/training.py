@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         log(f"resumed {state_path} at step {step}")
     if cfg.bf16:
         model.encoder_dtype = torch.bfloat16
-    model.encoder.to(memory_format=torch.channels_last)
+    model.use_channels_last()
     model.train()
 
     sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed)
@@ -278,6 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     save_state(state_path, model, opt, cfg, step, resume_at, elapsed, history)
     log(f"saved {state_path} at step {step} ({elapsed / 60:.1f} min of training)")
     model.encoder_dtype = None
+    model.channels_last = False
     model.encoder.to(memory_format=torch.contiguous_format)
     weights = out / "model.safetensors"
     info = {"steps": step, "train_seconds": round(elapsed), "data": [Path(d).name for d in cfg.data],

@@ -70,9 +70,18 @@ class ImplicitSR(nn.Module):
     local_ensemble: bool = True
     bilinear_skip: bool = False
     encoder_dtype: torch.dtype | None = None  # e.g. bfloat16: run the convolutions under autocast
+    channels_last: bool = False  # NHWC input for the encoder (oneDNN/cuDNN's fast layout)
+
+    def use_channels_last(self) -> None:
+        """Run the convolutions in NHWC: about a quarter faster on CPUs (oneDNN), and the
+        layout tensor cores want on GPUs."""
+        self.encoder.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     def run_encoder(self, inp: torch.Tensor) -> torch.Tensor:
         """Encoder features in float32, optionally computed in a lower precision."""
+        if self.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
         if self.encoder_dtype is None:
             return self.encoder(inp).float()
         with torch.autocast(inp.device.type, dtype=self.encoder_dtype):
