@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Upscale images to any size with Latent Modulated Functions.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True, soft_wrap=True)
+stdout = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs and pipes
 DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CMSR_LEVELS = ("fast", "balanced", "fine", "exact")
 ALPHA_MODES = ("model", "bicubic")
@@ -311,7 +312,7 @@ def models() -> None:
             table.add_row(entry.name, "ready", *_card(path), entry.summary)
         except LmfError as exc:
             table.add_row(entry.name, f"unreadable: {exc}", "", "", "", "", entry.summary)
-    Console().print(table)
+    stdout.print(table)
 
 
 def _duration(text: str | None) -> float | None:
@@ -472,7 +473,7 @@ def evaluate_cmd(
             cells = [f"{r['psnr']:.2f} / {r['ssim']:.4f}" for r in rows
                      if r["set"] == set_name and r["method"] == method]
             table.add_row(set_name, method, *cells)
-    Console().print(table)
+    stdout.print(table)
     if record:
         _record_eval(up, rows, protocol)
     if json_out is not None:
@@ -551,7 +552,7 @@ def calibrate(
     for scale_key, row in tables.items():
         table.add_row(f"x{scale_key}", *[f"{row[k]:.2f}" if k in row else "" for k in
                                          ("1", "1.5", "2", "3", "4", "6", "8", "12", "16", "24")])
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -617,7 +618,7 @@ def benchmark(
                       f"{row.total.median_s * 1e3:.0f} ± {row.total.spread_s * 1e3:.0f} ms", macs,
                       f"{row.megapixels_per_s:.1f}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
                       f"{score:.2f}" if score else "")
-    Console(width=max(Console().width, 150)).print(table)
+    stdout.print(table)
     for row in rows:
         if row.note:
             console.print(f"{row.method} x{row.scale:g}: {row.note}", highlight=False)
@@ -627,7 +628,7 @@ def benchmark(
         if liif_row:
             lmf_dec = lmf_row.macs["latent"] + lmf_row.macs["render"]
             lmf_time = lmf_row.latent.median_s + lmf_row.render.median_s
-            Console().print(f"x{scale:g}: decoder {lmf_dec / 1e9:.1f} vs LIIF {liif_row.macs['render'] / 1e9:.0f} "
+            stdout.print(f"x{scale:g}: decoder {lmf_dec / 1e9:.1f} vs LIIF {liif_row.macs['render'] / 1e9:.0f} "
                             f"GMACs ({liif_row.macs['render'] / lmf_dec:.0f}x fewer); decoder time "
                             f"{lmf_time:.2f} vs {liif_row.render.median_s:.2f} s "
                             f"({liif_row.render.median_s / max(lmf_time, 1e-9):.0f}x faster); whole upscale "
