@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -34,6 +34,16 @@ stdout = Console(width=None if sys.stdout.isatty() else 160)  # tables stay read
 DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CMSR_LEVELS = ("fast", "balanced", "fine", "exact")
 ALPHA_MODES = ("model", "bicubic")
+
+
+# The size options `upscale` and `video` share (one rule: round(input x scale) per axis).
+Scale = Annotated[float | None, typer.Option("--scale", "-s", help="Factor for both axes, e.g. 3.7.")]
+ScaleX = Annotated[float | None, typer.Option("--scale-x", help="Horizontal factor (default: --scale or 1).")]
+ScaleY = Annotated[float | None, typer.Option("--scale-y", help="Vertical factor (default: --scale or 1).")]
+Width = Annotated[int | None, typer.Option("--width", help="Output width; the height keeps the aspect.")]
+Height = Annotated[int | None, typer.Option("--height", help="Output height; the width keeps the aspect.")]
+SizeWxH = Annotated[str | None, typer.Option("--size", help="Exact output size WxH, e.g. 1920x1080.")]
+FitWxH = Annotated[str | None, typer.Option("--fit", help="Largest size inside the box WxH, aspect kept.")]
 
 
 def fail(message: str) -> None:
@@ -142,13 +152,13 @@ def run_job(job: Job, up: Upscaler, engine: dict, tiles: TileBar, max_pixels: in
 @app.command()
 def upscale(
     inputs: list[str] = typer.Argument(..., help="Image files, folders and glob patterns ('shots/*.jpg')."),
-    scale: float | None = typer.Option(None, "--scale", "-s", help="Factor for both axes, e.g. 3.7."),
-    scale_x: float | None = typer.Option(None, "--scale-x", help="Horizontal factor (default: --scale or 1)."),
-    scale_y: float | None = typer.Option(None, "--scale-y", help="Vertical factor (default: --scale or 1)."),
-    width: int | None = typer.Option(None, "--width", help="Output width; the height keeps the aspect."),
-    height: int | None = typer.Option(None, "--height", help="Output height; the width keeps the aspect."),
-    size: str | None = typer.Option(None, "--size", help="Exact output size WxH, e.g. 1920x1080."),
-    fit: str | None = typer.Option(None, "--fit", help="Largest size inside the box WxH, aspect kept."),
+    scale: Scale = None,
+    scale_x: ScaleX = None,
+    scale_y: ScaleY = None,
+    width: Width = None,
+    height: Height = None,
+    size: SizeWxH = None,
+    fit: FitWxH = None,
     output: str | None = typer.Option(None, "--output", "-o",
                                       help="Output file (one input) or folder (created if missing)."),
     recursive: bool = typer.Option(False, "--recursive", "-r",
@@ -701,13 +711,13 @@ def video(
     output: Path | None = typer.Option(None, "--output", "-o",
                                        help="Output file (default: <stem>_<size> beside the input, same container "
                                             "if it is .mkv/.mp4/.mov/.m4v/.webm, else .mkv)."),
-    scale: float | None = typer.Option(None, "--scale", "-s", help="Factor for both axes, e.g. 2."),
-    scale_x: float | None = typer.Option(None, "--scale-x", help="Horizontal factor (default: --scale or 1)."),
-    scale_y: float | None = typer.Option(None, "--scale-y", help="Vertical factor (default: --scale or 1)."),
-    width: int | None = typer.Option(None, "--width", help="Output width; the height keeps the aspect."),
-    height: int | None = typer.Option(None, "--height", help="Output height; the width keeps the aspect."),
-    size: str | None = typer.Option(None, "--size", help="Exact output size WxH, e.g. 1920x1080."),
-    fit: str | None = typer.Option(None, "--fit", help="Largest size inside the box WxH, aspect kept."),
+    scale: Scale = None,
+    scale_x: ScaleX = None,
+    scale_y: ScaleY = None,
+    width: Width = None,
+    height: Height = None,
+    size: SizeWxH = None,
+    fit: FitWxH = None,
     codec: str | None = typer.Option(None, "--codec", help="libx264, libx265, libsvtav1 or ffv1 (default: the "
                                                            "first of these the build and container have)."),
     crf: int | None = typer.Option(None, "--crf", help="Quality, lower is better (default 18 x264, 20 x265, "
