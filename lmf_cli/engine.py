@@ -7,6 +7,7 @@ neighbours, the same ops and the same summation order whatever the chunk size.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import torch
 
 from lmf_cli.cmsr import Schedule, intensity, level_grid
 from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow
-from lmf_cli.models.geometry import AxisBilinear, axis_bilinear, axis_slots, bilinear_grid
+from lmf_cli.models.geometry import AxisBilinear, AxisSlots, axis_bilinear, axis_slots, bilinear_grid
 
 TRAINED_MAX_SCALE = 4.0
 
@@ -248,15 +249,21 @@ def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], row
     encoded for this image; the cell is the grid's own.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
-    window = RenderWindow(
-        axis_slots(grid_hw[0], h, *rows_range, g.lr0, device=device),
-        axis_slots(grid_hw[1], w, *cols_range, g.lc0, device=device),
-        axis_bilinear(grid_hw[0], h, *rows_range, g.lr0, device=device) if bil else None,
-        axis_bilinear(grid_hw[1], w, *cols_range, g.lc0, device=device) if bil else None,
-        g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
+    rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, bil, device)
+    cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, bil, device)
+    window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
     out = model.render(g.piece, g.latents, window)
     g.counts["rendered"] = g.counts.get("rendered", 0) + out.shape[-2] * out.shape[-1]
     return out
+
+
+@functools.lru_cache(maxsize=512)
+def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, bilinear: bool,
+                 device: torch.device) -> tuple[AxisSlots, AxisBilinear | None]:
+    """Slots (and bilinear taps) of one axis of a render window. Cached: a tile's blocks
+    share their column axes along a row of blocks and their row axes down a column."""
+    slots = axis_slots(n_grid, n_in, start, stop, origin, device=device)
+    return slots, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
 
 
 def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> _Geometry:
