@@ -21,7 +21,6 @@ import torch
 
 from lmf_cli.errors import InputError
 from lmf_cli.models.base import ImplicitSR, Latents
-from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
 
 DECODE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 TARGET_SCALES = (6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
@@ -142,7 +141,7 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
     For each target scale, every image is downscaled (bicubic) by it, encoded once, rendered
     in full at the target and at each smaller decode scale, and swept bin by bin.
     """
-    from lmf_cli.engine import encode_image, render_region
+    from lmf_cli.engine import encode_image, owners, render_coarse, render_region
     from lmf_cli.evaluation import make_pair
 
     if not supports_cmsr(model):
@@ -158,18 +157,16 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
                 inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1
                 out_hw = hr_crop.shape[:2]
                 g = encode_image(model, inp, out_hw)
-                owners_r = (torch.arange(out_hw[0], device=device) * 2 + 1) * lr.shape[0] // (2 * out_hw[0])
-                owners_c = (torch.arange(out_hw[1], device=device) * 2 + 1) * lr.shape[1] // (2 * out_hw[1])
-                strength = intensity(model, g.latents)[0][owners_r][:, owners_c]
+                own_r = owners(0, out_hw[0], out_hw[0], lr.shape[0], 0, inp.device)
+                own_c = owners(0, out_hw[1], out_hw[1], lr.shape[1], 0, inp.device)
+                strength = intensity(model, g.latents)[0][own_r][:, own_c]
+                whole = (0, out_hw[0]), (0, out_hw[1])
 
-                def full(g=g, out_hw=out_hw):
-                    return render_region(model, g, out_hw, (0, out_hw[0]), (0, out_hw[1]))
+                def full(g=g, out_hw=out_hw, whole=whole):
+                    return render_region(model, g, out_hw, *whole)
 
-                def coarse(d, g=g, out_hw=out_hw, scale=scale):
-                    grid_hw = level_grid(out_hw, scale, d)
-                    img = render_region(model, g, grid_hw, (0, grid_hw[0]), (0, grid_hw[1]))
-                    return bilinear_grid(img, axis_bilinear(out_hw[0], grid_hw[0], 0, out_hw[0], device=device),
-                                         axis_bilinear(out_hw[1], grid_hw[1], 0, out_hw[1], device=device))
+                def coarse(d, g=g, out_hw=out_hw, whole=whole, scale=scale):
+                    return render_coarse(model, g, level_grid(out_hw, scale, d), *whole)
 
                 per_image.append(calibrate_image(full, coarse, strength, scale, DECODE_SCALES, threshold))
                 if progress:

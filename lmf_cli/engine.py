@@ -194,7 +194,7 @@ class _Geometry:
     counts: dict[str, int]
 
 
-def _owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: torch.device) -> torch.Tensor:
+def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: torch.device) -> torch.Tensor:
     """Local index of the LR pixel containing each output pixel centre."""
     i = torch.arange(start, stop, device=device)
     return torch.div((2 * i + 1) * n_in, 2 * n_out, rounding_mode="floor") - first
@@ -207,7 +207,7 @@ def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: 
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
-    own = levels[_owners(a, b, big_h, h, g.lr0, device)][:, _owners(ca, cb, big_w, w, g.lc0, device)]
+    own = levels[owners(a, b, big_h, h, g.lr0, device)][:, owners(ca, cb, big_w, w, g.lc0, device)]
     full_level = len(schedule.decode_scales)
     scale = max(big_h / h, big_w / w)
     out = g.piece.new_zeros(1, 3, b - a, cb - ca)
@@ -220,15 +220,16 @@ def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: 
         if level == full_level:
             img = render_region(model, g, g.out_hw, *box)
         else:
-            img = _coarse_level(model, g, level_grid(g.out_hw, scale, schedule.decode_scales[level]), *box)
+            img = render_coarse(model, g, level_grid(g.out_hw, scale, schedule.decode_scales[level]), *box)
         region = out[:, :, r0:r1, c0:c1]
         out[:, :, r0:r1, c0:c1] = torch.where(mask[r0:r1, c0:c1][None, None], img, region)
     return out
 
 
-def _coarse_level(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+def render_coarse(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
                   cols_range: tuple[int, int]) -> torch.Tensor:
-    """Render the coarse grid around an output block, then bilinearly sample it at the block."""
+    """Render a coarse grid around an output block, then bilinearly sample it at the block
+    (CMSR's coarse levels, and its calibration)."""
     big_h, big_w = g.out_hw
     device = g.piece.device
     taps_r = axis_bilinear(big_h, grid_hw[0], *rows_range, device=device)
