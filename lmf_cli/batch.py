@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmf_cli.engine import TRAINED_MAX_SCALE
+from lmf_cli.engine import TRAINED_MAX_SCALE, round_size
 from lmf_cli.errors import InputError, LmfError
 
 SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
@@ -33,11 +33,6 @@ def parse_wxh(text: str, option: str) -> tuple[int, int]:
 
 def fmt_size(hw: tuple[int, int]) -> str:
     return f"{hw[1]} x {hw[0]}"
-
-
-def _round(value: float) -> int:
-    """The one rounding rule, as lmf_cli.engine.scaled_size: halves up, at least 1."""
-    return max(1, math.floor(value + 0.5))
 
 
 @dataclass(frozen=True)
@@ -61,13 +56,13 @@ class Sizing:
         if self.box is not None:
             box_h, box_w = self.box
             if box_w * h <= box_h * w:  # the width is the tighter side
-                out_h, out_w = min(box_h, _round(h * box_w / w)), box_w
+                out_h, out_w = min(box_h, round_size(h * box_w / w)), box_w
             else:
-                out_h, out_w = box_h, min(box_w, _round(w * box_h / h))
+                out_h, out_w = box_h, min(box_w, round_size(w * box_h / h))
         elif out_h is None:
-            out_h = _round(h * out_w / w)
+            out_h = round_size(h * out_w / w)
         elif out_w is None:
-            out_w = _round(w * out_h / h)
+            out_w = round_size(w * out_h / h)
         return plan_size(in_hw, size=(out_h, out_w)).out_hw
 
     def label(self, out_hw: tuple[int, int]) -> str:

@@ -273,7 +273,12 @@ def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) 
     return _Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {})
 
 
+def round_size(value: float) -> int:
+    """The one rounding rule for output sizes: halves round up, at least 1."""
+    return max(1, math.floor(value + 0.5))
+
+
 def scaled_size(in_hw: tuple[int, int], scale: float | tuple[float, float]) -> tuple[int, int]:
-    """round(input x scale) per axis (halves round up), at least 1."""
+    """round(input x scale) per axis."""
     sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
-    return max(1, math.floor(in_hw[0] * sy + 0.5)), max(1, math.floor(in_hw[1] * sx + 0.5))
+    return round_size(in_hw[0] * sy), round_size(in_hw[1] * sx)
