@@ -113,9 +113,7 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     two axes' weights is LIIF's normalised area weight.
     """
     coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
-    offsets = (-1, 1) if local_ensemble else (0,)
-    eps = ENSEMBLE_EPS if local_ensemble else 0.0
-    found = [_lookup_eps(coord, n_in, v, eps) for v in offsets]
+    found = _axis_neighbours(coord, n_in, local_ensemble)
     if local_ensemble:
         (_, r0), (_, r1) = found
         a0, a1 = r0.abs(), r1.abs()
@@ -131,7 +129,7 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
         raise ValueError("latent window starts after the output window needs it")
     rel = torch.cat([f[1] for f in found])
     weight = torch.cat(weights)
-    out = torch.arange(n_win, device=device).repeat(len(offsets))
+    out = torch.arange(n_win, device=device).repeat(len(found))
     # Both neighbours clamped onto one latent (image border): one slot with the summed weight.
     key, inverse = torch.unique(lat * n_win + out, return_inverse=True)
     merged_weight = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, weight)
@@ -161,22 +159,20 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t)
 
 
+def _axis_neighbours(coord: torch.Tensor, n_in: int, local_ensemble: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(latent index, relative coordinate) of each ensemble neighbour along one axis."""
+    offsets = (-1, 1) if local_ensemble else (0,)
+    eps = ENSEMBLE_EPS if local_ensemble else 0.0
+    return [_lookup_eps(coord, n_in, v, eps) for v in offsets]
+
+
 @functools.lru_cache(maxsize=64)
 def axis_slot_count(n_out: int, n_in: int, local_ensemble: bool = True) -> int:
     """Most output pixels any one latent serves along an n_in -> n_out axis."""
-    slots = axis_slots_unpadded(n_out, n_in, local_ensemble)
-    return max(int(slots.max()), 1)
-
-
-def axis_slots_unpadded(n_out: int, n_in: int, local_ensemble: bool) -> torch.Tensor:
-    """Per-latent count of (merged) output slots over a whole axis."""
-    coord = pixel_centres(n_out, "cpu", torch.float64)
-    offsets = (-1, 1) if local_ensemble else (0,)
-    eps = ENSEMBLE_EPS if local_ensemble else 0.0
-    lat = torch.cat([_lookup_eps(coord, n_in, v, eps)[0] for v in offsets])
-    out = torch.arange(n_out).repeat(len(offsets))
-    keys = torch.unique(lat * n_out + out)
-    return torch.bincount(keys // n_out, minlength=n_in)
+    found = _axis_neighbours(pixel_centres(n_out, "cpu", torch.float64), n_in, local_ensemble)
+    lat = torch.cat([index for index, _ in found])
+    keys = torch.unique(lat * n_out + torch.arange(n_out).repeat(len(found)))
+    return max(int(torch.bincount(keys // n_out).max()), 1)
 
 
 @dataclass(frozen=True)
