@@ -95,9 +95,7 @@ def model_macs(model: ImplicitSR, in_hw: tuple[int, int], out_hw: tuple[int, int
     """MACs of each stage for one image: encoder and latent stage per LR pixel, render per
     output pixel (4 ensemble neighbours)."""
     lr_pixels, hr_pixels = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
-    encoder = conv_macs_per_pixel(model.encoder) - sum(
-        conv_macs_per_pixel(m) for m in (model.encoder.sub_mean, model.encoder.add_mean)
-        if hasattr(model.encoder, "sub_mean"))
+    encoder = conv_macs_per_pixel(model.encoder)  # hooks see only the convolutions forward runs
     latent = 0.0
     for name in ("coef", "freq"):
         if hasattr(model, name):
