@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class TrainConfig:
     val_every: int = 500
     val_data: str | None = None
     save_minutes: float = 5.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
