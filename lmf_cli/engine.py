@@ -11,13 +11,23 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from lmf_cli import native
 from lmf_cli.cmsr import Schedule, intensity, level_grid
 from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow
-from lmf_cli.models.geometry import AxisBilinear, AxisSlots, axis_bilinear, axis_slots, bilinear_grid
+from lmf_cli.models.geometry import (
+    AxisBilinear,
+    AxisSlots,
+    AxisTaps,
+    axis_bilinear,
+    axis_slots,
+    axis_taps,
+    bilinear_grid,
+)
+from lmf_cli.models.mlp import FusedMLP
 
 TRAINED_MAX_SCALE = 4.0
 
@@ -31,13 +41,17 @@ def rel_cell_for(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[float
     return cells[0], cells[1]
 
 
-def render_block(model: ImplicitSR, max_memory: int | None) -> tuple[int, int]:
-    """Output block (rows, cols) rendered at once. Small enough that the render MLP's
-    activations (4 neighbours x width floats per pixel) stay in cache: the hidden layers
-    are memory-bound elementwise work, so cache residency is what makes them fast."""
-    width = max(layer.out_features for layer in model.imnet.linears)
-    bytes_per_pixel = 4 * 4 * width
-    pixels = (4 << 20) // bytes_per_pixel
+def render_block(model: ImplicitSR, max_memory: int | None, fused: bool = False) -> tuple[int, int]:
+    """Output block (rows, cols) rendered at once. With PyTorch, small enough that the
+    render MLP's activations (4 neighbours x width floats per pixel) stay in cache: the
+    hidden layers are memory-bound elementwise work there. The compiled kernel keeps its
+    activations in registers, so its blocks are large (a few RGB buffers of this size)."""
+    if fused:
+        bytes_per_pixel, pixels = 4 * 3 * 3, 1 << 20
+    else:
+        width = max(layer.out_features for layer in model.imnet.linears)
+        bytes_per_pixel = 4 * 4 * width
+        pixels = (4 << 20) // bytes_per_pixel
     if max_memory is not None:
         pixels = max(256, min(pixels, max_memory // 8 // bytes_per_pixel))
     side = max(16, int(math.sqrt(pixels)))
@@ -129,7 +143,8 @@ class _TiledRun:
         self.margin = tile_margin(model)
         self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)])
         self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
-        self.block = render_block(model, max_memory)
+        self.fused = native.usable(model, inp.device) and inp.shape[0] == 1
+        self.block = render_block(model, max_memory, self.fused)
         self.counts = stats if stats is not None else {}
         self.counts.update(rendered=0, total=out_hw[0] * out_hw[1])
 
@@ -158,7 +173,7 @@ class _TiledRun:
         piece = self.inp[:, :, lr0:min(h, r1 + self.margin), lc0:min(w, c1 + self.margin)]
         latents = _encode_finite(model, piece, self.rel_cell)
         levels = self.schedule.levels(intensity(model, latents)[0]) if self.schedule else None
-        geometry = _Geometry(self.in_hw, self.out_hw, lr0, lc0, piece, latents, self.counts)
+        geometry = _Geometry(self.in_hw, self.out_hw, lr0, lc0, piece, latents, self.counts, self.fused)
         block_h, block_w = self.block
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):
@@ -185,6 +200,8 @@ def _encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tenso
 
 @dataclass(frozen=True)
 class _Geometry:
+    """One encoded tile: `piece` (its input pixels, the first at (lr0, lc0)) and latents."""
+
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     lr0: int
@@ -192,6 +209,15 @@ class _Geometry:
     piece: torch.Tensor
     latents: Latents
     counts: dict[str, int]
+    fused: bool = False  # render through the compiled kernel
+    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict)
+
+    def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
+        """The kernel's per-latent tables for a grid: built once per tile and grid."""
+        if grid_hw not in self.packed:
+            rel_cell = self.piece.new_tensor([rel_cell_for(self.in_hw, grid_hw)])
+            self.packed[grid_hw] = model.fused_mlp(self.latents, rel_cell)
+        return self.packed[grid_hw]
 
 
 def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: torch.device) -> torch.Tensor:
@@ -202,8 +228,9 @@ def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: tor
 
 def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: torch.Tensor,
                    rows_range: tuple[int, int], cols_range: tuple[int, int]) -> torch.Tensor:
-    """One output block under CMSR: each level present is rendered over the bounding box of
-    its pixels, then written where the pixels' LR owners chose it."""
+    """One output block under CMSR: each level present is rendered where the pixels' LR
+    owners chose it (only those pixels with the compiled kernel; over their bounding box
+    with PyTorch), then written there."""
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
@@ -217,60 +244,88 @@ def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: 
         cols = torch.nonzero(mask.any(0)).flatten()
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
         box = (a + r0, a + r1), (ca + c0, ca + c1)
+        box_mask = mask[r0:r1, c0:c1]
         if level == full_level:
-            img = render_region(model, g, g.out_hw, *box)
+            img = render_region(model, g, g.out_hw, *box, mask=box_mask)
         else:
-            img = render_coarse(model, g, level_grid(g.out_hw, scale, schedule.decode_scales[level]), *box)
+            grid = level_grid(g.out_hw, scale, schedule.decode_scales[level])
+            img = render_coarse(model, g, grid, *box, mask=box_mask)
         region = out[:, :, r0:r1, c0:c1]
         out[:, :, r0:r1, c0:c1] = torch.where(mask[r0:r1, c0:c1][None, None], img, region)
     return out
 
 
 def render_coarse(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
-                  cols_range: tuple[int, int]) -> torch.Tensor:
+                  cols_range: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Render a coarse grid around an output block, then bilinearly sample it at the block
-    (CMSR's coarse levels, and its calibration)."""
+    (CMSR's coarse levels, and its calibration). With a `mask` over the block, only the
+    coarse pixels those output pixels sample need to be drawn; the others may read 0."""
     big_h, big_w = g.out_hw
     device = g.piece.device
     taps_r = axis_bilinear(big_h, grid_hw[0], *rows_range, device=device)
     taps_c = axis_bilinear(big_w, grid_hw[1], *cols_range, device=device)
     r0, r1 = int(taps_r.lo.min()), int(taps_r.hi.max()) + 1
     c0, c1 = int(taps_c.lo.min()), int(taps_c.hi.max()) + 1
-    coarse = render_region(model, g, grid_hw, (r0, r1), (c0, c1))
+    coarse_mask = None
+    if mask is not None:
+        py, px = torch.nonzero(mask, as_tuple=True)
+        coarse_mask = torch.zeros(r1 - r0, c1 - c0, dtype=torch.bool, device=device)
+        for tap_r in (taps_r.lo, taps_r.hi):
+            for tap_c in (taps_c.lo, taps_c.hi):
+                coarse_mask[tap_r[py] - r0, tap_c[px] - c0] = True
+    coarse = render_region(model, g, grid_hw, (r0, r1), (c0, c1), mask=coarse_mask)
     local_r = AxisBilinear(taps_r.lo - r0, taps_r.hi - r0, taps_r.frac)
     local_c = AxisBilinear(taps_c.lo - c0, taps_c.hi - c0, taps_c.frac)
     return bilinear_grid(coarse, local_r, local_c)
 
 
 def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
-                  cols_range: tuple[int, int]) -> torch.Tensor:
+                  cols_range: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised.
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
-    encoded for this image; the cell is the grid's own.
+    encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
+    which pixels are wanted: the compiled kernel draws only those, PyTorch draws all.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
-    rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, bil, device)
-    cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, bil, device)
-    window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
-    out = model.render(g.piece, g.latents, window)
-    g.counts["rendered"] = g.counts.get("rendered", 0) + out.shape[-2] * out.shape[-1]
+    mlp = g.fused_mlp(model, grid_hw) if g.fused else None
+    if mlp is not None:
+        rows, bil_rows = _window_taps(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
+        cols, bil_cols = _window_taps(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
+        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None)
+        drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
+    else:
+        rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
+        cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
+        window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
+        out = model.render(g.piece, g.latents, window)
+        drawn = out.shape[-2] * out.shape[-1]
+    g.counts["rendered"] = g.counts.get("rendered", 0) + drawn
     return out
 
 
 @functools.lru_cache(maxsize=512)
-def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, bilinear: bool,
-                 device: torch.device) -> tuple[AxisSlots, AxisBilinear | None]:
+def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, local_ensemble: bool,
+                 bilinear: bool, device: torch.device) -> tuple[AxisSlots, AxisBilinear | None]:
     """Slots (and bilinear taps) of one axis of a render window. Cached: a tile's blocks
     share their column axes along a row of blocks and their row axes down a column."""
-    slots = axis_slots(n_grid, n_in, start, stop, origin, device=device)
+    slots = axis_slots(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
     return slots, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
+
+
+@functools.lru_cache(maxsize=512)
+def _window_taps(n_grid: int, n_in: int, start: int, stop: int, origin: int, local_ensemble: bool,
+                 bilinear: bool, device: torch.device) -> tuple[AxisTaps, AxisBilinear | None]:
+    """The kernel's per-pixel form of `_window_axis`."""
+    taps = axis_taps(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
+    return taps, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
 
 
 def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> _Geometry:
     """Encode a whole (untiled) image for rendering grids of it (calibration, benchmarks)."""
     rel_cell = inp.new_tensor([rel_cell_for(tuple(inp.shape[-2:]), out_hw)])
-    return _Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {})
+    return _Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {},
+                     native.usable(model, inp.device) and inp.shape[0] == 1)
 
 
 def round_size(value: float) -> int:

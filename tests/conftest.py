@@ -120,3 +120,15 @@ def butterfly() -> np.ndarray:
 
     with Image.open(DATA / "Set5" / "HR" / "butterfly.png") as img:
         return np.asarray(img.convert("RGB"))[96:136, 80:128].copy()
+
+
+@pytest.fixture(params=["kernel", "pytorch"])
+def render_path(request, monkeypatch) -> str:
+    """Run a test through the compiled render kernel and through the PyTorch renderer."""
+    from lmf_cli import native
+
+    if request.param == "pytorch":
+        monkeypatch.setenv("LMF_NATIVE", "0")
+    elif native._library(16) is None:
+        pytest.skip("no C compiler: the render kernel cannot be built here")
+    return request.param

@@ -19,7 +19,7 @@ SIZES = {"x2": (2, 2), "x3": (3, 3), "x3.5": (3.5, 3.5), "x8": (8, 8), "x12": (1
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scale", list(SIZES))
-def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, scale):
+def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, scale, render_path):
     up = Upscaler.load(official_files[arch], device="cpu")
     lr = butterfly[:12, :14]
     sy, sx = SIZES[scale]
@@ -32,7 +32,7 @@ def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, s
     assert np.abs(ours - ref).max() < 1e-4
 
 
-def test_lmliif_with_bilinear_skip_matches_formulas(tmp_path, butterfly):
+def test_lmliif_with_bilinear_skip_matches_formulas(tmp_path, butterfly, render_path):
     """Our shipped variant: official LM-LIIF plus a bilinear upsample of the input."""
     ckpt = official_checkpoint("lmliif", {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16}})
     ckpt["model"]["args"]["bilinear_skip"] = True
@@ -59,7 +59,7 @@ def test_rdn_encoder_matches_formulas(tmp_path, butterfly):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_grid_rendering_equals_point_queries(official_files, arch):
+def test_grid_rendering_equals_point_queries(official_files, arch, render_path):
     """The fast grouped renderer and the per-point path (used in training) agree."""
     model = Upscaler.load(official_files[arch], device="cpu").model
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_grid_rendering_equals_point_queries(official_files, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunk_size_changes_nothing(official_files, arch, butterfly):
+def test_chunk_size_changes_nothing(official_files, arch, butterfly, render_path):
     model = Upscaler.load(official_files[arch], device="cpu").model
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
     outs = [upscale_tensor(model, inp, (97, 131), max_memory=m) for m in (1 << 30, 1 << 21, 1 << 19)]

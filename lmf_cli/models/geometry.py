@@ -176,6 +176,27 @@ def axis_slot_count(n_out: int, n_in: int, local_ensemble: bool = True) -> int:
 
 
 @dataclass(frozen=True)
+class AxisTaps:
+    """The ensemble neighbours of each output row (or column) of a window, in output order:
+    latent index (local to the latent table, int64) and relative coordinate (float64),
+    both (n, taps), taps 2 with the local ensemble and 1 without. The per-pixel form of
+    `AxisSlots`, for the compiled kernel."""
+
+    lat: torch.Tensor
+    rel: torch.Tensor
+
+
+def axis_taps(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
+              local_ensemble: bool = True, device: torch.device | str = "cpu") -> AxisTaps:
+    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
+    found = _axis_neighbours(coord, n_in, local_ensemble)
+    lat = torch.stack([index for index, _ in found], 1) - lat_start
+    if int(lat.min()) < 0:
+        raise ValueError("latent window starts after the output window needs it")
+    return AxisTaps(lat.contiguous(), torch.stack([rel for _, rel in found], 1).contiguous())
+
+
+@dataclass(frozen=True)
 class AxisBilinear:
     """Bilinear taps (border padding, align_corners=False) along one axis, local indices."""
 

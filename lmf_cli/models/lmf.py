@@ -25,7 +25,7 @@ from lmf_cli.models.base import (
     slot_rel_pairs,
     slot_window,
 )
-from lmf_cli.models.mlp import MLP, ModulatedMLP
+from lmf_cli.models.mlp import AFFINE, FOURIER, MLP, FusedMLP, ModulatedMLP
 
 
 def _folded_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, first: int) -> torch.Tensor:
@@ -44,6 +44,17 @@ def _folded_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, fir
         bias = torch.addcmul(mod[:, (n + k) * d:(n + k + 1) * d], layer.bias, gain).unsqueeze(1)
         x = torch.baddbmm(bias, x, weight).relu_()
     return rows_linear(x, linears[-1].weight, linears[-1].bias)
+
+
+def _fused(render: ModulatedMLP, kind: int, table: torch.Tensor, base: torch.Tensor | None, extra: torch.Tensor,
+           code: int, first: int) -> FusedMLP:
+    """Pack the render MLP for the compiled kernel; the latent table is passed as it is."""
+    linears = render.linears[first:render.hidden_depth]
+    last = render.linears[-1]
+    return FusedMLP(kind, table.contiguous(), render.hidden_depth, base, extra.contiguous(), code,
+                    torch.stack([layer.weight.t() for layer in linears]).contiguous(),
+                    torch.stack([layer.bias for layer in linears]).contiguous(),
+                    last.weight.t().contiguous(), last.bias.contiguous())
 
 
 def _latent_rows(table: torch.Tensor, window: RenderWindow) -> torch.Tensor:
@@ -118,6 +129,17 @@ class LMLIIF(ImplicitSR):
         out = _folded_layers(self.imnet, x, mod, 1)
         return out.view(*_slot_shape(latents["mod"], window), 3)
 
+    def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
+        """Layer 0 is affine in (rel_y, rel_x): its code and cell part is one GEMM per latent."""
+        mod = latents["mod"][0]
+        code = mod[..., self.imnet.mod_dim:] if self.mod_input else latents["code"][0]
+        first = self.imnet.linears[0]
+        c = code.shape[-1]
+        base = F.linear(code, first.weight[:, :c], first.bias)
+        if self.cell_decode:
+            base = base + rel_cell[0] @ first.weight[:, c + 2:c + 4].t()
+        return _fused(self.imnet, AFFINE, mod, base.contiguous(), first.weight[:, c:c + 2].t(), 0, 1)
+
 
 def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
     return (table.shape[0], window.rows.n_latents, window.cols.n_latents,
@@ -159,7 +181,6 @@ class LMLTE(ImplicitSR):
             return {"mod": mod}
         return {"mod": mod, "coef": coef, "freq": freq}
 
-
     def _phase_layer(self) -> nn.Linear:
         return self.imphase if self.mod_input else self.phase
 
@@ -190,3 +211,11 @@ class LMLTE(ImplicitSR):
         x = coef.unsqueeze(1) * torch.cat([torch.cos(z), torch.sin(z)], -1)
         out = _folded_layers(self.imnet, x, mod, 0)
         return out.view(*_slot_shape(latents["mod"], window), 3)
+
+    def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
+        """The Fourier input stage reads coef and freq from the latent table; the phase of
+        the cell is one vector. Only with mod_input, where the render MLP is hidden_dim wide."""
+        if not self.mod_input:
+            return None
+        phase = self._phase_layer()(rel_cell[0])
+        return _fused(self.imnet, FOURIER, latents["mod"][0], None, phase, self.imnet.mod_dim, 0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+AFFINE, FOURIER = 0, 1  # input stages of the compiled render kernel (lmf_cli/native.py)
 
 
 def _stack(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
@@ -64,3 +68,26 @@ class ModulatedMLP(nn.Module):
         for k, layer in enumerate(linears):
             x = torch.relu(torch.addcmul(pieces[n + k], layer(x), 1 + pieces[k]))
         return last(x)
+
+
+@dataclass(frozen=True)
+class FusedMLP:
+    """What the compiled kernel needs to run a render MLP (see render_kernel.c): the latent
+    `table` (h, w, C) as the latent MLP wrote it, the input stage `kind` with its per-latent
+    `base` (AFFINE) or the offset `code` of (coef, freq) in a row (FOURIER), its small shared
+    `extra` vector, and the matrix layers after it, (n, in, out) weights and (n, out) biases."""
+
+    kind: int
+    table: torch.Tensor
+    depth: int
+    base: torch.Tensor | None
+    extra: torch.Tensor
+    code: int
+    weights: torch.Tensor
+    biases: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+
+    @property
+    def hidden(self) -> int:
+        return self.weights.shape[-1]

@@ -1,0 +1,170 @@
+"""The compiled render kernel (`render_kernel.c`): LMF's render MLP fused per pixel on the CPU.
+
+PyTorch runs the 16-wide render MLP one layer at a time through memory, which makes it the
+largest cost of an LMF upscale on a CPU; the kernel keeps a batch of queries in registers
+through every layer, about 4x faster on one core. It is built on first use with the system C
+compiler (under a second) into the user cache, keyed by the source, the flags and the CPU,
+and called through ctypes, which releases the GIL, so rows are split over threads.
+
+With no compiler, on a GPU, or with `LMF_NATIVE=0`, rendering goes through PyTorch instead,
+with the same results to float rounding (the tests hold both to the float64 formulas).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lmf_cli.models.geometry import AxisBilinear, AxisTaps
+from lmf_cli.models.mlp import FusedMLP
+
+SOURCE = Path(__file__).with_name("render_kernel.c")
+# Tried in order; the first set the compiler accepts is kept. No -ffast-math: with some
+# compilers it links code that switches the whole process to flush-to-zero.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-mprefer-vector-width=512", "-funroll-loops", "-fno-math-errno", "-fno-trapping-math"),
+    ("-O3", "-march=native", "-funroll-loops", "-fno-math-errno", "-fno-trapping-math"),
+    ("-O3", "-funroll-loops", "-fno-math-errno", "-fno-trapping-math"),
+    ("-O3",),
+)
+MIN_ROWS_PER_THREAD = 4
+
+
+def enabled() -> bool:
+    return os.environ.get("LMF_NATIVE", "1") != "0"
+
+
+def usable(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether `model` renders through the kernel on `device`."""
+    if device.type != "cpu" or not enabled() or not hasattr(model, "fused_mlp"):
+        return False
+    return _library(model.imnet.hidden_dim) is not None
+
+
+def status() -> str:
+    """One line for benchmarks and bug reports: which render path this machine uses."""
+    if not enabled():
+        return "PyTorch (LMF_NATIVE=0)"
+    return "compiled kernel" if _library(16) is not None else "PyTorch (no C compiler found)"
+
+
+def _cpu_signature() -> str:
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text += "".join(line for line in f if line.startswith(("flags", "model name")))
+    except OSError:
+        pass
+    return text
+
+
+def _cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("LMF_CACHE_DIR") or platformdirs.user_cache_dir("lmf")) / "kernels"
+
+
+@functools.cache
+def _library(hidden: int) -> ctypes.CDLL | None:
+    """The kernel built for a hidden width, compiled once per machine; None if it cannot be."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not enabled() or compiler is None or hidden % 2:
+        return None
+    source = SOURCE.read_bytes()
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(hidden).encode(),
+                                         compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"render-{hidden}-{key}.so"
+        if not target.exists() and not _compile(compiler, flags, hidden, target):
+            continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:
+            continue
+        _declare(lib)
+        return lib
+    return None
+
+
+def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -> bool:
+    """Build into a temp file and rename it, so concurrent processes never load half a file."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError:
+        return False
+    cmd = [compiler, *flags, f"-DHIDDEN={hidden}", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        if done:
+            os.replace(tmp, target)
+        return done
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
+                               p, p, p, p, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
+    lib.lmf_render.restype = None
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lmf-render")
+
+
+def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | None = None,
+           skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None) -> torch.Tensor:
+    """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
+    `skip` = (image (1, 3, h, w), row taps, column taps) sampled bilinearly if given.
+
+    With a boolean `mask` (rows, cols), only those pixels are computed; the rest are 0.
+    """
+    lib = _library(mlp.hidden)
+    if lib is None:
+        raise RuntimeError("the render kernel is not available on this machine")
+    n_rows, n_cols = rows.lat.shape[0], cols.lat.shape[0]
+    out = torch.zeros(1, 3, n_rows, n_cols) if mask is not None else torch.empty(1, 3, n_rows, n_cols)
+    base = mlp.base if mlp.base is not None else mlp.table
+    mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
+    if skip is None:
+        image, skip_taps = None, [None] * 6
+    else:
+        image, sy, sx = skip[0][0].float().contiguous(), skip[1], skip[2]
+        skip_taps = [sy.lo.contiguous(), sy.hi.contiguous(), sy.frac.float().contiguous(),
+                     sx.lo.contiguous(), sx.hi.contiguous(), sx.frac.float().contiguous()]
+    pointers = [None if t is None else t.data_ptr() for t in [mask_u8, image, *skip_taps]]
+    skip_hw = (0, 0) if image is None else image.shape[1:]
+
+    def run(y0: int, y1: int) -> None:
+        lib.lmf_render(mlp.table.data_ptr(), mlp.table.shape[2], mlp.table.shape[1], mlp.depth, mlp.kind,
+                       base.data_ptr(), mlp.extra.data_ptr(), mlp.code,
+                       mlp.weights.data_ptr(), mlp.biases.data_ptr(), mlp.weights.shape[0],
+                       mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
+                       rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
+                       rows.lat.shape[1], y0, y1, n_cols, pointers[0], pointers[1], *skip_hw, *pointers[2:],
+                       out.data_ptr(), n_cols, n_rows * n_cols)
+
+    threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
+    cuts = [n_rows * t // threads for t in range(threads + 1)]
+    jobs = [_pool().submit(run, cuts[t], cuts[t + 1]) for t in range(1, threads)]
+    run(cuts[0], cuts[1])
+    for job in jobs:
+        job.result()
+    return out

@@ -1,0 +1,173 @@
+/* LMF's render MLP, fused: every output pixel runs its ensemble neighbours' modulated MLPs
+ * with all activations in registers and adds them up by LIIF's area weights.
+ *
+ * PyTorch has to write each 16-wide layer's activations out to memory and read them back
+ * (a matmul, then a multiply-add, then a ReLU), so the tiny render MLP is memory-bound there.
+ * Here a batch of BATCH queries goes through all layers at once: the work becomes the MACs.
+ *
+ * Each latent's row of the latent table holds, as the latent MLP wrote it, the scales
+ * (depth x HIDDEN), then the shifts (depth x HIDDEN), then the model's code. A modulated layer
+ * k is h = relu((W_k h + b_k) * (1 + scale_k) + shift_k), the official formula. Layer 0:
+ *   AFFINE  (LM-LIIF): its input is (code, rel_y, rel_x, cell); the part without rel is
+ *                      per latent (`base`, HIDDEN floats), so W_0 h + b_0 = base + rel_y wy + rel_x wx.
+ *   FOURIER (LM-LTE):  the code holds coef (HIDDEN) and freq (HIDDEN, (y, x) pairs):
+ *                      z = freq_y rel_y + freq_x rel_x + phase, input = coef * [cos(pi z), sin(pi z)],
+ *                      then layer 0 is an ordinary modulated layer.
+ * Every query is computed on its own, in a fixed order, so the result of a pixel never
+ * depends on which tile, block or thread computed it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef HIDDEN
+#define HIDDEN 16
+#endif
+#define BATCH 16
+#ifndef SLOTS
+#define SLOTS 4
+#endif
+#define AFFINE 0
+#define FOURIER 1
+
+/* acc = h W + b for a batch. Queries go SLOTS at a time, so their accumulators (SLOTS x
+ * HIDDEN floats) stay in vector registers while each weight row is read once per group. */
+static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b) {
+    for (int s0 = 0; s0 < BATCH; s0 += SLOTS) {
+        float a[SLOTS][HIDDEN];
+        for (int s = 0; s < SLOTS; s++)
+            for (int o = 0; o < HIDDEN; o++) a[s][o] = b ? b[o] : 0.0f;
+        for (int i = 0; i < HIDDEN; i++)
+            for (int s = 0; s < SLOTS; s++) {
+                float hi = h[s0 + s][i];
+                for (int o = 0; o < HIDDEN; o++) a[s][o] += w[i * HIDDEN + o] * hi;
+            }
+        for (int s = 0; s < SLOTS; s++)
+            for (int o = 0; o < HIDDEN; o++) acc[s0 + s][o] = a[s][o];
+    }
+}
+
+/* The latent model: see the header. `layers` matrix layers, the first being modulated
+ * layer `first` (1 for AFFINE, whose layer 0 is the input stage; 0 for FOURIER). */
+typedef struct {
+    const float *table;
+    int64_t row, lat_w, depth, first, layers, code;
+    const float *base, *extra, *weights, *biases, *w_out, *b_out;
+} Model;
+
+static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
+    for (int64_t l = 0; l < m->layers; l++) {
+        float acc[BATCH][HIDDEN];
+        const int64_t k = m->first + l;
+        const float *bias = m->biases + l * HIDDEN;
+        linear(acc, h, m->weights + l * HIDDEN * HIDDEN, NULL);
+        for (int s = 0; s < BATCH; s++) {
+            const float *scale = m->table + lat[s] * m->row + k * HIDDEN;
+            const float *shift = scale + m->depth * HIDDEN;
+            for (int o = 0; o < HIDDEN; o++) {
+                float v = (acc[s][o] + bias[o]) * (1.0f + scale[o]) + shift[o];
+                h[s][o] = v > 0.0f ? v : 0.0f;
+            }
+        }
+    }
+}
+
+static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, float ry, float rx) {
+    const float *row = m->table + lat * m->row;
+    if (kind == AFFINE) {
+        const float *base = m->base + lat * HIDDEN, *wy = m->extra, *wx = m->extra + HIDDEN;
+        const float *scale = row, *shift = row + m->depth * HIDDEN;
+        for (int o = 0; o < HIDDEN; o++) {
+            float v = (base[o] + ry * wy[o] + rx * wx[o]) * (1.0f + scale[o]) + shift[o];
+            h[o] = v > 0.0f ? v : 0.0f;
+        }
+        return;
+    }
+    const int half = HIDDEN / 2;
+    const float *coef = row + m->code, *freq = coef + HIDDEN, *phase = m->extra;
+    for (int j = 0; j < half; j++) {
+        float z = (float)M_PI * (freq[2 * j] * ry + freq[2 * j + 1] * rx + phase[j]);
+        h[j] = coef[j] * cosf(z);
+        h[j + half] = coef[j + half] * sinf(z);
+    }
+}
+
+/* Render rows [y0, y1) of a window `width` pixels wide.
+ * lat_y/rel_y: (rows, taps) latent row and relative y of each ensemble neighbour (taps 1 or 2),
+ * lat_x/rel_x likewise per column; they index the latent table (lat_h x lat_w x row).
+ * mask (rows x width, may be NULL): pixels to render; others are left untouched.
+ * skip (3 x skip_h x skip_w, may be NULL): an image added bilinearly at taps sy_lo/sy_hi/sy_frac
+ * per row and sx_* per column (LM-LTE's and our LM-LIIF's input skip).
+ * out: channel c of pixel (y, x) at out[c * plane + y * stride + x].
+ * The output layer is linear, so it runs once per pixel on the area-weighted sum of the
+ * neighbours' last hidden layers instead of once per neighbour.
+ */
+void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, int kind,
+                const float *base, const float *extra, int64_t code,
+                const float *weights, const float *biases, int64_t layers, const float *w_out, const float *b_out,
+                const int64_t *lat_y, const double *rel_y, const int64_t *lat_x, const double *rel_x,
+                int64_t taps, int64_t y0, int64_t y1, int64_t width, const uint8_t *mask,
+                const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
+                const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
+                float *out, int64_t stride, int64_t plane) {
+    const Model m = {table, row, lat_w, depth, kind == AFFINE ? 1 : 0, layers, code,
+                     base, extra, weights, biases, w_out, b_out};
+    float h[BATCH][HIDDEN];
+    int64_t lat[BATCH];
+    float weight[BATCH];
+    int64_t pixel[BATCH], row_of[BATCH], col_of[BATCH];
+    const int per_pixel = (int)(taps * taps);
+    int n = 0;
+    for (int64_t y = y0; y < y1; y++) {
+        for (int64_t x = 0; x <= width; x++) {
+            if (n > 0 && (x == width || n + per_pixel > BATCH)) {
+                for (int s = n; s < BATCH; s++) {
+                    lat[s] = lat[0];
+                    memset(h[s], 0, sizeof h[s]);
+                }
+                modulated_layers(h, lat, &m);
+                for (int s = 0; s < n; s += per_pixel) {
+                    float mix[HIDDEN] = {0};
+                    for (int t = s; t < s + per_pixel; t++)
+                        for (int o = 0; o < HIDDEN; o++) mix[o] += weight[t] * h[t][o];
+                    for (int c = 0; c < 3; c++) {
+                        float v = b_out[c];
+                        for (int i = 0; i < HIDDEN; i++) v += w_out[i * 3 + c] * mix[i];
+                        if (skip) {
+                            const float *img = skip + c * skip_h * skip_w;
+                            const int64_t yy = row_of[s], xx = col_of[s];
+                            const float fy = sy_frac[yy], fx = sx_frac[xx];
+                            const float *lo = img + sy_lo[yy] * skip_w, *hi = img + sy_hi[yy] * skip_w;
+                            const float left = lo[sx_lo[xx]] * (1 - fy) + hi[sx_lo[xx]] * fy;
+                            const float right = lo[sx_hi[xx]] * (1 - fy) + hi[sx_hi[xx]] * fy;
+                            v += left * (1 - fx) + right * fx;
+                        }
+                        out[c * plane + pixel[s]] = v;
+                    }
+                }
+                n = 0;
+            }
+            if (x == width) break;
+            if (mask && !mask[y * width + x]) continue;
+            const double *ry = rel_y + y * taps, *rx = rel_x + x * taps;
+            double area[2][2], total = 0.0;
+            for (int a = 0; a < taps; a++)
+                for (int b = 0; b < taps; b++) {
+                    area[a][b] = fabs(ry[a] * rx[b]) + 1e-9;
+                    total += area[a][b];
+                }
+            const double inv_total = 1.0 / total;
+            for (int a = 0; a < taps; a++)
+                for (int b = 0; b < taps; b++) {
+                    lat[n] = lat_y[y * taps + a] * lat_w + lat_x[x * taps + b];
+                    input_stage(h[n], &m, kind, lat[n], (float)ry[a], (float)rx[b]);
+                    /* LIIF's ensemble: each neighbour takes the diagonally opposite area */
+                    weight[n] = taps == 2 ? (float)(area[1 - a][1 - b] * inv_total) : 1.0f;
+                    pixel[n] = y * stride + x;
+                    row_of[n] = y;
+                    col_of[n] = x;
+                    n++;
+                }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+"""The compiled render kernel against the PyTorch renderer, and its masked (CMSR) form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmf_cli import models, native
+from lmf_cli.engine import encode_image, render_region, upscale_tensor
+
+SMALL = {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16, "no_upsampling": True}}
+
+
+def _variant(name: str, **changes) -> models.ImplicitSR:
+    spec = models.lmliif_spec(SMALL) if name == "lmliif" else models.lmlte_spec(SMALL)
+    spec["args"].update(changes)
+    for key in ("hidden_dim", "hidden_depth"):
+        if key in changes:
+            spec["args"]["imnet_spec"]["args"][key] = spec["args"].pop(key)
+    torch.manual_seed(0)
+    model = models.make(spec).eval()
+    with torch.no_grad():  # latents large enough that every ReLU and modulation matters
+        for layer in model.hypernet.linears:
+            layer.weight.mul_(3)
+    return model
+
+
+VARIANTS = {
+    "lm-liif": lambda: _variant("lmliif"),
+    "lm-liif, skip": lambda: _variant("lmliif", bilinear_skip=True),
+    "lm-liif, encoder code": lambda: _variant("lmliif", mod_input=False),
+    "lm-liif, no ensemble": lambda: _variant("lmliif", local_ensemble=False),
+    "lm-liif, width 8, depth 3": lambda: _variant("lmliif", hidden_dim=8, hidden_depth=3),
+    "lm-lte": lambda: _variant("lmlte"),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_available():
+    if native._library(16) is None:
+        pytest.skip("no C compiler: the render kernel cannot be built here")
+
+
+def _upscale(model, inp, out_hw, monkeypatch, path: str) -> torch.Tensor:
+    monkeypatch.setenv("LMF_NATIVE", "1" if path == "kernel" else "0")
+    return upscale_tensor(model, inp, out_hw)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("out_hw", [(80, 96), (140, 168), (37, 150)])
+def test_kernel_equals_pytorch(kernel_available, butterfly, monkeypatch, variant, out_hw):
+    model = VARIANTS[variant]()
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        assert native.usable(model, inp.device)
+        fast = _upscale(model, inp, out_hw, monkeypatch, "kernel")
+        slow = _upscale(model, inp, out_hw, monkeypatch, "pytorch")
+    assert fast.std() > 0.01  # a real image, not a constant
+    assert (fast - slow).abs().max() < 1e-5
+
+
+def test_mask_draws_exactly_the_masked_pixels(kernel_available, butterfly):
+    model = VARIANTS["lm-liif, skip"]()
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out_hw = (100, 120)
+    with torch.no_grad():
+        g = encode_image(model, inp, out_hw)
+        full = render_region(model, g, out_hw, (10, 60), (5, 90))
+        mask = torch.from_numpy(np.random.default_rng(0).random((50, 85)) < 0.3)
+        g.counts["rendered"] = 0
+        part = render_region(model, g, out_hw, (10, 60), (5, 90), mask=mask)
+        skip = render_region(model, g, out_hw, (10, 60), (5, 90), mask=torch.zeros_like(mask))
+    assert g.counts["rendered"] == int(mask.sum())
+    assert torch.equal(part[0][:, mask], full[0][:, mask])  # bit for bit: pixels are independent
+    assert torch.equal((part - skip)[0][:, ~mask], torch.zeros(3, int((~mask).sum())))
+
+
+def test_kernel_not_used_where_it_cannot_be(monkeypatch):
+    model = VARIANTS["lm-lte"]()
+    assert not native.usable(model, torch.device("meta"))
+    monkeypatch.setenv("LMF_NATIVE", "0")
+    assert not native.usable(model, torch.device("cpu"))
+    assert "LMF_NATIVE=0" in native.status()
+    no_mod_input = _variant("lmlte", mod_input=False)
+    monkeypatch.setenv("LMF_NATIVE", "1")
+    assert no_mod_input.fused_mlp(encode_image(no_mod_input, torch.zeros(1, 3, 4, 4), (8, 8)).latents,
+                                  torch.ones(1, 2)) is None
+
+
+@pytest.mark.parametrize("variant", ["lm-liif, no ensemble", "lm-lte"])
+def test_both_renderers_equal_point_queries(render_path, variant):
+    """The grid renderers against the per-point path used in training (which shares no
+    grouping code with them); without the local ensemble too."""
+    from lmf_cli.models.geometry import make_coord
+
+    model = VARIANTS[variant]()
+    torch.manual_seed(0)
+    inp = torch.rand(1, 3, 9, 11) * 2 - 1
+    big_h, big_w = 25, 31
+    with torch.no_grad():
+        grid = upscale_tensor(model, inp, (big_h, big_w)) * 2 - 1
+        coord = make_coord(big_h, big_w)[None]
+        cell = torch.tensor([2 / big_h, 2 / big_w]).expand(1, big_h * big_w, 2)
+        points = model(inp, coord, cell).view(1, big_h, big_w, 3).permute(0, 3, 1, 2)
+    assert (grid - points).abs().max() < 2e-5
