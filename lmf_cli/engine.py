@@ -145,6 +145,11 @@ class _TiledRun:
         self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
         self.fused = native.usable(model, inp.device) and inp.shape[0] == 1
         self.block = render_block(model, max_memory, self.fused)
+        if schedule is not None and not self.fused:
+            where = native.status() if inp.device.type == "cpu" else f"on {inp.device.type}"
+            warnings.warn(f"CMSR draws single pixels, which needs the compiled CPU kernel ({where}); "
+                          "rendering every pixel in full", stacklevel=3)
+            self.schedule = None
         self.counts = stats if stats is not None else {}
         self.counts.update(rendered=0, total=out_hw[0] * out_hw[1])
 
@@ -228,71 +233,94 @@ def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: tor
 
 def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: torch.Tensor,
                    rows_range: tuple[int, int], cols_range: tuple[int, int]) -> torch.Tensor:
-    """One output block under CMSR: each level present is rendered where the pixels' LR
-    owners chose it (only those pixels with the compiled kernel; over their bounding box
-    with PyTorch), then written there."""
+    """One output block under CMSR: each level present is drawn where the pixels' LR owners
+    chose it, by the compiled kernel, which draws exactly those pixels (and the coarse
+    pixels they sample) in place. Levels and boxes are found on the LR grid, so the
+    bookkeeping costs a few passes over the block whatever the number of levels."""
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
-    own = levels[owners(a, b, big_h, h, g.lr0, device)][:, owners(ca, cb, big_w, w, g.lc0, device)]
+    own_r = owners(a, b, big_h, h, g.lr0, device)
+    own_c = owners(ca, cb, big_w, w, g.lc0, device)
+    first_r, first_c = int(own_r[0]), int(own_c[0])
+    window = levels[first_r:int(own_r[-1]) + 1, first_c:int(own_c[-1]) + 1]
+    own_r, own_c = own_r - first_r, own_c - first_c
     full_level = len(schedule.decode_scales)
     scale = max(big_h / h, big_w / w)
+    plans = []
+    for level in torch.unique(window).tolist():
+        chosen = window == level
+        lr_rows = torch.nonzero(chosen.any(1)).flatten()
+        lr_cols = torch.nonzero(chosen.any(0)).flatten()
+        r0, r1 = _span(own_r, int(lr_rows[0]), int(lr_rows[-1]))
+        c0, c1 = _span(own_c, int(lr_cols[0]), int(lr_cols[-1]))
+        grid = g.out_hw if level == full_level else level_grid(g.out_hw, scale, schedule.decode_scales[level])
+        plans.append((chosen, (r0, r1), (c0, c1), grid))
     out = g.piece.new_zeros(1, 3, b - a, cb - ca)
-    for level in torch.unique(own).tolist():
-        mask = own == level
-        rows = torch.nonzero(mask.any(1)).flatten()
-        cols = torch.nonzero(mask.any(0)).flatten()
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    for chosen, (r0, r1), (c0, c1), grid in plans:
+        mask = chosen.index_select(0, own_r[r0:r1]).index_select(1, own_c[c0:c1])
         box = (a + r0, a + r1), (ca + c0, ca + c1)
-        box_mask = mask[r0:r1, c0:c1]
-        if level == full_level:
-            img = render_region(model, g, g.out_hw, *box, mask=box_mask)
-        else:
-            grid = level_grid(g.out_hw, scale, schedule.decode_scales[level])
-            img = render_coarse(model, g, grid, *box, mask=box_mask)
-        region = out[:, :, r0:r1, c0:c1]
-        out[:, :, r0:r1, c0:c1] = torch.where(mask[r0:r1, c0:c1][None, None], img, region)
+        _draw_fused(model, g, grid, box, mask, out[:, :, r0:r1, c0:c1])
     return out
 
 
-def render_coarse(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
-                  cols_range: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Render a coarse grid around an output block, then bilinearly sample it at the block
-    (CMSR's coarse levels, and its calibration). With a `mask` over the block, only the
-    coarse pixels those output pixels sample need to be drawn; the others may read 0."""
+def _draw_fused(model: ImplicitSR, g: _Geometry, grid: tuple[int, int], box: tuple[tuple[int, int], ...],
+                mask: torch.Tensor, region: torch.Tensor) -> None:
+    """Draw the masked pixels of an output box into `region` in place, from a grid_hw
+    rendering (the output itself, or a coarse level sampled bilinearly)."""
+    if grid == g.out_hw:
+        render_region(model, g, grid, *box, mask=mask, into=region)
+        return
+    coarse_rows, coarse_cols, taps_r, taps_c = _coarse_taps(g, grid, *box)
+    needed = native.mark_taps(mask, taps_r, taps_c, (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
+    coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)
+    native.blend(region, mask, coarse, taps_r, taps_c)
+
+
+def _span(owner: torch.Tensor, first: int, last: int) -> tuple[int, int]:
+    """Output indices [start, stop) whose (sorted) owners lie in [first, last]."""
+    start = int(torch.searchsorted(owner, first))
+    return start, int(torch.searchsorted(owner, last, right=True))
+
+
+def _coarse_taps(g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                 cols_range: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], AxisBilinear, AxisBilinear]:
+    """The window of a coarse grid that an output block samples, and the block's bilinear
+    taps into that window."""
     big_h, big_w = g.out_hw
     device = g.piece.device
     taps_r = axis_bilinear(big_h, grid_hw[0], *rows_range, device=device)
     taps_c = axis_bilinear(big_w, grid_hw[1], *cols_range, device=device)
     r0, r1 = int(taps_r.lo.min()), int(taps_r.hi.max()) + 1
     c0, c1 = int(taps_c.lo.min()), int(taps_c.hi.max()) + 1
-    coarse_mask = None
-    if mask is not None:
-        py, px = torch.nonzero(mask, as_tuple=True)
-        coarse_mask = torch.zeros(r1 - r0, c1 - c0, dtype=torch.bool, device=device)
-        for tap_r in (taps_r.lo, taps_r.hi):
-            for tap_c in (taps_c.lo, taps_c.hi):
-                coarse_mask[tap_r[py] - r0, tap_c[px] - c0] = True
-    coarse = render_region(model, g, grid_hw, (r0, r1), (c0, c1), mask=coarse_mask)
-    local_r = AxisBilinear(taps_r.lo - r0, taps_r.hi - r0, taps_r.frac)
-    local_c = AxisBilinear(taps_c.lo - c0, taps_c.hi - c0, taps_c.frac)
-    return bilinear_grid(coarse, local_r, local_c)
+    return ((r0, r1), (c0, c1), AxisBilinear(taps_r.lo - r0, taps_r.hi - r0, taps_r.frac),
+            AxisBilinear(taps_c.lo - c0, taps_c.hi - c0, taps_c.frac))
+
+
+def render_coarse(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                  cols_range: tuple[int, int]) -> torch.Tensor:
+    """Render a coarse grid around an output block, then bilinearly sample it at the block
+    (CMSR's coarse levels, and its calibration)."""
+    coarse_rows, coarse_cols, taps_r, taps_c = _coarse_taps(g, grid_hw, rows_range, cols_range)
+    return bilinear_grid(render_region(model, g, grid_hw, coarse_rows, coarse_cols), taps_r, taps_c)
 
 
 def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
-                  cols_range: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
+                  cols_range: tuple[int, int], mask: torch.Tensor | None = None,
+                  into: torch.Tensor | None = None) -> torch.Tensor:
     """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised.
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
-    which pixels are wanted: the compiled kernel draws only those, PyTorch draws all.
+    which pixels are wanted: the compiled kernel draws only those (writing them `into` a
+    view when given), PyTorch draws all.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
     mlp = g.fused_mlp(model, grid_hw) if g.fused else None
     if mlp is not None:
         rows, bil_rows = _window_taps(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
         cols, bil_cols = _window_taps(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
-        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None)
+        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None, into)
         drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)

@@ -122,6 +122,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
                                p, p, p, p, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
     lib.lmf_render.restype = None
+    lib.lmf_mark_taps.argtypes = [p, i64, i64, p, p, p, p, p, i64]
+    lib.lmf_mark_taps.restype = None
+    lib.lmf_blend.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
+    lib.lmf_blend.restype = None
 
 
 @functools.cache
@@ -129,18 +133,34 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lmf-render")
 
 
+def _loaded(hidden: int) -> ctypes.CDLL:
+    lib = _library(hidden)
+    if lib is None:
+        raise RuntimeError("the render kernel is not available on this machine")
+    return lib
+
+
+def _strides(out: torch.Tensor) -> tuple[int, int]:
+    """Row and channel strides of a (1, 3, rows, cols) float32 view with unit column stride."""
+    if out.dtype != torch.float32 or out.stride(3) != 1:
+        raise ValueError("the kernel writes float32 views with contiguous rows")
+    return out.stride(2), out.stride(1)
+
+
 def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | None = None,
-           skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None) -> torch.Tensor:
+           skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None,
+           into: torch.Tensor | None = None) -> torch.Tensor:
     """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
     `skip` = (image (1, 3, h, w), row taps, column taps) sampled bilinearly if given.
 
-    With a boolean `mask` (rows, cols), only those pixels are computed; the rest are 0.
+    With a boolean `mask` (rows, cols), only those pixels are computed; the others are 0,
+    or, when writing `into` a (1, 3, rows, cols) view of a larger image, left as they are.
     """
-    lib = _library(mlp.hidden)
-    if lib is None:
-        raise RuntimeError("the render kernel is not available on this machine")
+    lib = _loaded(mlp.hidden)
     n_rows, n_cols = rows.lat.shape[0], cols.lat.shape[0]
-    out = torch.zeros(1, 3, n_rows, n_cols) if mask is not None else torch.empty(1, 3, n_rows, n_cols)
+    if into is None:
+        into = torch.zeros(1, 3, n_rows, n_cols) if mask is not None else torch.empty(1, 3, n_rows, n_cols)
+    stride, plane = _strides(into)
     base = mlp.base if mlp.base is not None else mlp.table
     mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
     if skip is None:
@@ -159,7 +179,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
                        mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
                        rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
                        rows.lat.shape[1], y0, y1, n_cols, pointers[0], pointers[1], *skip_hw, *pointers[2:],
-                       out.data_ptr(), n_cols, n_rows * n_cols)
+                       into.data_ptr(), stride, plane)
 
     threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
     cuts = [n_rows * t // threads for t in range(threads + 1)]
@@ -167,4 +187,26 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     run(cuts[0], cuts[1])
     for job in jobs:
         job.result()
-    return out
+    return into
+
+
+def mark_taps(mask: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear, coarse_hw: tuple[int, int]) -> torch.Tensor:
+    """The pixels of a coarse grid that the masked output pixels sample bilinearly."""
+    lib = _loaded(16)
+    mask_u8 = mask.to(torch.uint8).contiguous()
+    coarse = torch.zeros(coarse_hw, dtype=torch.uint8)
+    lib.lmf_mark_taps(mask_u8.data_ptr(), *mask.shape, rows.lo.data_ptr(), rows.hi.data_ptr(),
+                      cols.lo.data_ptr(), cols.hi.data_ptr(), coarse.data_ptr(), coarse_hw[1])
+    return coarse.bool()
+
+
+def blend(into: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
+          cols: AxisBilinear) -> None:
+    """Write the bilinear sample of a coarse rendering into the masked pixels of `into`."""
+    lib = _loaded(16)
+    mask_u8 = mask.to(torch.uint8).contiguous()
+    coarse = coarse[0].float().contiguous()
+    fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()
+    lib.lmf_blend(mask_u8.data_ptr(), *mask.shape, coarse.data_ptr(), *coarse.shape[1:],
+                  rows.lo.data_ptr(), rows.hi.data_ptr(), fy.data_ptr(), cols.lo.data_ptr(), cols.hi.data_ptr(),
+                  fx.data_ptr(), into.data_ptr(), *_strides(into))

@@ -171,3 +171,36 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
         }
     }
 }
+
+/* CMSR helpers over a rows x cols output block and its boolean mask (the pixels of one level).
+ * Coarse-grid taps are per output row (lo_y, hi_y, fy) and column (lo_x, hi_x, fx). */
+
+/* Mark the coarse pixels (coarse_w wide) that the masked output pixels sample. */
+void lmf_mark_taps(const uint8_t *mask, int64_t rows, int64_t cols, const int64_t *lo_y, const int64_t *hi_y,
+                   const int64_t *lo_x, const int64_t *hi_x, uint8_t *coarse, int64_t coarse_w) {
+    for (int64_t y = 0; y < rows; y++)
+        for (int64_t x = 0; x < cols; x++)
+            if (mask[y * cols + x]) {
+                coarse[lo_y[y] * coarse_w + lo_x[x]] = 1;
+                coarse[lo_y[y] * coarse_w + hi_x[x]] = 1;
+                coarse[hi_y[y] * coarse_w + lo_x[x]] = 1;
+                coarse[hi_y[y] * coarse_w + hi_x[x]] = 1;
+            }
+}
+
+/* Write the bilinear sample of `coarse` (3 x coarse_h x coarse_w) into the masked pixels of out. */
+void lmf_blend(const uint8_t *mask, int64_t rows, int64_t cols, const float *coarse, int64_t coarse_h,
+               int64_t coarse_w, const int64_t *lo_y, const int64_t *hi_y, const float *fy, const int64_t *lo_x,
+               const int64_t *hi_x, const float *fx, float *out, int64_t stride, int64_t plane) {
+    for (int64_t y = 0; y < rows; y++)
+        for (int64_t x = 0; x < cols; x++) {
+            if (!mask[y * cols + x]) continue;
+            for (int c = 0; c < 3; c++) {
+                const float *img = coarse + c * coarse_h * coarse_w;
+                const float *lo = img + lo_y[y] * coarse_w, *hi = img + hi_y[y] * coarse_w;
+                const float left = lo[lo_x[x]] * (1 - fy[y]) + hi[lo_x[x]] * fy[y];
+                const float right = lo[hi_x[x]] * (1 - fy[y]) + hi[hi_x[x]] * fy[y];
+                out[c * plane + y * stride + x] = left * (1 - fx[x]) + right * fx[x];
+            }
+        }
+}

@@ -23,6 +23,14 @@ def lm(tmp_path_factory):
     return load_weights(path)
 
 
+@pytest.fixture
+def kernel():
+    from lmf_cli import native
+
+    if native._library(16) is None:
+        pytest.skip("no C compiler: CMSR needs the render kernel")
+
+
 def _with_tables(loaded: LoadedModel, tables) -> Upscaler:
     return Upscaler(LoadedModel(loaded.model, loaded.spec, loaded.source, {}, tables), "cpu")
 
@@ -33,7 +41,7 @@ def _median_intensity(loaded, image, scale):
     return float(intensity(loaded.model, encode_image(loaded.model, inp, out_hw).latents).median())
 
 
-def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
+def test_zero_thresholds_render_everything_in_full(lm, butterfly, kernel):
     up = _with_tables(lm, {"2e-05": {"8": {"1": 0.0, "2": 0.0, "4": 0.0}}})
     full = up.upscale(butterfly, scale=8)
     with_cmsr = up.upscale(butterfly, scale=8, cmsr=True)
@@ -41,7 +49,7 @@ def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
     assert np.array_equal(full, with_cmsr)
 
 
-def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
+def test_coverage_rule_follows_intensity(lm, butterfly, kernel):
     """LR pixels at or below the threshold are drawn at decode scale 2, the rest in full."""
     image = butterfly.copy()
     image[:, :24] = 128  # a flat half: calm latents, as sky or a wall would be
@@ -61,7 +69,7 @@ def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
     assert not np.array_equal(out[~owner_busy], full[~owner_busy])
 
 
-def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
+def test_everything_calm_renders_coarse_only(lm, butterfly, kernel):
     up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
     out = up.upscale(butterfly, scale=8, cmsr=True)
     assert up.last_stats["rendered"] < 0.1 * up.last_stats["total"]
@@ -75,12 +83,21 @@ def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
     assert np.abs(out.astype(np.float32) - expected).max() <= 1
 
 
-def test_cmsr_with_tiles_equals_untiled(lm, butterfly, render_path):
+def test_cmsr_with_tiles_equals_untiled(lm, butterfly, kernel):
     median = _median_intensity(lm, butterfly, 6)
     up = _with_tables(lm, {"2e-05": {"6": {"1": median / 2, "3": median}}})
     whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=1000)
     tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=16)
     assert np.abs(whole - tiled).max() < 1e-4
+
+
+def test_without_the_kernel_cmsr_renders_in_full_and_says_so(lm, butterfly, monkeypatch):
+    up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
+    monkeypatch.setenv("LMF_NATIVE", "0")
+    with pytest.warns(UserWarning, match="CMSR draws single pixels"):
+        out = up.upscale(butterfly, scale=8, cmsr=True)
+    assert up.last_stats["rendered"] == up.last_stats["total"]
+    assert np.array_equal(out, up.upscale(butterfly, scale=8))
 
 
 def test_not_applied_within_training_range(lm, butterfly):

@@ -219,6 +219,6 @@ def axis_bilinear(n_out: int, n_in: int, out_start: int, out_stop: int, src_star
 def bilinear_grid(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:
     """Separable bilinear resampling of (B, C, h, w) at the window the axes describe."""
     fy = rows.frac.view(1, 1, -1, 1).to(image.dtype)
-    y = image[:, :, rows.lo] * (1 - fy) + image[:, :, rows.hi] * fy
+    y = image.index_select(2, rows.lo) * (1 - fy) + image.index_select(2, rows.hi) * fy
     fx = cols.frac.view(1, 1, 1, -1).to(image.dtype)
-    return y[:, :, :, cols.lo] * (1 - fx) + y[:, :, :, cols.hi] * fx
+    return y.index_select(3, cols.lo) * (1 - fx) + y.index_select(3, cols.hi) * fx
