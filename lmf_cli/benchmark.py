@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmf_cli import native
 from lmf_cli.cmsr import Schedule
 from lmf_cli.engine import rel_cell_for, upscale_tensor
 from lmf_cli.models.base import ImplicitSR
@@ -161,6 +162,7 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
                                   "cpu": _cpu_name()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["renderer"] = native.status() if device.type == "cpu" else "PyTorch"
     return info
 
 

@@ -183,11 +183,15 @@ class _TiledRun:
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
+                region = self.canvas[:, :, rows[0]:rows[1], cols[0]:cols[1]]
+                if levels is None and self.fused:  # the kernel writes straight into the canvas
+                    render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
+                    continue
                 if levels is None:
                     out = render_region(model, geometry, self.out_hw, rows, cols)
                 else:
                     out = _render_levels(model, geometry, self.schedule, levels, rows, cols)
-                self.canvas[:, :, rows[0]:rows[1], cols[0]:cols[1]] = out.add_(1).mul_(0.5).float().cpu()
+                region.copy_(out.add_(1).mul_(0.5))
 
 
 def _encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:

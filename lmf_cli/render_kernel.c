@@ -32,8 +32,8 @@
 
 /* acc = h W + b for a batch. Queries go SLOTS at a time, so their accumulators (SLOTS x
  * HIDDEN floats) stay in vector registers while each weight row is read once per group. */
-static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b) {
-    for (int s0 = 0; s0 < BATCH; s0 += SLOTS) {
+static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
+    for (int s0 = 0; s0 < rows; s0 += SLOTS) {
         float a[SLOTS][HIDDEN];
         for (int s = 0; s < SLOTS; s++)
             for (int o = 0; o < HIDDEN; o++) a[s][o] = b ? b[o] : 0.0f;
@@ -60,7 +60,7 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
         float acc[BATCH][HIDDEN];
         const int64_t k = m->first + l;
         const float *bias = m->biases + l * HIDDEN;
-        linear(acc, h, m->weights + l * HIDDEN * HIDDEN, NULL);
+        linear(acc, h, m->weights + l * HIDDEN * HIDDEN, NULL, BATCH);
         for (int s = 0; s < BATCH; s++) {
             const float *scale = m->table + lat[s] * m->row + k * HIDDEN;
             const float *shift = scale + m->depth * HIDDEN;
@@ -118,6 +118,11 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
     int64_t pixel[BATCH], row_of[BATCH], col_of[BATCH];
     const int per_pixel = (int)(taps * taps);
     int n = 0;
+    /* the 3-wide output layer padded to HIDDEN columns, so it runs as vector FMAs */
+    float w_pad[HIDDEN * HIDDEN] = {0}, b_pad[HIDDEN] = {0};
+    for (int i = 0; i < HIDDEN; i++)
+        for (int c = 0; c < 3; c++) w_pad[i * HIDDEN + c] = w_out[i * 3 + c];
+    for (int c = 0; c < 3; c++) b_pad[c] = b_out[c];
     for (int64_t y = y0; y < y1; y++) {
         for (int64_t x = 0; x <= width; x++) {
             if (n > 0 && (x == width || n + per_pixel > BATCH)) {
@@ -126,13 +131,16 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                     memset(h[s], 0, sizeof h[s]);
                 }
                 modulated_layers(h, lat, &m);
-                for (int s = 0; s < n; s += per_pixel) {
-                    float mix[HIDDEN] = {0};
-                    for (int t = s; t < s + per_pixel; t++)
-                        for (int o = 0; o < HIDDEN; o++) mix[o] += weight[t] * h[t][o];
+                /* ensemble-weighted last hidden layer per pixel, then the output layer */
+                float mix[BATCH][HIDDEN] = {{0}}, rgb[BATCH][HIDDEN];
+                for (int s = 0; s < n; s++)
+                    for (int o = 0; o < HIDDEN; o++) mix[s / per_pixel][o] += weight[s] * h[s][o];
+                const int pixels = n / per_pixel;
+                linear(rgb, mix, w_pad, b_pad, pixels);
+                for (int q = 0; q < pixels; q++) {
+                    const int s = q * per_pixel;
                     for (int c = 0; c < 3; c++) {
-                        float v = b_out[c];
-                        for (int i = 0; i < HIDDEN; i++) v += w_out[i * 3 + c] * mix[i];
+                        float v = rgb[q][c];
                         if (skip) {
                             const float *img = skip + c * skip_h * skip_w;
                             const int64_t yy = row_of[s], xx = col_of[s];

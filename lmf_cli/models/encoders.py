@@ -31,10 +31,10 @@ class _ResBlock(nn.Module):
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = self.body(x)
+        res = self.body(x)  # a fresh tensor: scaled and summed in place (one pass less each)
         if self.res_scale != 1:
-            res = res * self.res_scale
-        return res + x
+            res.mul_(self.res_scale)
+        return res.add_(x)
 
 
 class EDSR(nn.Module):
@@ -53,7 +53,7 @@ class EDSR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(x)
-        return self.body(x) + x
+        return self.body(x).add_(x)
 
 
 class _RDBConv(nn.Module):
@@ -72,7 +72,7 @@ class _RDB(nn.Module):
         self.LFF = nn.Conv2d(g0 + n_convs * growth, g0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LFF(self.convs(x)) + x
+        return self.LFF(self.convs(x)).add_(x)
 
 
 class RDN(nn.Module):
@@ -94,4 +94,4 @@ class RDN(nn.Module):
         for block in self.RDBs:
             x = block(x)
             outs.append(x)
-        return self.GFF(torch.cat(outs, 1)) + f1
+        return self.GFF(torch.cat(outs, 1)).add_(f1)

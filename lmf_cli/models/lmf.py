@@ -94,10 +94,10 @@ class LMLIIF(ImplicitSR):
             hidden = F.conv2d(feat, first.weight[:, :9 * c].reshape(-1, c, 3, 3), first.bias, padding=1)
         else:
             hidden = F.conv2d(feat, first.weight[:, :c, None, None], first.bias)
-        hidden = channels_last_table(hidden)
+        hidden = channels_last_table(hidden)  # fresh: the cell term and ReLU go in place
         if self.cell_decode:
-            hidden = hidden + (rel_cell @ first.weight[:, -2:].t())[:, None, None, :]
-        latents = {"mod": second(hidden.relu())}
+            hidden.add_((rel_cell @ first.weight[:, -2:].t())[:, None, None, :])
+        latents = {"mod": second(hidden.relu_())}
         if not self.mod_input:
             latents["code"] = channels_last_table(feat)
         return latents
