@@ -7,9 +7,10 @@ intensity, and its output pixels are bilinearly upsampled from that coarser rend
 Tables are calibrated on training images (`calibrate`) against an MSE threshold, the
 quality/speed knob; they live in the model's weights file, keyed by that threshold.
 
-Two deliberate differences from the official code, both for accuracy at equal cost:
-coarse levels are upsampled straight to the target grid (not chained level to level), and
-work is skipped per output block, which keeps exact tiling.
+Two deliberate differences from the official code: coarse levels are upsampled straight to
+the target grid (not chained level to level), for accuracy at equal cost; and the compiled
+render kernel draws exactly the output pixels of the full level and the coarse pixels the
+other levels sample, on the global grid, so CMSR keeps exact tiling.
 """
 
 from __future__ import annotations

@@ -104,3 +104,20 @@ def test_both_renderers_equal_point_queries(render_path, variant):
         cell = torch.tensor([2 / big_h, 2 / big_w]).expand(1, big_h * big_w, 2)
         points = model(inp, coord, cell).view(1, big_h, big_w, 3).permute(0, 3, 1, 2)
     assert (grid - points).abs().max() < 2e-5
+
+
+def test_a_missing_or_failing_compiler_means_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert native._library.__wrapped__(16) is None
+    assert not any(tmp_path.rglob("*.so*"))  # no half-written library left behind
+
+
+def test_the_kernel_is_built_once_into_the_cache(kernel_available, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    assert native._library.__wrapped__(8) is not None
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert native._library.__wrapped__(8) is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
