@@ -120,7 +120,7 @@ def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
-                               p, p, p, p, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
+                               p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
     lib.lmf_render.restype = None
     lib.lmf_mark_taps.argtypes = [p, i64, i64, p, p, p, p, p, i64]
     lib.lmf_mark_taps.restype = None
@@ -172,19 +172,19 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     pointers = [None if t is None else t.data_ptr() for t in [mask_u8, image, *skip_taps]]
     skip_hw = (0, 0) if image is None else image.shape[1:]
 
-    def run(y0: int, y1: int) -> None:
+    threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
+
+    def run(first: int) -> None:
         lib.lmf_render(mlp.table.data_ptr(), mlp.table.shape[2], mlp.table.shape[1], mlp.depth, mlp.kind,
                        base.data_ptr(), mlp.extra.data_ptr(), mlp.code,
                        mlp.weights.data_ptr(), mlp.biases.data_ptr(), mlp.weights.shape[0],
                        mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
                        rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
-                       rows.lat.shape[1], y0, y1, n_cols, pointers[0], pointers[1], *skip_hw, *pointers[2:],
-                       into.data_ptr(), stride, plane)
+                       rows.lat.shape[1], first, n_rows, threads, n_cols,
+                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), stride, plane)
 
-    threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
-    cuts = [n_rows * t // threads for t in range(threads + 1)]
-    jobs = [_pool().submit(run, cuts[t], cuts[t + 1]) for t in range(1, threads)]
-    run(cuts[0], cuts[1])
+    jobs = [_pool().submit(run, t) for t in range(1, threads)]
+    run(0)
     for job in jobs:
         job.result()
     return into

@@ -92,7 +92,8 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
     }
 }
 
-/* Render rows [y0, y1) of a window `width` pixels wide.
+/* Render rows y0, y0 + step, ... below y1 of a window `width` pixels wide (threads take
+ * interleaved rows, so each gets its share of the busy pixels when a mask is sparse).
  * lat_y/rel_y: (rows, taps) latent row and relative y of each ensemble neighbour (taps 1 or 2),
  * lat_x/rel_x likewise per column; they index the latent table (lat_h x lat_w x row).
  * mask (rows x width, may be NULL): pixels to render; others are left untouched.
@@ -106,7 +107,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 const float *base, const float *extra, int64_t code,
                 const float *weights, const float *biases, int64_t layers, const float *w_out, const float *b_out,
                 const int64_t *lat_y, const double *rel_y, const int64_t *lat_x, const double *rel_x,
-                int64_t taps, int64_t y0, int64_t y1, int64_t width, const uint8_t *mask,
+                int64_t taps, int64_t y0, int64_t y1, int64_t step, int64_t width, const uint8_t *mask,
                 const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
                 const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
                 float *out, int64_t stride, int64_t plane) {
@@ -123,7 +124,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
     for (int i = 0; i < HIDDEN; i++)
         for (int c = 0; c < 3; c++) w_pad[i * HIDDEN + c] = w_out[i * 3 + c];
     for (int c = 0; c < 3; c++) b_pad[c] = b_out[c];
-    for (int64_t y = y0; y < y1; y++) {
+    for (int64_t y = y0; y < y1; y += step) {
         for (int64_t x = 0; x <= width; x++) {
             if (n > 0 && (x == width || n + per_pixel > BATCH)) {
                 for (int s = n; s < BATCH; s++) {
