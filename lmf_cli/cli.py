@@ -362,6 +362,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT_DIR."),
     seed: int = typer.Option(0, "--seed"),
     export: Path | None = typer.Option(None, "--export", help="Also copy the final weights here."),
+    init: str | None = typer.Option(None, "--init", help="Start from these weights (a model name or file); "
+                                    "the architecture is theirs and --arch/--encoder/... are ignored."),
 ) -> None:
     """Train a model with the official recipe (resumable; Ctrl-C saves and stops)."""
     from lmf_cli import models as registry
@@ -372,7 +374,17 @@ def train(
     if arch not in registry.ARCHITECTURES:
         fail(f"--arch {arch!r}: choose one of {', '.join(registry.ARCHITECTURES)}")
     enc = _encoder_spec(encoder)
-    if arch == "lmliif":
+    init_path = None
+    if init:
+        from lmf_cli.checkpoints import load_weights
+        from lmf_cli.zoo import resolve
+
+        try:
+            init_path = str(resolve(init))
+            spec = load_weights(init_path).spec
+        except LmfError as exc:
+            fail(str(exc))
+    elif arch == "lmliif":
         spec = registry.lmliif_spec(enc, skip, latent_hidden, render_depth)
     else:
         spec = registry.ARCHITECTURES[arch](enc)
@@ -380,7 +392,7 @@ def train(
     val_folder = val_data or DATA_ROOT / "Set5" / "HR"
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
-                      val_every=val_every, val_data=str(val_folder))
+                      val_every=val_every, val_data=str(val_folder), init=init_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 

@@ -85,8 +85,10 @@ def _library(hidden: int) -> ctypes.CDLL | None:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(hidden).encode(),
                                          compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
         target = _cache_dir() / f"render-{hidden}-{key}.so"
-        if not target.exists() and not _compile(compiler, flags, hidden, target):
-            continue
+        if not target.exists():
+            if not _compile(compiler, flags, hidden, target):
+                continue
+            _remove_stale(target)
         try:
             lib = ctypes.CDLL(str(target))
         except OSError:
@@ -94,6 +96,14 @@ def _library(hidden: int) -> ctypes.CDLL | None:
         _declare(lib)
         return lib
     return None
+
+
+def _remove_stale(kept: Path) -> None:
+    """Builds of older sources (or other CPUs' flags) for the same width are dead weight."""
+    width = kept.name.split("-")[1]
+    for old in kept.parent.glob(f"render-{width}-*.so"):
+        if old != kept:
+            old.unlink(missing_ok=True)
 
 
 def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -> bool:

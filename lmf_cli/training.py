@@ -54,6 +54,7 @@ class TrainConfig:
     val_every: int = 500
     val_data: str | None = None
     save_minutes: float = 5.0
+    init: str | None = None  # weights file to start from (fine-tuning); its spec is `spec`
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -225,6 +226,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
         history, rng_state = json.loads(meta["history"]), json.loads(meta["rng"])
         log(f"resumed {state_path} at step {step}")
+    elif cfg.init:
+        from lmf_cli.checkpoints import load_weights
+
+        model.load_state_dict(load_weights(cfg.init).model.state_dict())
+        log(f"started from the weights in {cfg.init}")
     if cfg.bf16:
         model.encoder_dtype = torch.bfloat16
     model.use_channels_last()

@@ -121,3 +121,14 @@ def test_the_kernel_is_built_once_into_the_cache(kernel_available, tmp_path, mon
     stamp = built[0].stat().st_mtime_ns
     assert native._library.__wrapped__(8) is not None
     assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_a_new_build_replaces_stale_ones(kernel_available, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / "kernels" / "render-8-0123456789abcdef.so"
+    other_width = tmp_path / "kernels" / "render-16-0123456789abcdef.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    other_width.write_bytes(b"old")
+    assert native._library.__wrapped__(8) is not None
+    assert not stale.exists() and other_width.exists()

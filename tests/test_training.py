@@ -86,3 +86,16 @@ def test_cli_train_then_eval(tiny_data, tmp_path):
     card = load_weights(run / "model.safetensors").info
     assert card["eval"]["eval"] == {"2": rows[0]["psnr"], "3": rows[2]["psnr"]}
     assert card["eval_bicubic"]["eval"]["2"] == bicubic[2.0] and card["steps"] == 3
+
+
+def test_init_starts_from_given_weights(tiny_data, tmp_path):
+    """Fine-tuning: a run started from trained weights begins where they are, not at random."""
+    trained = train(_config(tiny_data, tmp_path / "a", steps=20), log=lambda _: None)
+    first_losses = {}
+    for name, init in (("random", None), ("init", str(trained))):
+        cfg = _config(tiny_data, tmp_path / name)
+        cfg.init = init
+        losses = []
+        train(cfg, max_steps=1, log=lambda _: None, on_step=lambda step, loss, dt, out=losses: out.append(loss))
+        first_losses[name] = losses[0]
+    assert first_losses["init"] < 0.7 * first_losses["random"]
