@@ -219,7 +219,7 @@ class _Geometry:
     latents: Latents
     counts: dict[str, int]
     fused: bool = False  # render through the compiled kernel
-    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict)
+    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
 
     def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
         """The kernel's per-latent tables for a grid: built once per tile and grid."""
@@ -258,6 +258,8 @@ def _render_levels(model: ImplicitSR, g: _Geometry, schedule: Schedule, levels: 
         lr_cols = torch.nonzero(chosen.any(0)).flatten()
         r0, r1 = _span(own_r, int(lr_rows[0]), int(lr_rows[-1]))
         c0, c1 = _span(own_c, int(lr_cols[0]), int(lr_cols[-1]))
+        if r0 >= r1 or c0 >= c1:  # LR pixels no output pixel centre falls in (an axis shrinks)
+            continue
         grid = g.out_hw if level == full_level else level_grid(g.out_hw, scale, schedule.decode_scales[level])
         plans.append((chosen, (r0, r1), (c0, c1), grid))
     out = g.piece.new_zeros(1, 3, b - a, cb - ca)
@@ -276,9 +278,11 @@ def _draw_fused(model: ImplicitSR, g: _Geometry, grid: tuple[int, int], box: tup
         render_region(model, g, grid, *box, mask=mask, into=region)
         return
     coarse_rows, coarse_cols, taps_r, taps_c = _coarse_taps(g, grid, *box)
-    needed = native.mark_taps(mask, taps_r, taps_c, (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
+    hidden = model.imnet.hidden_dim
+    needed = native.mark_taps(hidden, mask, taps_r, taps_c,
+                              (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
     coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)
-    native.blend(region, mask, coarse, taps_r, taps_c)
+    native.blend(hidden, region, mask, coarse, taps_r, taps_c)
 
 
 def _span(owner: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -303,8 +307,8 @@ def _coarse_taps(g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, 
 
 def render_coarse(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
                   cols_range: tuple[int, int]) -> torch.Tensor:
-    """Render a coarse grid around an output block, then bilinearly sample it at the block
-    (CMSR's coarse levels, and its calibration)."""
+    """Render a coarse grid around an output block, then bilinearly sample it at the whole
+    block (CMSR's calibration; at inference the kernel samples only the pixels it needs)."""
     coarse_rows, coarse_cols, taps_r, taps_c = _coarse_taps(g, grid_hw, rows_range, cols_range)
     return bilinear_grid(render_region(model, g, grid_hw, coarse_rows, coarse_cols), taps_r, taps_c)
 
@@ -316,8 +320,8 @@ def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], row
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
-    which pixels are wanted: the compiled kernel draws only those (writing them `into` a
-    view when given), PyTorch draws all.
+    which pixels are wanted: the compiled kernel draws only those, PyTorch draws all. With
+    `into` (a (1, 3, rows, cols) view), the wanted pixels are written there and it is returned.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
     mlp = g.fused_mlp(model, grid_hw) if g.fused else None
@@ -332,6 +336,8 @@ def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], row
         window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
         out = model.render(g.piece, g.latents, window)
         drawn = out.shape[-2] * out.shape[-1]
+        if into is not None:
+            out = into.copy_(out if mask is None else torch.where(mask, out, into))
     g.counts["rendered"] = g.counts.get("rendered", 0) + drawn
     return out
 

@@ -17,10 +17,12 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -38,6 +40,8 @@ FLAG_SETS = (
     ("-O3",),
 )
 MIN_ROWS_PER_THREAD = 4
+MAX_HIDDEN = 64  # wider render MLPs (none known) use PyTorch
+STALE_DAYS = 7
 
 
 def enabled() -> bool:
@@ -46,7 +50,7 @@ def enabled() -> bool:
 
 def usable(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether `model` renders through the kernel on `device`."""
-    if device.type != "cpu" or not enabled() or not hasattr(model, "fused_mlp"):
+    if device.type != "cpu" or not enabled() or not getattr(model, "can_fuse", lambda: False)():
         return False
     return _library(model.imnet.hidden_dim) is not None
 
@@ -55,16 +59,23 @@ def status() -> str:
     """One line for benchmarks and bug reports: which render path this machine uses."""
     if not enabled():
         return "PyTorch (LMF_NATIVE=0)"
-    return "compiled kernel" if _library(16) is not None else "PyTorch (no C compiler found)"
+    if _library(16) is not None:
+        return "compiled kernel"
+    return "PyTorch (the render kernel could not be built: no working C compiler)"
 
 
 def _cpu_signature() -> str:
-    text = platform.machine() + platform.processor()
+    """What -march=native depends on, so a shared cache never hands a build to another CPU."""
+    text = " ".join(platform.uname()) + platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            text += "".join(line for line in f if line.startswith(("flags", "model name")))
+            text += "".join(sorted({line for line in f if line.startswith(
+                ("flags", "model name", "Features", "CPU implementer", "CPU part"))}))
     except OSError:
         pass
+    if platform.system() == "Darwin":
+        text += subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "hw.optional"],
+                               capture_output=True, text=True).stdout
     return text
 
 
@@ -76,34 +87,54 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _library(hidden: int) -> ctypes.CDLL | None:
-    """The kernel built for a hidden width, compiled once per machine; None if it cannot be."""
+    """The kernel built for a hidden width, compiled once per machine; None if it cannot be.
+    A flag set that failed leaves a `.failed` marker, so no later process tries it again."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not enabled() or compiler is None or hidden % 2:
+    if not enabled() or compiler is None or hidden % 2 or hidden > MAX_HIDDEN:
         return None
-    source = SOURCE.read_bytes()
+    try:
+        source = SOURCE.read_bytes()
+        signature = _cpu_signature()
+    except (OSError, subprocess.SubprocessError):
+        return None
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(hidden).encode(),
-                                         compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+                                         compiler.encode(), signature.encode()])).hexdigest()[:16]
         target = _cache_dir() / f"render-{hidden}-{key}.so"
+        failed = target.with_suffix(".failed")
+        if failed.exists():
+            continue
         if not target.exists():
             if not _compile(compiler, flags, hidden, target):
+                _touch(failed)
                 continue
             _remove_stale(target)
         try:
             lib = ctypes.CDLL(str(target))
         except OSError:
+            _touch(failed)
             continue
         _declare(lib)
         return lib
     return None
 
 
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass
+
+
 def _remove_stale(kept: Path) -> None:
-    """Builds of older sources (or other CPUs' flags) for the same width are dead weight."""
-    width = kept.name.split("-")[1]
-    for old in kept.parent.glob(f"render-{width}-*.so"):
-        if old != kept:
-            old.unlink(missing_ok=True)
+    """Builds (and failure markers) a week old, of older sources or other flags, are dead weight."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in kept.parent.glob("render-*"):
+        try:
+            if old != kept and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -> bool:
@@ -114,7 +145,7 @@ def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -
         os.close(fd)
     except OSError:
         return False
-    cmd = [compiler, *flags, f"-DHIDDEN={hidden}", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+    cmd = [*shlex.split(compiler), *flags, f"-DHIDDEN={hidden}", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
         if done:
@@ -144,10 +175,18 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _loaded(hidden: int) -> ctypes.CDLL:
+    """The library for `hidden`; the CMSR helpers do not depend on it (any build serves)."""
     lib = _library(hidden)
     if lib is None:
         raise RuntimeError("the render kernel is not available on this machine")
     return lib
+
+
+def _check(condition: bool, what: str) -> None:
+    """The kernel trusts its inputs; these cheap checks keep a caller's slip from becoming
+    an out-of-bounds write."""
+    if not condition:
+        raise ValueError(f"render kernel: {what}")
 
 
 def _strides(out: torch.Tensor) -> tuple[int, int]:
@@ -171,12 +210,24 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     if into is None:
         into = torch.zeros(1, 3, n_rows, n_cols) if mask is not None else torch.empty(1, 3, n_rows, n_cols)
     stride, plane = _strides(into)
+    table_h, table_w = mlp.table.shape[:2]
+    _check(tuple(into.shape) == (1, 3, n_rows, n_cols), "output view has the wrong shape")
+    _check(mask is None or tuple(mask.shape) == (n_rows, n_cols), "mask has the wrong shape")
+    _check(int(rows.lat.max()) < table_h and int(cols.lat.max()) < table_w and int(rows.lat.min()) >= 0
+           and int(cols.lat.min()) >= 0, "latent index outside the table")
+    _check(rows.lat.dtype == cols.lat.dtype == torch.int64 and rows.rel.dtype == cols.rel.dtype == torch.float64,
+           "taps must be int64 latents and float64 offsets")
+    tensors = [mlp.table, mlp.extra, mlp.weights, mlp.biases, mlp.w_out, mlp.b_out]
+    _check(all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors), "model tensors must be "
+           "contiguous float32")
     base = mlp.base if mlp.base is not None else mlp.table
     mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
     if skip is None:
         image, skip_taps = None, [None] * 6
     else:
         image, sy, sx = skip[0][0].float().contiguous(), skip[1], skip[2]
+        _check(int(sy.hi.max()) < image.shape[1] and int(sx.hi.max()) < image.shape[2]
+               and int(sy.lo.min()) >= 0 and int(sx.lo.min()) >= 0, "skip taps outside the image")
         skip_taps = [sy.lo.contiguous(), sy.hi.contiguous(), sy.frac.float().contiguous(),
                      sx.lo.contiguous(), sx.hi.contiguous(), sx.frac.float().contiguous()]
     pointers = [None if t is None else t.data_ptr() for t in [mask_u8, image, *skip_taps]]
@@ -194,15 +245,22 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
                        pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), stride, plane)
 
     jobs = [_pool().submit(run, t) for t in range(1, threads)]
-    run(0)
+    try:
+        run(0)
+    finally:  # even on Ctrl-C, the workers must finish before the tensors they use are freed
+        wait(jobs)
     for job in jobs:
         job.result()
     return into
 
 
-def mark_taps(mask: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear, coarse_hw: tuple[int, int]) -> torch.Tensor:
+def mark_taps(hidden: int, mask: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear,
+              coarse_hw: tuple[int, int]) -> torch.Tensor:
     """The pixels of a coarse grid that the masked output pixels sample bilinearly."""
-    lib = _loaded(16)
+    lib = _loaded(hidden)
+    _check(int(rows.hi.max()) < coarse_hw[0] and int(cols.hi.max()) < coarse_hw[1]
+           and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
+    _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]), "mask has the wrong shape")
     mask_u8 = mask.to(torch.uint8).contiguous()
     coarse = torch.zeros(coarse_hw, dtype=torch.uint8)
     lib.lmf_mark_taps(mask_u8.data_ptr(), *mask.shape, rows.lo.data_ptr(), rows.hi.data_ptr(),
@@ -210,10 +268,14 @@ def mark_taps(mask: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear, coarse
     return coarse.bool()
 
 
-def blend(into: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
+def blend(hidden: int, into: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
           cols: AxisBilinear) -> None:
     """Write the bilinear sample of a coarse rendering into the masked pixels of `into`."""
-    lib = _loaded(16)
+    lib = _loaded(hidden)
+    _check(int(rows.hi.max()) < coarse.shape[2] and int(cols.hi.max()) < coarse.shape[3]
+           and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
+    _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]) == tuple(into.shape[2:]),
+           "mask and output view disagree")
     mask_u8 = mask.to(torch.uint8).contiguous()
     coarse = coarse[0].float().contiguous()
     fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()

@@ -29,6 +29,12 @@
 #endif
 #define AFFINE 0
 #define FOURIER 1
+#if BATCH % SLOTS
+#error "SLOTS must divide BATCH: linear() works in whole groups of SLOTS queries"
+#endif
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
 
 /* acc = h W + b for a batch. Queries go SLOTS at a time, so their accumulators (SLOTS x
  * HIDDEN floats) stay in vector registers while each weight row is read once per group. */
@@ -51,8 +57,8 @@ static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float
  * layer `first` (1 for AFFINE, whose layer 0 is the input stage; 0 for FOURIER). */
 typedef struct {
     const float *table;
-    int64_t row, lat_w, depth, first, layers, code;
-    const float *base, *extra, *weights, *biases, *w_out, *b_out;
+    int64_t row, depth, first, layers, code;
+    const float *base, *extra, *weights, *biases;
 } Model;
 
 static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
@@ -111,8 +117,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
                 const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
                 float *out, int64_t stride, int64_t plane) {
-    const Model m = {table, row, lat_w, depth, kind == AFFINE ? 1 : 0, layers, code,
-                     base, extra, weights, biases, w_out, b_out};
+    const Model m = {table, row, depth, kind == AFFINE ? 1 : 0, layers, code, base, extra, weights, biases};
     float h[BATCH][HIDDEN];
     int64_t lat[BATCH];
     float weight[BATCH];

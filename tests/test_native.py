@@ -32,6 +32,7 @@ VARIANTS = {
     "lm-liif, encoder code": lambda: _variant("lmliif", mod_input=False),
     "lm-liif, no ensemble": lambda: _variant("lmliif", local_ensemble=False),
     "lm-liif, width 8, depth 3": lambda: _variant("lmliif", hidden_dim=8, hidden_depth=3),
+    "lm-liif, depth 1": lambda: _variant("lmliif", hidden_depth=1),
     "lm-lte": lambda: _variant("lmlte"),
 }
 
@@ -111,6 +112,10 @@ def test_a_missing_or_failing_compiler_means_pytorch(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     assert native._library.__wrapped__(16) is None
     assert not any(tmp_path.rglob("*.so*"))  # no half-written library left behind
+    calls = []
+    monkeypatch.setattr(native, "_compile", lambda *args: calls.append(args) or False)
+    assert native._library.__wrapped__(16) is None
+    assert calls == []  # the failures were remembered: no process tries those flags again
 
 
 def test_the_kernel_is_built_once_into_the_cache(kernel_available, tmp_path, monkeypatch):
@@ -123,12 +128,48 @@ def test_the_kernel_is_built_once_into_the_cache(kernel_available, tmp_path, mon
     assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
 
 
-def test_a_new_build_replaces_stale_ones(kernel_available, tmp_path, monkeypatch):
+def test_a_new_build_clears_week_old_ones(kernel_available, tmp_path, monkeypatch):
+    import os
+    import time
+
     monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
-    stale = tmp_path / "kernels" / "render-8-0123456789abcdef.so"
-    other_width = tmp_path / "kernels" / "render-16-0123456789abcdef.so"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"old")
-    other_width.write_bytes(b"old")
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    old, recent = folder / "render-8-0123456789abcdef.so", folder / "render-16-0123456789abcdef.so"
+    for path in (old, recent):
+        path.write_bytes(b"an older build")
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
     assert native._library.__wrapped__(8) is not None
-    assert not stale.exists() and other_width.exists()
+    assert not old.exists() and recent.exists()
+
+
+def test_models_the_kernel_cannot_run_still_render_right(butterfly, monkeypatch):
+    """LM-LTE without mod_input has no kernel form: it must render through PyTorch, into the
+    canvas, with the kernel enabled."""
+    model = _variant("lmlte", mod_input=False)
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert not native.usable(model, inp.device)
+    with torch.no_grad():
+        enabled = _upscale(model, inp, (50, 61), monkeypatch, "kernel")
+        disabled = _upscale(model, inp, (50, 61), monkeypatch, "pytorch")
+    assert torch.equal(enabled, disabled)
+
+
+def test_cmsr_when_one_axis_has_lr_pixels_without_outputs(kernel_available, butterfly):
+    """Shrinking an axis (possible through the engine, not the API) leaves LR pixels that own
+    no output pixel; a level chosen only there must be skipped, not crash."""
+    from lmf_cli.cmsr import Schedule
+
+    class OnlyColumnZeroIsCalm(Schedule):
+        def levels(self, strength: torch.Tensor) -> torch.Tensor:
+            levels = torch.ones_like(strength, dtype=torch.long)  # 1 = full
+            levels[:, 0] = 0  # 12 -> 5 columns: LR column 0 holds no output pixel centre
+            return levels
+
+    model = VARIANTS["lm-liif"]()
+    inp = torch.from_numpy(butterfly[:12, :12]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        out = upscale_tensor(model, inp, (96, 5), schedule=OnlyColumnZeroIsCalm((2.0,), (0.5,)))
+        full = upscale_tensor(model, inp, (96, 5))
+    assert torch.equal(out, full)

@@ -51,10 +51,11 @@ def _fused(render: ModulatedMLP, kind: int, table: torch.Tensor, base: torch.Ten
     """Pack the render MLP for the compiled kernel; the latent table is passed as it is."""
     linears = render.linears[first:render.hidden_depth]
     last = render.linears[-1]
+    d = render.hidden_dim
+    weights = torch.stack([layer.weight.t() for layer in linears]) if linears else last.weight.new_empty(0, d, d)
+    biases = torch.stack([layer.bias for layer in linears]) if linears else last.weight.new_empty(0, d)
     return FusedMLP(kind, table.contiguous(), render.hidden_depth, base, extra.contiguous(), code,
-                    torch.stack([layer.weight.t() for layer in linears]).contiguous(),
-                    torch.stack([layer.bias for layer in linears]).contiguous(),
-                    last.weight.t().contiguous(), last.bias.contiguous())
+                    weights.contiguous(), biases.contiguous(), last.weight.t().contiguous(), last.bias.contiguous())
 
 
 def _latent_rows(table: torch.Tensor, window: RenderWindow) -> torch.Tensor:
@@ -94,7 +95,7 @@ class LMLIIF(ImplicitSR):
             hidden = F.conv2d(feat, first.weight[:, :9 * c].reshape(-1, c, 3, 3), first.bias, padding=1)
         else:
             hidden = F.conv2d(feat, first.weight[:, :c, None, None], first.bias)
-        hidden = channels_last_table(hidden)  # fresh: the cell term and ReLU go in place
+        hidden = channels_last_table(hidden)  # the conv's own output: cell term and ReLU go in place
         if self.cell_decode:
             hidden.add_((rel_cell @ first.weight[:, -2:].t())[:, None, None, :])
         latents = {"mod": second(hidden.relu_())}
@@ -128,6 +129,9 @@ class LMLIIF(ImplicitSR):
         x = torch.baddbmm(bias, rel, rel_weight).relu_()
         out = _folded_layers(self.imnet, x, mod, 1)
         return out.view(*_slot_shape(latents["mod"], window), 3)
+
+    def can_fuse(self) -> bool:
+        return True
 
     def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
         """Layer 0 is affine in (rel_y, rel_x): its code and cell part is one GEMM per latent."""
@@ -211,6 +215,10 @@ class LMLTE(ImplicitSR):
         x = coef.unsqueeze(1) * torch.cat([torch.cos(z), torch.sin(z)], -1)
         out = _folded_layers(self.imnet, x, mod, 0)
         return out.view(*_slot_shape(latents["mod"], window), 3)
+
+    def can_fuse(self) -> bool:
+        """The kernel's Fourier stage is hidden_dim wide: only with mod_input."""
+        return self.mod_input
 
     def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
         """The Fourier input stage reads coef and freq from the latent table; the phase of
