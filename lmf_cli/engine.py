@@ -143,7 +143,7 @@ class _TiledRun:
         self.margin = tile_margin(model)
         self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)])
         self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
-        self.fused = native.usable(model, inp.device) and inp.shape[0] == 1
+        self.fused = _renders_fused(model, inp)
         self.block = render_block(model, max_memory, self.fused)
         if schedule is not None and not self.fused:
             where = native.status() if inp.device.type == "cpu" else f"on {inp.device.type}"
@@ -192,6 +192,11 @@ class _TiledRun:
                 else:
                     out = _render_levels(model, geometry, self.schedule, levels, rows, cols)
                 region.copy_(out.add_(1).mul_(0.5))
+
+
+def _renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
+    """Whether this image renders through the compiled kernel (which takes one image at a time)."""
+    return inp.shape[0] == 1 and native.usable(model, inp.device)
 
 
 def _encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
@@ -326,8 +331,8 @@ def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], row
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
     mlp = g.fused_mlp(model, grid_hw) if g.fused else None
     if mlp is not None:
-        rows, bil_rows = _window_taps(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
-        cols, bil_cols = _window_taps(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
+        rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
+        cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
         out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None, into)
         drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
     else:
@@ -344,26 +349,21 @@ def render_region(model: ImplicitSR, g: _Geometry, grid_hw: tuple[int, int], row
 
 @functools.lru_cache(maxsize=512)
 def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, local_ensemble: bool,
-                 bilinear: bool, device: torch.device) -> tuple[AxisSlots, AxisBilinear | None]:
-    """Slots (and bilinear taps) of one axis of a render window. Cached: a tile's blocks
-    share their column axes along a row of blocks and their row axes down a column."""
-    slots = axis_slots(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
-    return slots, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
-
-
-@functools.lru_cache(maxsize=512)
-def _window_taps(n_grid: int, n_in: int, start: int, stop: int, origin: int, local_ensemble: bool,
-                 bilinear: bool, device: torch.device) -> tuple[AxisTaps, AxisBilinear | None]:
-    """The kernel's per-pixel form of `_window_axis`."""
-    taps = axis_taps(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
-    return taps, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
+                 bilinear: bool, device: torch.device,
+                 per_pixel: bool = False) -> tuple[AxisSlots | AxisTaps, AxisBilinear | None]:
+    """One axis of a render window: its slots grouped by latent (PyTorch renderer) or its
+    per-pixel taps (`per_pixel`, the kernel), and the bilinear skip's taps. Cached: a tile's
+    blocks share their column axes along a row of blocks and their row axes down a column."""
+    build = axis_taps if per_pixel else axis_slots
+    axis = build(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
+    return axis, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
 
 
 def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> _Geometry:
     """Encode a whole (untiled) image for rendering grids of it (calibration, benchmarks)."""
     rel_cell = inp.new_tensor([rel_cell_for(tuple(inp.shape[-2:]), out_hw)])
     return _Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {},
-                     native.usable(model, inp.device) and inp.shape[0] == 1)
+                     _renders_fused(model, inp))
 
 
 def round_size(value: float) -> int:
