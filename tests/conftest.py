@@ -11,6 +11,13 @@ import torch
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+RESIDUAL_GAIN = 0.1
+# Output and modulation layers of a trained decoder make small corrections around the input
+# colour; at full gain random ones pin most outputs at 0 or 1, where float32 last-bit
+# differences between a tile and the whole image (CPU-kernel dependent) grow past 1e-4.
+HEAD_GAIN = 0.5
+
+
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return torch.randn(*shape, generator=gen) / (fan_in ** 0.5)
@@ -22,8 +29,8 @@ def encoder_state(gen: torch.Generator, spec: dict) -> dict[str, torch.Tensor]:
 
     gain = 0.5 if spec["name"] == "rdn" else 1.0  # keeps 20 dense blocks' activations O(1)
 
-    def conv(name: str, out_ch: int, in_ch: int, k: int = 3) -> None:
-        sd[f"encoder.{name}.weight"] = _randn(gen, out_ch, in_ch, k, k) * gain
+    def conv(name: str, out_ch: int, in_ch: int, k: int = 3, branch_gain: float = 1.0) -> None:
+        sd[f"encoder.{name}.weight"] = _randn(gen, out_ch, in_ch, k, k) * gain * branch_gain
         sd[f"encoder.{name}.bias"] = _randn(gen, out_ch) * 0.1
 
     args = spec.get("args", {})
@@ -45,14 +52,17 @@ def encoder_state(gen: torch.Generator, spec: dict) -> dict[str, torch.Tensor]:
     conv("head.0", f, 3)
     for i in range(n):
         conv(f"body.{i}.body.0", f, f)
-        conv(f"body.{i}.body.2", f, f)
+        # Trained residual branches add small updates (EDSR's res_scale): unscaled random ones
+        # compound over 16 blocks into features of std ~7 that saturate every decoder.
+        conv(f"body.{i}.body.2", f, f, branch_gain=RESIDUAL_GAIN)
     conv(f"body.{n}", f, f)
     return sd
 
 
-def linear_stack(gen: torch.Generator, prefix: str, dims: list[int], sd: dict) -> None:
+def linear_stack(gen: torch.Generator, prefix: str, dims: list[int], sd: dict, last_gain: float = 1.0) -> None:
     for j in range(len(dims) - 1):
-        sd[f"{prefix}.layers.{2 * j}.weight"] = _randn(gen, dims[j + 1], dims[j])
+        gain = last_gain if j == len(dims) - 2 else 1.0
+        sd[f"{prefix}.layers.{2 * j}.weight"] = _randn(gen, dims[j + 1], dims[j]) * gain
         sd[f"{prefix}.layers.{2 * j}.bias"] = _randn(gen, dims[j + 1]) * 0.1
 
 
@@ -65,7 +75,7 @@ def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
         hidden = [32, 32]
         args = {"encoder_spec": encoder, "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": hidden}},
                 "local_ensemble": True, "feat_unfold": True, "cell_decode": True}
-        linear_stack(gen, "imnet", [feat * 9 + 4, *hidden, 3], sd)
+        linear_stack(gen, "imnet", [feat * 9 + 4, *hidden, 3], sd, HEAD_GAIN)
     elif name == "lte":
         hidden_dim, hidden = 32, [32, 32]
         args = {"encoder_spec": encoder, "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": hidden}},
@@ -74,7 +84,7 @@ def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
             sd[f"{conv}.weight"] = _randn(gen, hidden_dim, feat, 3, 3)
             sd[f"{conv}.bias"] = _randn(gen, hidden_dim) * 0.1
         sd["phase.weight"] = _randn(gen, hidden_dim // 2, 2)
-        linear_stack(gen, "imnet", [hidden_dim, *hidden, 3], sd)
+        linear_stack(gen, "imnet", [hidden_dim, *hidden, 3], sd, HEAD_GAIN)
     elif name == "lmliif":
         args = {"encoder_spec": encoder,
                 "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 6,
@@ -82,7 +92,7 @@ def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
                 "hypernet_spec": {"name": "mlp", "args": {"out_dim": 208, "hidden_list": [208]}},
                 "local_ensemble": True, "feat_unfold": True, "cell_decode": True, "mod_input": True,
                 "mixed_le": False}
-        linear_stack(gen, "hypernet", [feat * 9 + 2, 208, 208], sd)
+        linear_stack(gen, "hypernet", [feat * 9 + 2, 208, 208], sd, HEAD_GAIN)
         linear_stack(gen, "imnet", [20, *[16] * 6, 3], sd)
     else:
         args = {"encoder_spec": encoder,
@@ -95,8 +105,8 @@ def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
             sd[f"{conv}.bias"] = _randn(gen, 128) * 0.1
         sd["phase.weight"] = _randn(gen, 64, 2)
         sd["imphase.weight"] = _randn(gen, 8, 2)
-        linear_stack(gen, "hypernet", [128, 288, 288], sd)
-        linear_stack(gen, "imnet", [16, *[16] * 8, 3], sd)
+        linear_stack(gen, "hypernet", [128, 288, 288], sd, HEAD_GAIN)
+        linear_stack(gen, "imnet", [16, *[16] * 8, 3], sd, HEAD_GAIN)
     return {"model": {"name": name, "args": args, "sd": sd}, "optimizer": {"lr": 1e-4}, "epoch": 1000}
 
 
