@@ -354,7 +354,10 @@ def train(
     skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF: add a bilinear upsample of the input."),
     latent_hidden: int = typer.Option(208, "--latent-hidden", help="LM-LIIF: width of the latent MLP's hidden layer."),
     render_depth: int = typer.Option(6, "--render-depth", help="LM-LIIF: modulated hidden layers of the render MLP."),
-    bf16: bool = typer.Option(True, "--bf16/--fp32", help="Encoder in bfloat16 autocast."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Encoder in bfloat16 autocast (default: bf16 "
+                                     "where the CPU has AMX or AVX-512 BF16, else fp32)."),
+    degrade: str = typer.Option("none", "--degrade", help="LR degradations: none (clean bicubic), light "
+                                "(web/phone JPEGs) or real (JPEG q30+, noise, blur, H.264/H.265)."),
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation HR folder (default Set5)."),
     time_budget: str | None = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 2h."),
@@ -367,13 +370,20 @@ def train(
 ) -> None:
     """Train a model with the official recipe (resumable; Ctrl-C saves and stops)."""
     from lmf_cli import models as registry
+    from lmf_cli.degradations import PRESETS
     from lmf_cli.evaluation import evaluate, list_images, model_method
     from lmf_cli.training import DEFAULT_TRAIN_SETS, TrainConfig
     from lmf_cli.training import train as run_training
 
     if arch not in registry.ARCHITECTURES:
         fail(f"--arch {arch!r}: choose one of {', '.join(registry.ARCHITECTURES)}")
+    if degrade not in PRESETS:
+        fail(f"--degrade {degrade!r}: choose one of {', '.join(PRESETS)}")
     enc = _encoder_spec(encoder)
+    if bf16 is None:
+        from lmf_cli.hardware import fast_bf16
+
+        bf16 = fast_bf16("cpu")
     init_path = None
     if init:
         from lmf_cli.checkpoints import load_weights
@@ -392,7 +402,7 @@ def train(
     val_folder = val_data or DATA_ROOT / "Set5" / "HR"
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
-                      val_every=val_every, val_data=str(val_folder), init=init_path)
+                      val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmf_cli import models
 from lmf_cli.checkpoints import atomic_write, read_metadata, save_weights
+from lmf_cli.degradations import degrade_for_training, training_preset
 from lmf_cli.evaluation import list_images, load_rgb
 from lmf_cli.models.base import ImplicitSR
 
@@ -55,6 +55,7 @@ class TrainConfig:
     val_data: str | None = None
     save_minutes: float = 5.0
     init: str | None = None  # weights file to start from (fine-tuning); its spec is `spec`
+    degrade: str = "none"  # LR degradation preset (lmf_cli.degradations.PRESETS)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -76,6 +77,7 @@ class PatchSampler:
         if not self.images:
             raise ValueError(f"no training image is at least {min_side} px on its short side")
         self.cfg = cfg
+        self.preset = training_preset(cfg.degrade)
         self.rng = np.random.default_rng(seed)
 
     def batch(self) -> dict[str, torch.Tensor]:
@@ -88,7 +90,7 @@ class PatchSampler:
             y0 = rng.integers(img.shape[0] - hr_size + 1)
             x0 = rng.integers(img.shape[1] - hr_size + 1)
             hr = img[y0:y0 + hr_size, x0:x0 + hr_size]
-            lr = np.asarray(Image.fromarray(hr).resize((cfg.patch, cfg.patch), Image.Resampling.BICUBIC))
+            lr = degrade_for_training(hr, (cfg.patch, cfg.patch), self.preset, rng)
             flips = rng.random(3) < 0.5
             hr, lr = _augment(hr, flips), _augment(lr, flips)
             pick = rng.choice(hr_size * hr_size, cfg.queries, replace=False)
@@ -219,6 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         meta = read_metadata(state_path)
         tensors = load_file(str(state_path))
         saved_cfg = json.loads(meta["config"])
+        if saved_cfg.get("degrade", "none") != cfg.degrade:
+            raise ValueError(f"{state_path}: the saved run used --degrade {saved_cfg.get('degrade', 'none')}")
         if saved_cfg["spec"] != cfg.spec:
             raise ValueError(f"{state_path}: the saved run trains another architecture")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -26,19 +26,26 @@ def tiny_data(tmp_path_factory):
     return folder
 
 
-def _config(tiny_data, out, steps=4):
+def _config(tiny_data, out, steps=4, degrade="none"):
     spec = registry.lmliif_spec(registry.edsr_spec(1, 8), bilinear_skip=True)
     return TrainConfig(spec=spec, data=[str(tiny_data)], out_dir=str(out), steps=steps, batch=2, patch=16,
-                       queries=64, lr=1e-3, warmup=2, schedule="cosine", val_every=0, bf16=True)
+                       queries=64, lr=1e-3, warmup=2, schedule="cosine", val_every=0, bf16=True, degrade=degrade)
 
 
-def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
-    straight = train(_config(tiny_data, tmp_path / "a"), log=lambda _: None)
-    train(_config(tiny_data, tmp_path / "b"), max_steps=2, log=lambda _: None)
-    resumed = train(_config(tiny_data, tmp_path / "b"), resume=True, log=lambda _: None)
+@pytest.mark.parametrize("degrade", ["none", "real"])
+def test_resume_continues_bit_for_bit(tiny_data, tmp_path, degrade):
+    straight = train(_config(tiny_data, tmp_path / "a", degrade=degrade), log=lambda _: None)
+    train(_config(tiny_data, tmp_path / "b", degrade=degrade), max_steps=2, log=lambda _: None)
+    resumed = train(_config(tiny_data, tmp_path / "b", degrade=degrade), resume=True, log=lambda _: None)
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_resume_refuses_another_degradation(tiny_data, tmp_path):
+    train(_config(tiny_data, tmp_path / "r", steps=2), log=lambda _: None)
+    with pytest.raises(ValueError, match="--degrade none"):
+        train(_config(tiny_data, tmp_path / "r", steps=3, degrade="real"), resume=True, log=lambda _: None)
 
 
 def test_training_reduces_loss(tiny_data, tmp_path):

@@ -1,0 +1,97 @@
+"""Degradations: each operation does what its name says, measured on real pixels, and seeds reproduce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmf_cli import degradations as dg
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2))
+
+
+@pytest.fixture(scope="module")
+def lr(butterfly) -> np.ndarray:
+    return butterfly[:, :46]  # 40 x 46: even height, even width, real texture
+
+
+def test_gaussian_noise_has_the_asked_sigma():
+    flat = np.full((200, 200, 3), 128, np.uint8)
+    rng = np.random.default_rng(1)
+    colour = dg.gaussian_noise(flat, 5.0, gray=False, rng=rng).astype(float) - 128
+    gray = dg.gaussian_noise(flat, 5.0, gray=True, rng=rng).astype(float) - 128
+    assert abs(colour.std() - 5) < 0.2 and abs(gray.std() - 5) < 0.2
+    assert np.array_equal(gray[..., 0], gray[..., 2]) and not np.array_equal(colour[..., 0], colour[..., 2])
+
+
+def test_poisson_noise_grows_with_brightness():
+    rng = np.random.default_rng(2)
+    dark, bright = np.full((200, 200, 3), 30, np.uint8), np.full((200, 200, 3), 220, np.uint8)
+    s_dark = (dg.poisson_noise(dark, 1.0, False, rng).astype(float) - 30).std()
+    s_bright = (dg.poisson_noise(bright, 1.0, False, rng).astype(float) - 220).std()
+    # variance ~ value: std ratio ~ sqrt(220 / 30) = 2.7
+    assert 2.2 < s_bright / s_dark < 3.2
+
+
+def test_jpeg_quality_orders_the_damage(lr):
+    q95, q75, q40 = (_psnr(dg.jpeg(lr, q), lr) for q in (95, 75, 40))
+    assert q95 > q75 > q40 > 20
+
+
+@pytest.mark.parametrize("codec", ["h264", "h265"])
+def test_video_round_trip_keeps_size_and_crf_orders_the_damage(lr, codec):
+    odd = lr[:19, :45]  # odd, and under x265's 32-pixel minimum
+    fine, coarse = dg.video(odd, codec, 10), dg.video(odd, codec, 40)
+    assert fine.shape == coarse.shape == odd.shape and fine.dtype == np.uint8
+    assert _psnr(fine, odd) > _psnr(coarse, odd) + 3
+
+
+def test_blur_kernels():
+    g = dg.gaussian_kernel(1.0, 3.0, 0.0, 19)
+    assert abs(g.sum() - 1) < 1e-9 and g[9].sum() > g[:, 9].sum()  # wider along x than along y
+    rotated = dg.gaussian_kernel(1.0, 3.0, np.pi / 2, 19)
+    assert np.allclose(rotated, g.T, atol=1e-9)
+    sinc = dg.sinc_kernel(np.pi / 2, 21)
+    assert abs(sinc.sum() - 1) < 1e-9 and sinc.min() < 0  # ringing lobes
+    # a circular low-pass: the response at the cut-off frequency's double is small
+    spectrum = np.abs(np.fft.fft2(sinc, (64, 64)))
+    assert spectrum[0, 0] > 0.99 and spectrum[0, 24] < 0.15
+
+
+def test_training_without_a_preset_is_the_clean_protocol(butterfly):
+    hr = butterfly[:, :40]
+    out = dg.degrade_for_training(hr, (10, 10), None, np.random.default_rng(0))
+    assert np.array_equal(out, dg.resize(hr, (10, 10), "bicubic"))
+
+
+def test_training_chains_reproduce_from_the_seed_and_vary(butterfly):
+    hr = butterfly[:, :40]
+    preset = dg.training_preset("real")
+    first = [dg.degrade_for_training(hr, (20, 20), preset, np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(first[0], first[1])
+    rng = np.random.default_rng(3)
+    clean = dg.resize(hr, (20, 20), "bicubic")
+    outs = [dg.degrade_for_training(hr, (20, 20), preset, rng) for _ in range(60)]
+    same = sum(np.array_equal(o, clean) for o in outs)
+    assert 3 <= same <= 25  # about a fifth stays clean (plus chains that change nothing)
+    assert len({o.tobytes() for o in outs}) > 40
+    with pytest.raises(ValueError, match="choose one of"):
+        dg.training_preset("heavy")
+
+
+def test_eval_chains_parse_and_apply_in_order(lr):
+    chain = dg.parse_degradation("noise:5+jpeg:75")
+    assert chain.name == "noise:5+jpeg:75"
+    expected = dg.jpeg(dg.gaussian_noise(lr, 5, False, np.random.default_rng(0)), 75)
+    assert np.array_equal(chain(lr, seed=0), expected)
+    assert np.array_equal(chain(lr, seed=0), chain(lr, seed=0))
+
+
+@pytest.mark.parametrize(("text", "message"), [("jpeg:0", "within 1..100"), ("foo:3", "unknown degradation"),
+                                               ("jpeg", "give a number"), ("noise:-1", "above 0"),
+                                               ("h264:60", "within 0..51")])
+def test_eval_chain_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        dg.parse_degradation(text)
