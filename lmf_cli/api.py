@@ -8,20 +8,19 @@ grayscale; a 4th (alpha) channel is upscaled by the model too, or bicubic on req
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from lmf_cli.checkpoints import LoadedModel, load_weights
-from lmf_cli.cmsr import resolve_threshold, schedule_for, supports_cmsr
-from lmf_cli.engine import scaled_size, upscale_tensor
+from lmf_cli.engine.cmsr import resolve_threshold, schedule_for, supports_cmsr
+from lmf_cli.engine.sizes import Plan, Scale, plan_size
+from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError
-from lmf_cli.zoo import DEFAULT_MODEL, resolve
-
-Scale = float | tuple[float, float]
+from lmf_cli.imaging.resample import bicubic_resize_float
+from lmf_cli.models.checkpoints import LoadedModel, load_weights
+from lmf_cli.models.zoo import DEFAULT_MODEL, resolve
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -33,44 +32,6 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What an upscale will do: sizes in (height, width)."""
-
-    in_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        return self.out_hw[0] / self.in_hw[0], self.out_hw[1] / self.in_hw[1]
-
-
-def plan_size(in_hw: tuple[int, int], scale: Scale | None = None,
-              size: tuple[int, int] | None = None) -> Plan:
-    """Resolve `scale` (one factor or (y, x)) or `size` (height, width) to an output size.
-
-    Output = round(input x scale) per axis. lmf only enlarges: factors below 1 are refused,
-    because the decoder was never trained to shrink (its cell would be > 2 LR pixels) and a
-    resampler does that job better.
-    """
-    if (scale is None) == (size is None):
-        raise InputError("give exactly one of scale or size")
-    if size is not None:
-        out_hw = (int(size[0]), int(size[1]))
-        if min(out_hw) <= 0:
-            raise InputError(f"output size {out_hw[1]}x{out_hw[0]} must be positive")
-    else:
-        factors = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale)
-        if len(factors) != 2 or not all(np.isfinite(f) and f > 0 for f in factors):
-            raise InputError(f"scale {scale!r} must be a positive number or a (y, x) pair")
-        out_hw = scaled_size(in_hw, (float(factors[0]), float(factors[1])))
-    if out_hw[0] < in_hw[0] or out_hw[1] < in_hw[1]:
-        raise InputError(
-            f"{in_hw[1]}x{in_hw[0]} -> {out_hw[1]}x{out_hw[0]} would shrink the image; lmf only "
-            "enlarges (scale >= 1 on each axis); use a resampler such as Pillow's LANCZOS to shrink")
-    return Plan(in_hw, out_hw)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -156,7 +117,6 @@ class Upscaler:
             out = out.mean(axis=2, keepdims=True)
         if extra is not None:
             if alpha == "bicubic":
-                from lmf_cli.evaluation import bicubic_resize_float
                 a = bicubic_resize_float(extra, plan.out_hw)
             else:
                 a = self._run(np.repeat(extra, 3, axis=2), plan, **run).mean(axis=2, keepdims=True)

@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmf_cli.engine import TRAINED_MAX_SCALE, round_size
+from lmf_cli.engine.sizes import TRAINED_MAX_SCALE, plan_size, round_size
 from lmf_cli.errors import InputError, LmfError
+from lmf_cli.io.images import FORMATS, IMAGE_SUFFIXES, WRITABLE, probe_image
 
 SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff")
@@ -47,7 +48,6 @@ class Sizing:
 
     def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         """Output (height, width) for an input; lmf_cli.api.plan_size refuses shrinking and empty sizes."""
-        from lmf_cli.api import plan_size
 
         if self.scale is not None:
             return plan_size(in_hw, scale=self.scale).out_hw
@@ -139,7 +139,6 @@ def _inside(path: Path, folder: Path | None) -> bool:
 
 def _folder_images(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
     """Image files of a folder (and its subfolders with --recursive); hidden ones are left out."""
-    from lmf_cli.evaluation import IMAGE_SUFFIXES
 
     found = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
@@ -159,7 +158,6 @@ def _glob_base(pattern: str) -> Path:
 
 def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> list[Job]:
     """Files, folders and glob patterns -> one job per distinct file; inputs that match nothing fail."""
-    from lmf_cli.evaluation import IMAGE_SUFFIXES
 
     jobs: list[Job] = []
     seen: set[tuple[int, int]] = set()
@@ -198,7 +196,6 @@ def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> l
 
 def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tuple[Path | None, Path | None]:
     """(output file, output folder) from -o: a file only for a single input file."""
-    from lmf_cli.imageio import FORMATS, WRITABLE
 
     if output is None:
         return None, None
@@ -218,7 +215,6 @@ def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tupl
 
 def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recursive: bool) -> Path:
     """<stem>_<label>.<ext> beside the input, or in the output folder (mirroring the tree with --recursive)."""
-    from lmf_cli.imageio import FORMATS, WRITABLE
 
     src = job.source
     suffix = FORMATS[fmt] if fmt else src.suffix if src.suffix.lower() in WRITABLE else ".png"
@@ -231,7 +227,6 @@ def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recu
 def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None, out_file: Path | None,
               out_dir: Path | None, recursive: bool, overwrite: bool) -> None:
     """Sizes and output names from the headers alone; settles what will be skipped or refused."""
-    from lmf_cli.imageio import probe_image
 
     for job in jobs:
         if job.status != "pending":

@@ -94,6 +94,20 @@ def official_checkpoint(name: str, encoder: dict, seed: int = 0) -> dict:
                 "mixed_le": False}
         linear_stack(gen, "hypernet", [feat * 9 + 2, 208, 208], sd, HEAD_GAIN)
         linear_stack(gen, "imnet", [20, *[16] * 6, 3], sd)
+    elif name == "diif":
+        # the authors' DIIF arguments (C2F-MLP "c2fmlp_liif"); head `imnet.layers`, tail `imnet.tail`
+        head, tail = [32, 32], [32, 32]
+        args = {"encoder_spec": encoder,
+                "imnet_spec": {"name": "c2fmlp_liif", "args": {"out_dim": 3, "head_hidden_list": head,
+                                                                "tail_hidden_list": tail}},
+                "single_slice": False, "coarse_cell_decode": True, "fine_cell_decode": False,
+                "local_ensemble": True, "ensemble_num": 2, "feat_unfold": True, "unfold_num": 3,
+                "batch_unit": 384 * 384, "fixed_area": True}
+        for part, dims in (("layers", [feat * 4 + 6, *head]), ("tail", [head[-1] + 2, *tail, 3])):
+            for j in range(len(dims) - 1):
+                gain = HEAD_GAIN if part == "tail" and j == len(dims) - 2 else 1.0
+                sd[f"imnet.{part}.{2 * j}.weight"] = _randn(gen, dims[j + 1], dims[j]) * gain
+                sd[f"imnet.{part}.{2 * j}.bias"] = _randn(gen, dims[j + 1]) * 0.1
     else:
         args = {"encoder_spec": encoder,
                 "imnet_spec": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 8,
@@ -135,7 +149,7 @@ def butterfly() -> np.ndarray:
 @pytest.fixture(params=["kernel", "pytorch"])
 def render_path(request, monkeypatch) -> str:
     """Run a test through the compiled render kernel and through the PyTorch renderer."""
-    from lmf_cli import native
+    from lmf_cli.engine import native
 
     if request.param == "pytorch":
         monkeypatch.setenv("LMF_NATIVE", "0")

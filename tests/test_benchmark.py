@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lmf_cli import models as registry
-from lmf_cli.benchmark import liif_twin, model_macs
-from lmf_cli.checkpoints import load_weights, save_weights
 from lmf_cli.cli import app
+from lmf_cli.evaluation.benchmark import liif_twin, model_macs
+from lmf_cli.models.checkpoints import load_weights, save_weights
 
 # DESIGN.md §1: decoder GMACs for a 320x180 input
 PAPER = {1: (79.7, 9.8), 4: (1275, 15.5), 8: (5100, 33.7), 30: (71717, 351)}

@@ -10,8 +10,8 @@ import torch
 
 from lmf_cli import CheckpointError, UnsupportedModelError, Upscaler
 from lmf_cli import models as registry
-from lmf_cli.checkpoints import load_weights, save_weights
-from lmf_cli.zoo import resolve
+from lmf_cli.models.checkpoints import load_weights, save_weights
+from lmf_cli.models.zoo import resolve
 from tests.conftest import SMALL_EDSR, official_checkpoint
 
 
@@ -126,7 +126,7 @@ def test_missing_file_and_unknown_name(tmp_path):
 
 
 def test_shipped_name_without_weights_says_so(monkeypatch, tmp_path):
-    from lmf_cli import zoo
+    from lmf_cli.models import zoo
 
     monkeypatch.setattr(zoo, "weights_dirs", lambda: [tmp_path])
     with pytest.raises(CheckpointError) as err:

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image, ImageCms
 from typer.testing import CliRunner
 
-from lmf_cli import zoo
 from lmf_cli.api import Upscaler
-from lmf_cli.checkpoints import load_weights, save_weights
 from lmf_cli.cli import app
-from lmf_cli.evaluation import bicubic_resize_float
+from lmf_cli.imaging.resample import bicubic_resize_float
+from lmf_cli.models import zoo
+from lmf_cli.models.checkpoints import load_weights, save_weights
 
 runner = CliRunner()
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from lmf_cli import InputError, Upscaler
-from lmf_cli.checkpoints import LoadedModel, load_weights
-from lmf_cli.cmsr import Schedule, calibrate, intensity, merge_tables, resolve_threshold, schedule_for
 from lmf_cli.engine import encode_image, render_region
+from lmf_cli.engine.cmsr import Schedule, intensity, resolve_threshold, schedule_for
+from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
+from lmf_cli.training.calibrate import calibrate, merge_tables
 from tests.conftest import official_checkpoint
 
 DEEP = {"name": "edsr-baseline", "args": {"n_resblocks": 16, "n_feats": 8, "no_upsampling": True}}
@@ -25,7 +26,7 @@ def lm(tmp_path_factory):
 
 @pytest.fixture
 def kernel():
-    from lmf_cli import native
+    from lmf_cli.engine import native
 
     if native._library(16) is None:
         pytest.skip("no C compiler: CMSR needs the render kernel")
@@ -145,8 +146,8 @@ def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from lmf_cli.checkpoints import save_weights
     from lmf_cli.cli import app
+    from lmf_cli.models.checkpoints import save_weights
 
     weights = tmp_path / "m.safetensors"
     save_weights(weights, lm.model, lm.spec, {"steps": 1})

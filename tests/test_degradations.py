@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmf_cli import degradations as dg
+from lmf_cli.imaging import degradations as dg
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from lmf_cli.errors import InputError
-from lmf_cli.imageio import ImageFile, probe_image, read_image, write_image
+from lmf_cli.io.images import ImageFile, probe_image, read_image, write_image
 
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import models, native
-from lmf_cli.engine import encode_image, render_region, upscale_tensor
+from lmf_cli import models
+from lmf_cli.engine import encode_image, native, render_region, upscale_tensor
 
 SMALL = {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16, "no_upsampling": True}}
 
@@ -159,7 +159,7 @@ def test_models_the_kernel_cannot_run_still_render_right(butterfly, monkeypatch)
 def test_cmsr_when_one_axis_has_lr_pixels_without_outputs(kernel_available, butterfly):
     """Shrinking an axis (possible through the engine, not the API) leaves LR pixels that own
     no output pixel; a level chosen only there must be skipped, not crash."""
-    from lmf_cli.cmsr import Schedule
+    from lmf_cli.engine.cmsr import Schedule
 
     class OnlyColumnZeroIsCalm(Schedule):
         def levels(self, strength: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from lmf_cli import Upscaler
 from lmf_cli.cli import app
-from lmf_cli.evaluation import bicubic_method, load_rgb, make_pair, psnr
+from lmf_cli.evaluation.protocol import bicubic_method, psnr
+from lmf_cli.imaging.resample import make_pair
+from lmf_cli.io.images import load_rgb
 from tests.conftest import DATA
 
 # Set5 "bird" at x2 / x4: bicubic 36.84 / 30.19 dB; at release lmf-edsr 41.61 / 33.05, lmf-lite 40.77 / 32.65

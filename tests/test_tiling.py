@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmf_cli import Upscaler
-from lmf_cli.checkpoints import load_weights
+from lmf_cli.models.checkpoints import load_weights
 from tests.conftest import official_checkpoint
 
 # Full-depth EDSR-baseline (16 blocks: receptive radius 34) with few channels, so the tile

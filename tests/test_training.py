@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lmf_cli import models as registry
-from lmf_cli.checkpoints import load_weights
 from lmf_cli.cli import app
-from lmf_cli.training import TrainConfig, learning_rate, train
+from lmf_cli.models.checkpoints import load_weights
+from lmf_cli.training.config import TrainConfig, learning_rate
+from lmf_cli.training.loop import train
 from tests.conftest import DATA
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lmf_cli import video as video_module
-from lmf_cli import zoo
 from lmf_cli.api import Upscaler
 from lmf_cli.cli import app
 from lmf_cli.errors import InputError
-from lmf_cli.video import plan_video, upscale_video, work_dir
+from lmf_cli.io import video as video_module
+from lmf_cli.io.video import plan_video, upscale_video, work_dir
+from lmf_cli.models import zoo
 
 W, H, FRAMES = 48, 32, 14
 SRT = "1\n00:00:00,100 --> 00:00:00,300\nhello\n\n2\n00:00:00,400 --> 00:00:00,500\nworld\n"

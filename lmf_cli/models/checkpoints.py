@@ -7,18 +7,19 @@ official files go through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmf_cli import models
 from lmf_cli.errors import CheckpointError, UnsupportedModelError
+from lmf_cli.files import atomic_write
 from lmf_cli.models.base import ImplicitSR
 
 FORMAT = "lmf-1"
@@ -55,25 +56,7 @@ def save_weights(path: str | Path, model: ImplicitSR, spec: dict[str, Any],
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -141,3 +124,31 @@ def _build(path: Path, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> 
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def card_facts(path: str | Path) -> tuple[str, str, str, str]:
+    """Encoder, parameters, training and Set5 PSNR from the weights' header, without building the model."""
+    meta = read_metadata(path)
+    try:
+        spec, info = json.loads(meta.get("spec", "{}")), json.loads(meta.get("info", "{}"))
+        with safe_open(str(path), framework="pt") as f:
+            parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (json.JSONDecodeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged ({exc})") from exc
+    enc = spec.get("args", {}).get("encoder_spec", {}) if isinstance(spec, dict) else {}
+    enc_args = enc.get("args", {})
+    encoder = f"{spec.get('name', '?')} / {enc.get('name', '?')}"
+    if "n_resblocks" in enc_args:
+        encoder += f" {enc_args['n_resblocks']}x{enc_args.get('n_feats', '?')}"
+    info = info if isinstance(info, dict) else {}
+    training = f"{info['steps']:,} steps" if isinstance(info.get("steps"), int) else "?"
+    if isinstance(info.get("train_seconds"), (int, float)):
+        training += f", {info['train_seconds'] / 3600:.1f} h"
+    evals = info.get("eval")
+    set5 = evals.get("Set5") if isinstance(evals, dict) else None
+    psnr = "not evaluated"
+    if isinstance(set5, dict):
+        by_scale = {f"{float(k):g}": v for k, v in set5.items() if re.fullmatch(r"\d+(\.\d+)?", str(k))}
+        psnr = " / ".join(f"{by_scale[s]:.2f}" if isinstance(by_scale.get(s), (int, float)) else "-"
+                          for s in ("2", "3", "4"))
+    return encoder, f"{parameters / 1e6:.2f} M", training, psnr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmf_cli.errors import CheckpointError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lmf_cli/
 
 
 @dataclass(frozen=True)

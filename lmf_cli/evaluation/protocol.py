@@ -8,51 +8,24 @@ LR pixels (a multiple of the scale for integer scales).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from lmf_cli.engine.cmsr import Schedule
+from lmf_cli.engine.tiling import upscale_tensor
+from lmf_cli.errors import InputError
+from lmf_cli.imaging.degradations import EvalDegradation
+from lmf_cli.imaging.resample import bicubic_resize_float, make_pair
+from lmf_cli.io.images import load_rgb
+from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.checkpoints import LoadedModel, save_weights
+
 Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def bicubic_resize_uint8(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Antialiased bicubic resize of uint8 RGB, as PIL (the LR maker of the protocol)."""
-    out = Image.fromarray(img).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
-    return np.asarray(out)
-
-
-def bicubic_resize_float(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of float images in [0, 1] per channel, unquantised (the bicubic row)."""
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
-                         .resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC))
-              for c in range(img.shape[-1])]
-    return np.clip(np.stack(planes, -1), 0, 1)
-
-
-def make_pair(hr: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(cropped HR, LR) for one scale: LR has floor(H / s) rows, HR keeps round(h * s)."""
-    h, w = hr.shape[:2]
-    lh, lw = max(1, int(h / scale + 1e-9)), max(1, int(w / scale + 1e-9))
-    hh, hw = round(lh * scale), round(lw * scale)
-    hr = hr[:hh, :hw]
-    return hr, bicubic_resize_uint8(hr, (lh, lw))
 
 
 def _mse(a: np.ndarray, b: np.ndarray, shave: int) -> float:
@@ -110,14 +83,21 @@ class EvalResult:
 
 def evaluate(methods: dict[str, UpscaleFn], images: list[Path], scales: list[float],
              protocol: str = "benchmark", with_ssim: bool = True,
-             progress: Callable[[], None] | None = None) -> list[EvalResult]:
+             progress: Callable[[], None] | None = None,
+             degradation: EvalDegradation | None = None) -> list[EvalResult]:
     """Average PSNR/SSIM of each method at each scale. A method maps (LR uint8, (H, W)) to
-    a float [0, 1] image of that size."""
+    a float [0, 1] image of that size.
+
+    With a `degradation` (e.g. JPEG q75), every method gets the same degraded LR (seeded per
+    image, so noise is the same for each method and each run) and is scored against the clean HR.
+    """
     hrs = {p.stem: load_rgb(p) for p in images}
     results = []
     for scale in scales:
         shave = math.ceil(scale) + (6 if protocol == "div2k" else 0)
         pairs = {name: make_pair(hr, scale) for name, hr in hrs.items()}
+        if degradation is not None:
+            pairs = {name: (hr, degradation(lr, seed=zlib.crc32(name.encode()))) for name, (hr, lr) in pairs.items()}
         for method, fn in methods.items():
             per_psnr, per_ssim = {}, []
             for name, (hr, lr) in pairs.items():
@@ -138,12 +118,9 @@ def bicubic_method(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return bicubic_resize_float(lr.astype(np.float32) / 255, size_hw)
 
 
-def model_method(model, device: str = "cpu", schedule=None) -> UpscaleFn:
+def model_method(model: ImplicitSR, device: str = "cpu", schedule: Schedule | None = None) -> UpscaleFn:
     """An evaluation method that renders with an implicit model (float output, unquantised),
     optionally with a CMSR schedule."""
-    import torch
-
-    from lmf_cli.engine import upscale_tensor
 
     def run(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float().div(127.5).sub(1)
@@ -151,3 +128,25 @@ def model_method(model, device: str = "cpu", schedule=None) -> UpscaleFn:
         return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
     return run
+
+
+def record_results(loaded: LoadedModel, model: ImplicitSR, method: str, rows: list[dict], protocol: str,
+                   degradation: str | None = None) -> Path:
+    """Merge PSNRs into the weights' card: {"eval": {set: {scale: psnr}}} and the bicubic row
+    beside it; degraded inputs go under {"eval_degraded": {"jpeg:75": {...}}}."""
+    source = Path(loaded.source)
+    if source.suffix != ".safetensors":
+        raise InputError(f"{source}: --record needs .safetensors weights")
+    info = dict(loaded.info)
+    for key, name in (("eval", method), ("eval_bicubic", "bicubic")):
+        if degradation is None:
+            table = info.setdefault(key, {})
+        else:
+            table = info.setdefault(f"{key}_degraded" if key == "eval" else "eval_bicubic_degraded", {})
+            table = table.setdefault(degradation, {})
+        for r in rows:
+            if r["method"] == name:
+                table.setdefault(r["set"], {})[f"{r['scale']:g}"] = r["psnr"]
+    info["eval_protocol"] = protocol
+    save_weights(source, model.cpu(), loaded.spec, info, loaded.cmsr_tables)
+    return source

@@ -9,14 +9,18 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmf_cli import native
-from lmf_cli.cmsr import Schedule
-from lmf_cli.engine import rel_cell_for, upscale_tensor
+from lmf_cli.engine import native
+from lmf_cli.engine.cmsr import Schedule, schedule_for
+from lmf_cli.engine.render import encode_image, render_region
+from lmf_cli.engine.sizes import rel_cell_for
+from lmf_cli.engine.tiling import upscale_tensor
+from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.liif import LIIF
 
@@ -190,8 +194,6 @@ def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeat
                       window: int = 192) -> Row:
     """LIIF's time from a window x window output crop, scaled to the whole output (its cost
     is linear in output pixels); MACs for the whole output."""
-    from lmf_cli.engine import encode_image, render_region
-
     twin = liif_twin(model)
     device = inp.device
     in_hw = tuple(inp.shape[-2:])
@@ -209,3 +211,46 @@ def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeat
     return Row("LIIF (same encoder)", scale, Timing.of(enc), Timing.of([0.0] * len(enc)), Timing.of(render),
                Timing.of(total), macs, out_hw[0] * out_hw[1] / 1e6 / statistics.median(total),
                peak_memory_mb(device), note=note)
+
+
+def psnr_by_scale(model: ImplicitSR, device: torch.device, images: list[Path], scales: list[float],
+                  tables: dict, key: str) -> dict[tuple[str, float], float]:
+    """PSNR of LMF, LMF + CMSR and bicubic on `images` (standard protocol) up to x12."""
+    scores: dict[tuple[str, float], float] = {}
+    for scale in [s for s in scales if s <= 12]:
+        methods = {"LMF": model_method(model, str(device)), "bicubic": bicubic_method}
+        schedule = schedule_for(tables, key, scale)
+        if schedule is not None:
+            methods["LMF + CMSR"] = model_method(model, str(device), schedule)
+        for result in evaluate(methods, images, [scale], with_ssim=False):
+            name = "bicubic (OpenCV)" if result.method == "bicubic" else result.method
+            scores[(name.split(" (")[0], scale)] = result.psnr
+    return scores
+
+
+def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], title: str) -> None:
+    """Time and PSNR against scale, one line per method (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax_time, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r.method for r in rows):
+        points = [(r.scale, r.total.median_s) for r in rows if r.method == method]
+        ax_time.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax_time.set(xscale="log", yscale="log", xlabel="scale", ylabel="seconds (whole upscale)", title="time")
+    for method in dict.fromkeys(m for m, _ in scores):
+        points = sorted((s, v) for (m, s), v in scores.items() if m == method)
+        ax_psnr.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax_psnr.set(xscale="log", xlabel="scale", ylabel="Set5 PSNR (dB, Y)", title="quality")
+    for ax in (ax_time, ax_psnr):
+        ax.set_xticks(sorted({r.scale for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("x%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -19,13 +19,14 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lmf_cli.checkpoints import atomic_write
 from lmf_cli.errors import InputError
+from lmf_cli.files import atomic_write
 
 Image.MAX_IMAGE_PIXELS = None  # our own pixel limit applies (see probe_image)
 DEFAULT_MAX_PIXELS = 400_000_000
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tiff", "tif": ".tiff"}
 WRITABLE = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 ORIENTATION, EXIF_IFD, PIXEL_X, PIXEL_Y = 0x0112, 0x8769, 0xA002, 0xA003
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # How a TIFF stores its pixels (sizes, strips, tiles, samples, resolution, ICC): not facts to carry.
@@ -35,6 +36,20 @@ TIFF_LAYOUT_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 
 # What Pillow raises on damaged files (its TIFF reader also raises TypeError, KeyError, IndexError).
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, TypeError, KeyError,
                   IndexError)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under a folder (recursively, sorted), or the file itself."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 @dataclass

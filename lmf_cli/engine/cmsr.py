@@ -4,8 +4,8 @@ Each LR pixel's modulation intensity (mean |shift| over the render layers) says 
 detail it carries. A Scale2Mod table per target scale maps decode scales to intensity
 thresholds: an LR pixel is rendered at the smallest decode scale whose threshold covers its
 intensity, and its output pixels are bilinearly upsampled from that coarser rendering.
-Tables are calibrated on training images (`calibrate`) against an MSE threshold, the
-quality/speed knob; they live in the model's weights file, keyed by that threshold.
+Tables are calibrated on training images (`lmf_cli.training.calibrate`) against an MSE
+threshold, the quality/speed knob; they live in the model's weights file, keyed by it.
 
 Two deliberate differences from the official code: coarse levels are upsampled straight to
 the target grid (not chained level to level), for accuracy at equal cost; and the compiled
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmf_cli.engine import native
+from lmf_cli.engine.render import Geometry, coarse_taps, owners, render_region, span
 from lmf_cli.errors import InputError
 from lmf_cli.models.base import ImplicitSR, Latents
 
@@ -27,7 +29,6 @@ DECODE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 TARGET_SCALES = (6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 DEFAULT_THRESHOLD = 2e-5
 QUALITY_LEVELS = {"fast": 1e-4, "balanced": 2e-5, "fine": 5e-6}
-BIN_STEP, BIN_HALF_WIDTH = 0.01, 0.001
 MIN_SCALE = 4.0  # as the official code: CMSR only above the training range
 
 Tables = dict[str, dict[str, dict[str, float]]]  # threshold -> target scale -> decode scale -> intensity
@@ -99,79 +100,53 @@ def level_grid(out_hw: tuple[int, int], scale: float, decode_scale: float) -> tu
     return tuple(max(1, round(n * decode_scale / scale)) for n in out_hw)
 
 
-def calibrate_image(render_full, render_grid, strength_of_output: torch.Tensor,
-                    scale: float, decode_scales: tuple[float, ...], threshold: float) -> dict[float, float]:
-    """Thresholds from one image, following the official sweep: bins of intensity 0..1 (step
-    0.01, pixels within +-0.001), accepted at a decode scale while their MSE against the
-    full rendering stays <= threshold, starting where the previous decode scale stopped."""
-    reference = render_full()
-    bins = list(np.round(np.arange(0, 1 + BIN_STEP / 2, BIN_STEP), 4))
-    found: dict[float, float] = {}
-    last = 0.0
-    for d in decode_scales:
-        if d >= scale:
-            break
-        err = (render_grid(d) - reference).pow(2).mean(1).flatten()
-        for mid in list(bins):
-            mask = (strength_of_output - mid).abs().flatten() <= BIN_HALF_WIDTH
-            if not bool(mask.any()):
-                continue
-            if float(err[mask].mean()) <= threshold:
-                bins.remove(mid)
-                last = max(last, float(mid))
-            else:
-                break
-        found[d] = last
-    return found
+def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: torch.Tensor,
+                   rows_range: tuple[int, int], cols_range: tuple[int, int]) -> torch.Tensor:
+    """One output block under CMSR: each level present is drawn where the pixels' LR owners
+    chose it, by the compiled kernel, which draws exactly those pixels (and the coarse
+    pixels they sample) in place. Levels and boxes are found on the LR grid, so the
+    bookkeeping costs a few passes over the block whatever the number of levels."""
+    (h, w), (big_h, big_w) = g.in_hw, g.out_hw
+    (a, b), (ca, cb) = rows_range, cols_range
+    device = g.piece.device
+    own_r = owners(a, b, big_h, h, g.lr0, device)
+    own_c = owners(ca, cb, big_w, w, g.lc0, device)
+    first_r, first_c = int(own_r[0]), int(own_c[0])
+    window = levels[first_r:int(own_r[-1]) + 1, first_c:int(own_c[-1]) + 1]
+    own_r, own_c = own_r - first_r, own_c - first_c
+    full_level = len(schedule.decode_scales)
+    scale = max(big_h / h, big_w / w)
+    plans = []
+    for level in torch.unique(window).tolist():
+        chosen = window == level
+        lr_rows = torch.nonzero(chosen.any(1)).flatten()
+        lr_cols = torch.nonzero(chosen.any(0)).flatten()
+        r0, r1 = span(own_r, int(lr_rows[0]), int(lr_rows[-1]))
+        c0, c1 = span(own_c, int(lr_cols[0]), int(lr_cols[-1]))
+        if r0 >= r1 or c0 >= c1:  # LR pixels no output pixel centre falls in (an axis shrinks)
+            continue
+        grid = g.out_hw if level == full_level else level_grid(g.out_hw, scale, schedule.decode_scales[level])
+        plans.append((chosen, (r0, r1), (c0, c1), grid))
+    out = g.piece.new_zeros(1, 3, b - a, cb - ca)
+    for chosen, (r0, r1), (c0, c1), grid in plans:
+        mask = chosen.index_select(0, own_r[r0:r1]).index_select(1, own_c[c0:c1])
+        box = (a + r0, a + r1), (ca + c0, ca + c1)
+        _draw_fused(model, g, grid, box, mask, out[:, :, r0:r1, c0:c1])
+    return out
 
 
-def merge_tables(per_image: list[dict[float, float]]) -> dict[str, float]:
-    """Most cautious threshold over images, made non-decreasing in decode scale."""
-    scales = sorted({d for table in per_image for d in table})
-    merged = {d: min(t[d] for t in per_image if d in t) for d in scales}
-    for i in range(len(scales) - 2, -1, -1):
-        merged[scales[i]] = min(merged[scales[i]], merged[scales[i + 1]])
-    return {f"{d:g}": round(v, 4) for d, v in merged.items()}
 
 
-def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DEFAULT_THRESHOLD,
-              targets: tuple[float, ...] = TARGET_SCALES, device: str | torch.device = "cpu",
-              progress=None) -> dict[str, dict[str, float]]:
-    """Scale2Mod tables (target -> decode scale -> intensity) from HR training images.
-
-    For each target scale, every image is downscaled (bicubic) by it, encoded once, rendered
-    in full at the target and at each smaller decode scale, and swept bin by bin.
-    """
-    from lmf_cli.engine import encode_image, owners, render_coarse, render_region
-    from lmf_cli.evaluation import make_pair
-
-    if not supports_cmsr(model):
-        raise InputError("CMSR needs an LMF model (LM-LIIF or LM-LTE)")
-    tables: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
-        for scale in targets:
-            per_image = []
-            for hr in images:
-                hr_crop, lr = make_pair(hr, scale)
-                if min(lr.shape[:2]) < 4:
-                    continue
-                inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1
-                out_hw = hr_crop.shape[:2]
-                g = encode_image(model, inp, out_hw)
-                own_r = owners(0, out_hw[0], out_hw[0], lr.shape[0], 0, inp.device)
-                own_c = owners(0, out_hw[1], out_hw[1], lr.shape[1], 0, inp.device)
-                strength = intensity(model, g.latents)[0][own_r][:, own_c]
-                whole = (0, out_hw[0]), (0, out_hw[1])
-
-                def full(g=g, out_hw=out_hw, whole=whole):
-                    return render_region(model, g, out_hw, *whole)
-
-                def coarse(d, g=g, out_hw=out_hw, whole=whole, scale=scale):
-                    return render_coarse(model, g, level_grid(out_hw, scale, d), *whole)
-
-                per_image.append(calibrate_image(full, coarse, strength, scale, DECODE_SCALES, threshold))
-                if progress:
-                    progress()
-            if per_image:
-                tables[f"{scale:g}"] = merge_tables(per_image)
-    return tables
+def _draw_fused(model: ImplicitSR, g: Geometry, grid: tuple[int, int], box: tuple[tuple[int, int], ...],
+                mask: torch.Tensor, region: torch.Tensor) -> None:
+    """Draw the masked pixels of an output box into `region` in place, from a grid_hw
+    rendering (the output itself, or a coarse level sampled bilinearly)."""
+    if grid == g.out_hw:
+        render_region(model, g, grid, *box, mask=mask, into=region)
+        return
+    coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, *box)
+    hidden = model.imnet.hidden_dim
+    needed = native.mark_taps(hidden, mask, taps_r, taps_c,
+                              (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
+    coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)
+    native.blend(hidden, region, mask, coarse, taps_r, taps_c)

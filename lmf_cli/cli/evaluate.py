@@ -1,0 +1,179 @@
+"""`lmf eval` (the SR protocol, optionally on degraded inputs) and `lmf benchmark` (where the time goes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from lmf_cli.batch import parse_wxh
+from lmf_cli.cli.common import DATA_ROOT, checked, console, fail, require_matplotlib, stdout
+from lmf_cli.errors import LmfError
+
+
+def evaluate_cmd(
+    folders: list[Path] = typer.Argument(..., help="HR image folders or files (e.g. ../shared/data/Set5/HR)."),
+    model: str = typer.Option("lmf-edsr", "--model", "-m"),
+    scales: str = typer.Option("2,3,4", "--scales", help="Comma-separated, e.g. 2,3,4,6,8,12."),
+    protocol: str = typer.Option("benchmark", "--protocol", help="benchmark (Y, shave=s) or div2k (RGB, s+6)."),
+    device: str = typer.Option("auto", "--device"),
+    no_bicubic: bool = typer.Option(False, "--no-bicubic", help="Skip the bicubic row."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here (- for stdout)."),
+    record: bool = typer.Option(False, "--record", help="Store the PSNRs in the model's .safetensors card."),
+    degrade: str | None = typer.Option(None, "--degrade", help="Degrade the bicubic LR first, as real files are: "
+                                       "jpeg:75, noise:5, h264:28, blur:0.8, or a chain such as noise:3+jpeg:60."),
+) -> None:
+    """PSNR / SSIM of a model (and bicubic) with the standard SR protocol.
+
+    With --degrade, the model and bicubic get the same degraded LR and are scored against the clean HR.
+    """
+    from lmf_cli.api import Upscaler
+    from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method, record_results
+    from lmf_cli.imaging.degradations import parse_degradation
+    from lmf_cli.io.images import list_images
+
+    if protocol not in ("benchmark", "div2k"):
+        fail("--protocol must be benchmark or div2k")
+    try:
+        degradation = parse_degradation(degrade) if degrade else None
+    except ValueError as exc:
+        fail(f"--degrade {exc}")
+    try:
+        scale_list = [float(s) for s in scales.split(",")]
+        up = Upscaler.load(model, device)
+    except ValueError:
+        fail(f"--scales {scales!r} must be numbers separated by commas")
+    except LmfError as exc:
+        fail(str(exc))
+    rows = []
+    for folder in folders:
+        images = list_images(folder)
+        if not images:
+            fail(f"{folder}: no images found")
+        methods = {up.name: model_method(up.model, str(up.device))}
+        if not no_bicubic:
+            methods["bicubic"] = bicubic_method
+        set_name = folder.parent.name if folder.name == "HR" else folder.name
+        for r in evaluate(methods, images, scale_list, protocol, degradation=degradation):
+            rows.append({"set": set_name, "method": r.method, "scale": r.scale, "psnr": round(r.psnr, 3),
+                         "ssim": round(r.ssim, 4), "images": r.images})
+    inputs = f", LR degraded by {degradation.name}" if degradation else ""
+    table = Table("set", "method", *[f"x{s:g}" for s in scale_list],
+                  title=f"PSNR (dB) / SSIM, {protocol} protocol{inputs}")
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            cells = [f"{r['psnr']:.2f} / {r['ssim']:.4f}" for r in rows
+                     if r["set"] == set_name and r["method"] == method]
+            table.add_row(set_name, method, *cells)
+    stdout.print(table)
+    if record:
+        try:
+            source = record_results(up.loaded, up.model, up.name, rows, protocol,
+                                    degradation.name if degradation else None)
+        except LmfError as exc:
+            fail(str(exc))
+        console.print(f"recorded in {source}", highlight=False)
+    if json_out is not None:
+        text = json.dumps({"model": up.name, "protocol": protocol, "degradation": degradation.name if degradation
+                           else None, "results": rows}, indent=2)
+        if str(json_out) == "-":
+            print(text)
+        else:
+            json_out.write_text(text)
+
+
+def benchmark(
+    size: str = typer.Option("320x180", "--size", help="Input size WxH."),
+    scales: str = typer.Option("2,3,4,8,12,30", "--scales", help="Comma-separated factors."),
+    model: str = typer.Option("lmf-edsr", "--model", "-m"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16, auto."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per measurement (median and spread)."),
+    warmup: int = typer.Option(1, "--warmup"),
+    liif: bool = typer.Option(True, "--liif/--no-liif", help="Time LIIF on the same encoder."),
+    psnr: bool = typer.Option(False, "--psnr", help="Add Set5 PSNR (standard protocol) beside the time."),
+    quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat: under a minute."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG of time and PSNR against scale."),
+) -> None:
+    """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
+    and bicubic, with MACs from the architecture."""
+    import torch
+
+    from lmf_cli.api import Upscaler
+    from lmf_cli.engine.cmsr import DEFAULT_THRESHOLD, schedule_for
+    from lmf_cli.evaluation import benchmark as bench
+    from lmf_cli.io.images import list_images
+
+    if plot is not None:
+        require_matplotlib("--plot")
+    if quick:
+        size, scales, repeats, warmup = "96x64", "2,4,8", 1, 1
+    in_h, in_w = checked(parse_wxh, size, "--size")
+    try:
+        scale_list = [float(s) for s in scales.split(",")]
+        up = Upscaler.load(model, device, precision)
+    except ValueError:
+        fail(f"--scales {scales!r} must be numbers separated by commas")
+    except LmfError as exc:
+        fail(str(exc))
+    image = bench.test_image(in_h, in_w)
+    inp = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device)
+    info = bench.machine_info(up.device)
+    console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
+                  f"input {in_w} x {in_h}", highlight=False)
+    tables = up.loaded.cmsr_tables or {}
+    key = f"{DEFAULT_THRESHOLD:g}"
+    rows = []
+    for scale in scale_list:
+        rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inp, scale, repeats, warmup))
+        schedule = schedule_for(tables, key, scale)
+        if schedule is not None:
+            rows.append(bench.benchmark_model(f"LMF + CMSR ({up.name})", up.model, inp, scale, repeats, warmup,
+                                              schedule))
+        if liif:
+            rows.append(bench.liif_extrapolated(up.model, inp, scale, repeats, warmup,
+                                                window=96 if quick else 192))
+        rows.append(bench.benchmark_bicubic(image, scale, repeats, warmup))
+        console.print(f"x{scale:g} done", highlight=False)
+    scores = {}
+    if psnr:
+        images = list_images(DATA_ROOT / "Set5" / "HR")
+        if images:
+            scores = bench.psnr_by_scale(up.model, up.device, images, scale_list, tables, key)
+        else:
+            console.print("no Set5 images found; skipping PSNR", highlight=False)
+    table = Table("method", "scale", "encoder", "latent", "render", "total", "GMACs enc/lat/rend", "MP/s",
+                  "peak MB", "drawn", "PSNR", title=f"lmf benchmark, {in_w} x {in_h} input, median of {repeats}")
+    for row in rows:
+        stages = [f"{t.median_s * 1e3:.0f} ms" if t else "" for t in (row.encoder, row.latent, row.render)]
+        macs = "/".join(f"{row.macs.get(k, 0) / 1e9:.1f}" for k in ("encoder", "latent", "render"))
+        score = scores.get((row.method.split(" (")[0], row.scale))
+        table.add_row(row.method, f"x{row.scale:g}", *stages,
+                      f"{row.total.median_s * 1e3:.0f} ± {row.total.spread_s * 1e3:.0f} ms", macs,
+                      f"{row.megapixels_per_s:.1f}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
+                      f"{score:.2f}" if score else "")
+    stdout.print(table)
+    for row in rows:
+        if row.note:
+            console.print(f"{row.method} x{row.scale:g}: {row.note}", highlight=False)
+    for scale in scale_list:
+        lmf_row = next(r for r in rows if r.scale == scale and r.method.startswith("LMF ("))
+        liif_row = next((r for r in rows if r.scale == scale and r.method.startswith("LIIF")), None)
+        if liif_row:
+            lmf_dec = lmf_row.macs["latent"] + lmf_row.macs["render"]
+            lmf_time = lmf_row.latent.median_s + lmf_row.render.median_s
+            stdout.print(f"x{scale:g}: decoder {lmf_dec / 1e9:.1f} vs LIIF {liif_row.macs['render'] / 1e9:.0f} "
+                            f"GMACs ({liif_row.macs['render'] / lmf_dec:.0f}x fewer); decoder time "
+                            f"{lmf_time:.2f} vs {liif_row.render.median_s:.2f} s "
+                            f"({liif_row.render.median_s / max(lmf_time, 1e-9):.0f}x faster); whole upscale "
+                            f"{liif_row.total.median_s / lmf_row.total.median_s:.1f}x faster", highlight=False)
+    if json_out is not None:
+        payload = {"machine": info, "input_wh": [in_w, in_h], "model": up.name, "repeats": repeats,
+                   "rows": [r.as_dict() for r in rows],
+                   "psnr": [{"method": m, "scale": s, "psnr": v} for (m, s), v in scores.items()]}
+        json_out.write_text(json.dumps(payload, indent=2))
+    if plot is not None:
+        bench.plot(plot, rows, scores, f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}")

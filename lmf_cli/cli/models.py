@@ -1,0 +1,26 @@
+"""`lmf models`: the shipped models and the key facts of their cards."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from lmf_cli.cli.common import stdout
+from lmf_cli.errors import LmfError
+from lmf_cli.models.checkpoints import card_facts
+
+
+def models() -> None:
+    """List the shipped models and the key facts of their cards."""
+    from lmf_cli.models.zoo import SHIPPED, shipped_path
+
+    table = Table("name", "status", "model / encoder", "parameters", "training", "Set5 PSNR x2 / x3 / x4", "summary")
+    for entry in SHIPPED.values():
+        path = shipped_path(entry.name)
+        if path is None:
+            table.add_row(entry.name, "not trained yet", "", "", "", "", entry.summary)
+            continue
+        try:
+            table.add_row(entry.name, "ready", *card_facts(path), entry.summary)
+        except LmfError as exc:
+            table.add_row(entry.name, f"unreadable: {exc}", "", "", "", "", entry.summary)
+    stdout.print(table)

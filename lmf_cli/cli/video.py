@@ -1,0 +1,121 @@
+"""`lmf video`: plan, run the pipeline with a bar, and say how to resume after Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lmf_cli.batch import fmt_size, parse_sizing
+from lmf_cli.cli.common import (
+    FitWxH,
+    Height,
+    Scale,
+    ScaleX,
+    ScaleY,
+    SizeWxH,
+    Width,
+    checked,
+    console,
+    fail,
+    load_upscaler,
+    report,
+)
+from lmf_cli.errors import LmfError
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def video(
+    source: Path = typer.Argument(..., help="Input video file."),
+    output: Path | None = typer.Option(None, "--output", "-o",
+                                       help="Output file (default: <stem>_<size> beside the input, same container "
+                                            "if it is .mkv/.mp4/.mov/.m4v/.webm, else .mkv)."),
+    scale: Scale = None,
+    scale_x: ScaleX = None,
+    scale_y: ScaleY = None,
+    width: Width = None,
+    height: Height = None,
+    size: SizeWxH = None,
+    fit: FitWxH = None,
+    codec: str | None = typer.Option(None, "--codec", help="libx264, libx265, libsvtav1 or ffv1 (default: the "
+                                                           "first of these the build and container have)."),
+    crf: int | None = typer.Option(None, "--crf", help="Quality, lower is better (default 18 x264, 20 x265, "
+                                                      "30 SVT-AV1; ffv1 is lossless)."),
+    preset: str | None = typer.Option(None, "--preset", help="Encoder speed preset, e.g. slow (x264/x265) or 6 "
+                                                             "(SVT-AV1)."),
+    pix_fmt: str | None = typer.Option(None, "--pix-fmt", help="Output pixel format (default: the input's, "
+                                                               "10-bit kept 10-bit)."),
+    start: str | None = typer.Option(None, "--start", help="Process from this time (seconds or [HH:]MM:SS)."),
+    end: str | None = typer.Option(None, "--end", help="Process up to this time."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (never the input)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job from its last finished segment."),
+    segment_frames: int = typer.Option(240, "--segment-frames", help="Frames per resumable segment."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="Shipped model name or weights file (default: lmf-lite on CPU, "
+                                          "lmf-edsr on a GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
+    tile: int | None = typer.Option(None, "--tile", help="Tile side in input pixels (default: from memory)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Upscale every frame of a video; audio, subtitles, timestamps, rotation and colour tags are kept.
+
+    The output is written to a temp file and renamed when complete; Ctrl-C keeps the finished
+    segments so that --resume continues the job.
+    """
+    from lmf_cli.api import pick_device
+    from lmf_cli.io.video import default_suffix, parse_time, plan_video, run_video, work_dir
+
+    sizing = checked(parse_sizing, scale, scale_x, scale_y, width, height, size, fit)
+    try:
+        start_s = parse_time(start) if start is not None else None
+        end_s = parse_time(end) if end is not None else None
+        plan = plan_video(source, sizing.out_hw, suffix=output.suffix if output else default_suffix(source),
+                          codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, start=start_s, end=end_s,
+                          segment_frames=segment_frames)
+    except LmfError as exc:
+        fail(str(exc))
+    target = output or source.with_name(f"{source.stem}_{sizing.label(plan.display_out)}"
+                                        f"{default_suffix(source)}")
+    if model is None:
+        try:
+            model = "lmf-lite" if pick_device(device).type == "cpu" else "lmf-edsr"
+        except RuntimeError as exc:
+            fail(f"--device {device}: {str(exc).splitlines()[0]}")
+    up = load_upscaler(model, device, precision, "exact")
+
+    def say(message: str) -> None:
+        if not quiet:
+            console.print(escape(message), highlight=False)
+
+    frames = f", ~{plan.total} frames" if plan.total else ""
+    say(f"{source} -> {target}: {fmt_size(plan.display_in)} -> {fmt_size(plan.display_out)}, {plan.codec} "
+        f"{plan.pix_fmt}{frames}; model {up.name} on {up.device} ({up.precision})")
+    for note in plan.notes:
+        report("note", note)
+    work = work_dir(target)
+    if work.exists() and not resume:
+        report("note", f"starting over: {work} holds an earlier interrupted run (--resume continues it)")
+    bars = Progress(TextColumn("video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[fps]:.2f} fps"),
+                    TextColumn("{task.fields[size]}"), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=quiet or not console.is_terminal)
+    try:
+        with bars:
+            task = bars.add_task("video", total=plan.total, fps=0.0, size=_megabytes(0))
+            result = run_video(plan, target, up, overwrite=overwrite, resume=resume, tile=tile,
+                               progress=lambda p: bars.update(task, completed=p.done, total=p.total, fps=p.fps,
+                                                              size=_megabytes(p.out_bytes)))
+    except LmfError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        report("interrupted", f"no output written; finished segments are kept in {work}; run the same command "
+                              "with --resume to continue")
+        raise typer.Exit(130) from None
+    resumed = f" ({result.resumed_frames} resumed)" if result.resumed_frames else ""
+    say(f"wrote {target}: {result.frames} frames{resumed} in {result.seconds:.1f} s ({result.fps:.2f} fps), "
+        f"{_megabytes(result.out_bytes)}")

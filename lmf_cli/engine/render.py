@@ -1,0 +1,149 @@
+"""Rendering output windows from one encoded tile, through the compiled kernel or PyTorch.
+
+`Geometry` is an encoded tile (its input pixels and latents, where it sits in the image);
+`render_region` draws any window of any grid of the image from it on the global grid, so
+the pixels do not depend on how the image was cut into tiles and blocks."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from lmf_cli.engine import native
+from lmf_cli.engine.sizes import rel_cell_for
+from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow
+from lmf_cli.models.geometry import (
+    AxisBilinear,
+    AxisSlots,
+    AxisTaps,
+    axis_bilinear,
+    axis_slots,
+    axis_taps,
+    bilinear_grid,
+)
+from lmf_cli.models.mlp import FusedMLP
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One encoded tile: `piece` (its input pixels, the first at (lr0, lc0)) and latents."""
+
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    lr0: int
+    lc0: int
+    piece: torch.Tensor
+    latents: Latents
+    counts: dict[str, int]
+    fused: bool = False  # render through the compiled kernel
+    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
+
+    def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
+        """The kernel's per-latent tables for a grid: built once per tile and grid."""
+        if grid_hw not in self.packed:
+            rel_cell = self.piece.new_tensor([rel_cell_for(self.in_hw, grid_hw)])
+            self.packed[grid_hw] = model.fused_mlp(self.latents, rel_cell)
+        return self.packed[grid_hw]
+
+
+def renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
+    """Whether this image renders through the compiled kernel (which takes one image at a time)."""
+    return inp.shape[0] == 1 and native.usable(model, inp.device)
+
+
+def encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+    """Encode, falling back to float32 when a reduced-precision encoder overflowed."""
+    latents = model.encode(piece, rel_cell)
+    if model.encoder_dtype is None or all(bool(torch.isfinite(t).all()) for t in latents.values()):
+        return latents
+    warnings.warn("reduced-precision encoder produced NaN/inf on a tile; recomputing it in float32", stacklevel=3)
+    saved, model.encoder_dtype = model.encoder_dtype, None
+    try:
+        return model.encode(piece, rel_cell)
+    finally:
+        model.encoder_dtype = saved
+
+
+def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: torch.device) -> torch.Tensor:
+    """Local index of the LR pixel containing each output pixel centre."""
+    i = torch.arange(start, stop, device=device)
+    return torch.div((2 * i + 1) * n_in, 2 * n_out, rounding_mode="floor") - first
+
+
+def span(owner: torch.Tensor, first: int, last: int) -> tuple[int, int]:
+    """Output indices [start, stop) whose (sorted) owners lie in [first, last]."""
+    start = int(torch.searchsorted(owner, first))
+    return start, int(torch.searchsorted(owner, last, right=True))
+
+
+def coarse_taps(g: Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                 cols_range: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], AxisBilinear, AxisBilinear]:
+    """The window of a coarse grid that an output block samples, and the block's bilinear
+    taps into that window."""
+    big_h, big_w = g.out_hw
+    device = g.piece.device
+    taps_r = axis_bilinear(big_h, grid_hw[0], *rows_range, device=device)
+    taps_c = axis_bilinear(big_w, grid_hw[1], *cols_range, device=device)
+    r0, r1 = int(taps_r.lo.min()), int(taps_r.hi.max()) + 1
+    c0, c1 = int(taps_c.lo.min()), int(taps_c.hi.max()) + 1
+    return ((r0, r1), (c0, c1), AxisBilinear(taps_r.lo - r0, taps_r.hi - r0, taps_r.frac),
+            AxisBilinear(taps_c.lo - c0, taps_c.hi - c0, taps_c.frac))
+
+
+def render_coarse(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                  cols_range: tuple[int, int]) -> torch.Tensor:
+    """Render a coarse grid around an output block, then bilinearly sample it at the whole
+    block (CMSR's calibration; at inference the kernel samples only the pixels it needs)."""
+    coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid_hw, rows_range, cols_range)
+    return bilinear_grid(render_region(model, g, grid_hw, coarse_rows, coarse_cols), taps_r, taps_c)
+
+
+def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
+                  cols_range: tuple[int, int], mask: torch.Tensor | None = None,
+                  into: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised.
+
+    The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
+    encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
+    which pixels are wanted: the compiled kernel draws only those, PyTorch draws all. With
+    `into` (a (1, 3, rows, cols) view), the wanted pixels are written there and it is returned.
+    """
+    (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
+    mlp = g.fused_mlp(model, grid_hw) if g.fused else None
+    if mlp is not None:
+        rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
+        cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
+        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None, into)
+        drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
+    else:
+        rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
+        cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
+        window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
+        out = model.render(g.piece, g.latents, window)
+        drawn = out.shape[-2] * out.shape[-1]
+        if into is not None:
+            out = into.copy_(out if mask is None else torch.where(mask, out, into))
+    g.counts["rendered"] = g.counts.get("rendered", 0) + drawn
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, local_ensemble: bool,
+                 bilinear: bool, device: torch.device,
+                 per_pixel: bool = False) -> tuple[AxisSlots | AxisTaps, AxisBilinear | None]:
+    """One axis of a render window: its slots grouped by latent (PyTorch renderer) or its
+    per-pixel taps (`per_pixel`, the kernel), and the bilinear skip's taps. Cached: a tile's
+    blocks share their column axes along a row of blocks and their row axes down a column."""
+    build = axis_taps if per_pixel else axis_slots
+    axis = build(n_grid, n_in, start, stop, origin, local_ensemble, device=device)
+    return axis, axis_bilinear(n_grid, n_in, start, stop, origin, device=device) if bilinear else None
+
+
+def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> Geometry:
+    """Encode a whole (untiled) image for rendering grids of it (calibration, benchmarks)."""
+    rel_cell = inp.new_tensor([rel_cell_for(tuple(inp.shape[-2:]), out_hw)])
+    return Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {},
+                     renders_fused(model, inp))

@@ -1,0 +1,113 @@
+"""Upscaling a whole image in tiles: the core the Upscaler, eval and the benchmark call.
+
+The encoder and latent MLP run once per tile (with a margin of the encoder's receptive
+field); the render MLP covers the tile's output in blocks sized from a memory budget.
+Tiles and blocks only split the work: every output pixel gets the same neighbours, the
+same ops and the same summation order whatever the tile and block sizes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from lmf_cli.engine import native
+from lmf_cli.engine.budget import default_tile, render_block, tile_margin
+from lmf_cli.engine.cmsr import Schedule, intensity, render_levels
+from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
+from lmf_cli.engine.sizes import rel_cell_for
+from lmf_cli.models.base import ImplicitSR
+
+
+@torch.inference_mode()
+def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], tile: int | None = None,
+                   schedule: Schedule | None = None, max_memory: int | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   stats: dict[str, int] | None = None) -> torch.Tensor:
+    """Upscale a (1, 3, h, w) tensor in [-1, 1] to a (1, 3, H, W) CPU tensor in [0, 1] units.
+
+    The input is cut into tiles of `tile` x `tile` input pixels (None: from the memory
+    budget); each tile is encoded with a margin and renders exactly the output pixels whose
+    centres fall in its core, on the global grid, so tiling never changes the result
+    beyond float rounding. With a CMSR `schedule`, each output block renders only the
+    levels its LR pixels need. `stats` receives the count of pixels the render MLP drew.
+    A tile that runs out of GPU memory is split in four and retried; finished tiles stay.
+    """
+    h, w = inp.shape[-2:]
+    if tile is None:
+        tile = default_tile(model, max_memory, inp.device)
+    tile = max(1, int(tile))
+    run = _TiledRun(model, inp, out_hw, schedule, max_memory, stats)
+    cores = [(r, min(h, r + tile), c, min(w, c + tile)) for r in range(0, h, tile) for c in range(0, w, tile)]
+    for done, core in enumerate(cores, 1):
+        run.tile(*core)
+        if progress:
+            progress(done, len(cores))
+    return run.canvas
+
+
+class _TiledRun:
+    """State of one upscale: the host canvas and what every tile shares."""
+
+    def __init__(self, model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], schedule: Schedule | None,
+                 max_memory: int | None, stats: dict[str, int] | None) -> None:
+        self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
+        self.in_hw = tuple(inp.shape[-2:])
+        self.margin = tile_margin(model)
+        self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)])
+        self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
+        self.fused = renders_fused(model, inp)
+        self.block = render_block(model, max_memory, self.fused)
+        if schedule is not None and not self.fused:
+            where = native.status() if inp.device.type == "cpu" else f"on {inp.device.type}"
+            warnings.warn(f"CMSR draws single pixels, which needs the compiled CPU kernel ({where}); "
+                          "rendering every pixel in full", stacklevel=3)
+            self.schedule = None
+        self.counts = stats if stats is not None else {}
+        self.counts.update(rendered=0, total=out_hw[0] * out_hw[1])
+
+    def tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        try:
+            self._render_tile(r0, r1, c0, c1)
+        except torch.OutOfMemoryError:
+            if max(r1 - r0, c1 - c0) <= 16:
+                raise
+            warnings.warn(f"out of memory on a {c1 - c0}x{r1 - r0} tile; retrying it as four smaller tiles",
+                          stacklevel=2)
+            if self.inp.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
+            for sub in ((r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)):
+                if sub[1] > sub[0] and sub[3] > sub[2]:
+                    self.tile(*sub)
+
+    def _render_tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        (h, w), (big_h, big_w), model = self.in_hw, self.out_hw, self.model
+        i0, i1 = _first_output(r0, h, big_h), _first_output(r1, h, big_h) if r1 < h else big_h
+        j0, j1 = _first_output(c0, w, big_w), _first_output(c1, w, big_w) if c1 < w else big_w
+        if i1 <= i0 or j1 <= j0:
+            return
+        lr0, lc0 = max(0, r0 - self.margin), max(0, c0 - self.margin)
+        piece = self.inp[:, :, lr0:min(h, r1 + self.margin), lc0:min(w, c1 + self.margin)]
+        latents = encode_finite(model, piece, self.rel_cell)
+        levels = self.schedule.levels(intensity(model, latents)[0]) if self.schedule else None
+        geometry = Geometry(self.in_hw, self.out_hw, lr0, lc0, piece, latents, self.counts, self.fused)
+        block_h, block_w = self.block
+        for a in range(i0, i1, block_h):
+            for ca in range(j0, j1, block_w):
+                rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
+                region = self.canvas[:, :, rows[0]:rows[1], cols[0]:cols[1]]
+                if levels is None and self.fused:  # the kernel writes straight into the canvas
+                    render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
+                    continue
+                if levels is None:
+                    out = render_region(model, geometry, self.out_hw, rows, cols)
+                else:
+                    out = render_levels(model, geometry, self.schedule, levels, rows, cols)
+                region.copy_(out.add_(1).mul_(0.5))
+
+
+def _first_output(a: int, n_in: int, n_out: int) -> int:
+    """First output index whose centre lies at or after input position a (exact integers)."""
+    return max(0, -((n_in - 2 * a * n_out) // (2 * n_in)))

@@ -1,0 +1,1 @@
+"""Evaluation: the SR protocol (`protocol`) and where the time goes (`benchmark`)."""

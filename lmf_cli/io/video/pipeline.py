@@ -1,0 +1,278 @@
+"""Video upscaling: every frame through the model, everything else in the file kept.
+
+Decoding (a thread), the model (the caller's thread) and encoding (a thread) are overlapped
+through small bounded queues; frames never touch the disk. Planning is in `plan`, the
+resumable segments in `segments`, the final mux in `mux`. The video is encoded into
+numbered segment files in a hidden work folder beside the output, each by a fresh encoder
+(so each starts on a keyframe) and recorded in a JSON manifest once it is closed: an
+interrupted job resumes from its last finished segment and gives the same file as an
+uninterrupted one. At the end the segments and the input's audio, subtitle and other streams
+are muxed into a temp file that is renamed onto the output, so the output path only ever
+holds a complete file.
+
+Segments hold packets in a framing of our own (pts, dts, duration, flags, size, bytes):
+containers would round (Matroska: 1 ms) or shift (NUT, MP4) the timestamps that a variable
+frame rate needs kept exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+from av.error import FFmpegError
+from av.video.reformatter import VideoReformatter
+
+from lmf_cli.errors import InputError
+from lmf_cli.files import atomic_write
+from lmf_cli.io.video.mux import mux
+from lmf_cli.io.video.plan import SEGMENT_FRAMES, FrameUpscaler, Size, VideoPlan, plan_video, short_error, work_dir
+from lmf_cli.io.video.segments import MANIFEST, Manifest, SegmentWriter
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class VideoProgress:
+    """Reported after every upscaled frame: frames done (resumed ones included) of `total`
+    (an estimate until the end), this run's speed and the encoded bytes so far."""
+
+    done: int
+    total: int
+    fps: float
+    out_bytes: int
+    segments: int
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    output: Path
+    frames: int
+    resumed_frames: int
+    seconds: float
+    out_bytes: int
+
+    @property
+    def fps(self) -> float:
+        return (self.frames - self.resumed_frames) / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Stopped(Exception):
+    """A worker thread was told to stop (interrupt or error elsewhere)."""
+
+
+class _Pipeline:
+    """decode thread -> queue -> model (this thread) -> queue -> encode thread."""
+
+    def __init__(self, plan: VideoPlan, upscaler: FrameUpscaler, manifest: Manifest, tile: int | None,
+                 progress: Callable[[VideoProgress], None] | None) -> None:
+        self.plan, self.up, self.manifest, self.tile, self.progress = plan, upscaler, manifest, tile, progress
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.writer: SegmentWriter | None = None
+        self.done = manifest.frames
+        self.segments = len(manifest.segments)
+
+    def run(self) -> None:
+        frames: queue.Queue = queue.Queue(maxsize=4)
+        upscaled: queue.Queue = queue.Queue(maxsize=4)
+        workers = [threading.Thread(target=self._guard, args=(self._decode, frames), daemon=True),
+                   threading.Thread(target=self._guard, args=(self._encode, upscaled), daemon=True)]
+        for worker in workers:
+            worker.start()
+        t0, fresh = time.perf_counter(), 0
+        try:
+            while (item := self._get(frames)) is not _END:
+                pts, duration, pixels = item
+                big = self.up.upscale(pixels, size=self.plan.out_hw, tile=self.tile)
+                self._put(upscaled, (pts, duration, big))
+                self.done, fresh = self.done + 1, fresh + 1
+                self._report(max(self.done, self.plan.total or 0), fresh / (time.perf_counter() - t0))
+            self._put(upscaled, _END)
+            workers[1].join()
+            self._report(self.done, fresh / (time.perf_counter() - t0))  # the total is known now
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            for worker in workers:
+                worker.join()
+        self._check()
+
+    def _report(self, total: int, fps: float) -> None:
+        if self.progress:
+            writer = self.writer
+            out_bytes = self.manifest.out_bytes + (writer.bytes if writer else 0)
+            self.progress(VideoProgress(self.done, total, fps, out_bytes, self.segments))
+
+    def _guard(self, work: Callable[[queue.Queue], None], q: queue.Queue) -> None:
+        try:
+            work(q)
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            self.errors.append(exc)
+            self.stop.set()
+
+    def _check(self) -> None:
+        if self.errors:
+            exc = self.errors[0]
+            if isinstance(exc, FFmpegError | OSError):
+                raise InputError(f"{self.plan.source}: {short_error(exc)}") from exc
+            raise exc
+
+    def _get(self, q: queue.Queue) -> Any:
+        while True:
+            self._halt()
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def _put(self, q: queue.Queue, item: Any) -> None:
+        while True:
+            self._halt()
+            try:
+                return q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def _halt(self) -> None:
+        """Leave at once when told to stop: an interrupt must not wait for queued frames."""
+        if self.stop.is_set():
+            self._check()
+            raise _Stopped
+
+    def _decode(self, out: queue.Queue) -> None:
+        """Frames in the range not yet in a finished segment, as arrays, in presentation order."""
+        plan = self.plan
+        segments = self.manifest.segments
+        after = segments[-1]["last_pts"] if segments else None
+        start = plan.shift if plan.start else None
+        end = round(plan.end / plan.time_base) if plan.end is not None else None
+        target = after if after is not None else start
+        seek = target is not None and plan.first_pts is not None and target > plan.first_pts
+        reformatter = VideoReformatter()
+        for attempt in ((True, False) if seek else (False,)):
+            overshot = False
+            for i, (pts, duration, frame) in enumerate(_decoded(plan, target if attempt else None)):
+                if i == 0 and attempt and pts > target:  # no index: the seek landed past the target
+                    overshot = True
+                    break
+                if (start is not None and pts < start) or (after is not None and pts <= after):
+                    continue
+                if end is not None and pts >= end:
+                    break
+                pixels = reformatter.reformat(frame, format=plan.rgb_format).to_ndarray()
+                self._put(out, (pts, duration, pixels))
+            if not overshot:
+                break
+        self._put(out, _END)
+
+    def _encode(self, source: queue.Queue) -> None:
+        manifest = self.manifest
+        try:
+            while (item := self._get(source)) is not _END:
+                if self.writer is None:
+                    path = manifest.path.parent / f"segment-{len(manifest.segments):05d}.bin"
+                    self.writer = SegmentWriter(path, self.plan)
+                self.writer.add(*item)
+                if self.writer.frames == self.plan.segment_frames:
+                    self._close_segment()
+            if self.writer is not None:
+                self._close_segment()
+        except BaseException:
+            if self.writer is not None:
+                self.writer.abort()
+            raise
+        manifest.complete = True
+        manifest.save()
+
+    def _close_segment(self) -> None:
+        writer, manifest = self.writer, self.manifest
+        record = writer.close()
+        extradata = base64.b64encode(writer.encoder.extradata or b"").decode()
+        if manifest.extradata is None:
+            manifest.extradata = extradata
+        elif manifest.extradata != extradata:
+            raise RuntimeError(f"{self.plan.codec} wrote different stream headers for two segments")
+        manifest.segments.append(record)
+        manifest.save()
+        self.writer = None
+        self.segments += 1
+
+
+def _decoded(plan: VideoPlan, seek_to: int | None) -> Iterator[tuple[int, int, av.VideoFrame]]:
+    """(pts, duration, frame) of the video stream; a packet that does not decode is skipped,
+    as players do. Frames without a timestamp continue from the previous one."""
+    with av.open(str(plan.source)) as inp:
+        stream = inp.streams[plan.video_index]
+        stream.thread_type = "AUTO"
+        if seek_to is not None:
+            inp.seek(seek_to, stream=stream, backward=True)
+        step = max(1, round(1 / (plan.rate * plan.time_base)))
+        last = None
+        for packet in inp.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                continue
+            for frame in frames:
+                pts = frame.pts if frame.pts is not None else (last + step if last is not None else 0)
+                last = pts
+                yield pts, frame.duration or step, frame
+
+
+def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
+              resume: bool = False, tile: int | None = None,
+              progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
+    """Upscale the planned video into `dst`. The output appears only when complete; an
+    interruption keeps the finished segments for `resume=True`."""
+    dst = Path(dst)
+    if dst.exists():
+        if os.path.samefile(dst, plan.source):
+            raise InputError(f"refusing to write over the input {dst}")
+        if not overwrite:
+            raise InputError(f"{dst} exists (--overwrite replaces it)")
+    work = work_dir(dst)
+    job = plan.key(upscaler, tile)
+    manifest = Manifest.load(work, job) if resume else None
+    if manifest is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        manifest = Manifest(work / MANIFEST, job)
+        manifest.save()
+    resumed = manifest.frames
+    t0 = time.perf_counter()
+    if not manifest.complete:
+        _Pipeline(plan, upscaler, manifest, tile, progress).run()
+    seconds = time.perf_counter() - t0
+    if not manifest.frames:
+        shutil.rmtree(work)
+        raise InputError(f"{plan.source}: no video frames in the requested range")
+    try:
+        atomic_write(dst, lambda tmp: mux(plan, manifest, tmp))
+    except (FFmpegError, OSError) as exc:
+        raise InputError(f"cannot write {dst} ({short_error(exc)})") from exc
+    shutil.rmtree(work)
+    return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size)
+
+
+def upscale_video(src: str | Path, dst: str | Path, upscaler: FrameUpscaler, size: Size, *, codec: str | None = None,
+                  crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
+                  start: float | None = None, end: float | None = None, overwrite: bool = False,
+                  resume: bool = False, tile: int | None = None, segment_frames: int = SEGMENT_FRAMES,
+                  progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
+    """plan_video + run_video in one call: the output container follows `dst`'s extension."""
+    plan = plan_video(src, size, suffix=Path(dst).suffix, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt,
+                      start=start, end=end, segment_frames=segment_frames)
+    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, tile=tile, progress=progress)

@@ -1,0 +1,378 @@
+"""Planning a video job: probe the input, choose codec, pixel format, sizes and what happens
+to every other stream, before any frame is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+import av
+import numpy as np
+from av.codec.context import Flags
+from av.error import FFmpegError
+from av.sidedata.sidedata import Type as SideDataType
+from av.stream import Discard, Disposition
+
+from lmf_cli.engine.sizes import plan_size
+from lmf_cli.errors import InputError
+
+CODECS = ("libx264", "libx265", "libsvtav1", "ffv1")
+DEFAULT_CRF = {"libx264": 18, "libx265": 20, "libsvtav1": 30}  # near-transparent: upscales are for keeping
+CONTAINERS = (".mkv", ".mp4", ".mov", ".m4v", ".webm")
+SEGMENT_FRAMES = 240
+AUDIO_CODECS = ("aac", "libopus", "flac")  # for audio a container cannot hold as it is
+TEXT_SUBTITLE_CODECS = ("mov_text", "webvtt", "ass", "subrip")
+STALE_TAGS = ("duration", "encoder", "bps", "number_of_frames", "number_of_bytes", "_statistics")
+SWS_COLORSPACE = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
+_COLOUR = ("color_primaries", "color_trc", "colorspace", "color_range")
+Size = float | tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int]]
+
+
+class FrameUpscaler(Protocol):
+    """What video needs of an upscaler (`lmf_cli.Upscaler` is one): frames in and out, and
+    the facts a resumed job must match. Kept as a protocol so files never import the API."""
+
+    loaded: Any  # .source: the weights file
+    precision: str
+
+    def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                tile: int | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What becomes of one non-upscaled stream: copy, encode (to `codec`) or drop."""
+
+    index: int
+    kind: str
+    action: str
+    codec: str
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """Everything settled before the work starts; sizes are (height, width) of the stored frames."""
+
+    source: Path
+    video_index: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    rotated: bool  # the display matrix turns the picture by 90 degrees
+    codec: str
+    pix_fmt: str
+    options: dict[str, str]
+    rgb_format: str  # what the model sees: rgb24, rgb48le (16-bit path), rgba or rgba64le
+    time_base: Fraction
+    rate: Fraction
+    sar: Fraction | None
+    colour: dict[str, int]
+    display_matrix: tuple[int, ...] | None
+    global_header: bool  # the container wants stream headers apart (extradata), not in the packets
+    muxer: str
+    streams: tuple[StreamPlan, ...]
+    start: float | None
+    end: float | None
+    first_pts: int | None
+    total: int | None  # frames to upscale, estimated from the header
+    segment_frames: int
+    notes: tuple[str, ...]
+
+    @property
+    def display_in(self) -> tuple[int, int]:
+        return self.in_hw[::-1] if self.rotated else self.in_hw
+
+    @property
+    def display_out(self) -> tuple[int, int]:
+        return self.out_hw[::-1] if self.rotated else self.out_hw
+
+    @property
+    def shift(self) -> int:
+        """Ticks taken off every video timestamp: --start moves the cut to 0."""
+        return round(self.start / self.time_base) if self.start else 0
+
+    def key(self, upscaler: FrameUpscaler, tile: int | None) -> dict[str, Any]:
+        """What a resumed job must share with the interrupted one to give the same file."""
+        st = self.source.stat()
+        weights = Path(upscaler.loaded.source)
+        return {"source": str(self.source.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+                "out": list(self.out_hw), "codec": self.codec, "pix_fmt": self.pix_fmt, "options": self.options,
+                "global_header": self.global_header, "start": self.start, "end": self.end,
+                "segment": self.segment_frames,
+                "model": str(weights.resolve()), "model_mtime": weights.stat().st_mtime_ns if weights.exists() else 0,
+                "precision": upscaler.precision, "tile": tile}
+
+
+def parse_time(text: str) -> float:
+    """'90', '1:30' or '00:01:30.5' -> seconds."""
+    try:
+        parts = [float(p) for p in text.strip().split(":")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(p < 0 or p != p for p in parts):
+        raise InputError(f"time {text!r} must be seconds or [HH:]MM:SS(.ms), e.g. 90 or 1:30.5")
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return seconds
+
+
+def work_dir(dst: str | Path) -> Path:
+    """The hidden folder beside the output that holds an unfinished job's segments."""
+    dst = Path(dst)
+    return dst.with_name(f".{dst.name}.lmf-parts")
+
+
+def default_suffix(src: str | Path) -> str:
+    suffix = Path(src).suffix.lower()
+    return suffix if suffix in CONTAINERS else ".mkv"
+
+
+def available_codecs() -> list[str]:
+    return [c for c in CODECS if c in av.codecs_available]
+
+
+def short_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def clean_tags(metadata: dict[str, str]) -> dict[str, str]:
+    """Stream/container tags minus those describing the old encode (durations, statistics)."""
+    return {k: v for k, v in metadata.items() if not k.lower().startswith(STALE_TAGS)}
+
+
+def _open_input(src: Path) -> av.container.InputContainer:
+    if not src.is_file():
+        raise InputError(f"{src}: no such file")
+    try:
+        return av.open(str(src))
+    except (FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{src}: not a readable video ({short_error(exc)})") from exc
+
+
+def _first_frame(inp: av.container.InputContainer, stream: av.video.stream.VideoStream, src: Path) -> av.VideoFrame:
+    try:
+        for packet in inp.demux(stream):
+            for frame in packet.decode():
+                return frame
+    except FFmpegError as exc:
+        raise InputError(f"{src}: the video cannot be decoded ({short_error(exc)})") from exc
+    raise InputError(f"{src}: the video stream has no frames")
+
+
+def _bits(pix_fmt: str) -> int:
+    return max((c.bits for c in av.VideoFormat(pix_fmt).components), default=8)
+
+
+def _has_alpha(pix_fmt: str) -> bool:
+    return any(c.is_alpha for c in av.VideoFormat(pix_fmt).components)
+
+
+def _chroma_step(pix_fmt: str) -> tuple[int, int]:
+    """(rows, cols) the frame size must be a multiple of: 2 for each subsampled chroma axis."""
+    fmt = av.VideoFormat(pix_fmt)
+    ch, cw = fmt.chroma_height(1024), fmt.chroma_width(1024)
+    return (1024 // ch if ch else 1), (1024 // cw if cw else 1)
+
+
+def _resolve_size(size: Size, display_hw: tuple[int, int]) -> tuple[int, int]:
+    if callable(size):
+        out = size(display_hw)
+    elif isinstance(size, tuple):
+        out = size
+    else:
+        out = plan_size(display_hw, scale=size).out_hw
+    return plan_size(display_hw, size=out).out_hw
+
+
+def configure_encoder(ctx: av.video.codeccontext.VideoCodecContext, plan: VideoPlan) -> None:
+    """One configuration for every segment's encoder and the output stream, so their
+    headers (extradata) are the same bytes."""
+    ctx.width, ctx.height = plan.out_hw[1], plan.out_hw[0]
+    ctx.pix_fmt = plan.pix_fmt
+    ctx.time_base = plan.time_base
+    ctx.framerate = plan.rate
+    ctx.bit_rate, ctx.bit_rate_tolerance = 0, 128000
+    if plan.sar:
+        ctx.sample_aspect_ratio = plan.sar
+    for name, value in plan.colour.items():
+        setattr(ctx, name, value)
+    if plan.global_header:
+        ctx.flags |= Flags.global_header
+    ctx.options = dict(plan.options)
+
+
+def open_encoder(plan: VideoPlan) -> av.video.codeccontext.VideoCodecContext:
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration at info level
+    ctx = av.CodecContext.create(plan.codec, "w")
+    configure_encoder(ctx, plan)
+    ctx.open()
+    return ctx
+
+
+def _encoder_options(codec: str, crf: int | None, preset: str | None, notes: list[str]) -> dict[str, str]:
+    if codec == "ffv1":
+        if crf is not None or preset is not None:
+            notes.append("ffv1 is lossless: --crf and --preset do not apply")
+        return {"level": "3"}
+    options = {"crf": str(DEFAULT_CRF[codec] if crf is None else crf)}
+    if preset is not None:
+        options["preset"] = preset
+    if codec == "libx265":
+        options["x265-params"] = "log-level=error"
+    return options
+
+
+def _pick_pix_fmt(codec: str, in_fmt: str, requested: str | None, notes: list[str]) -> str:
+    supported = [f.name for f in av.Codec(codec, "w").video_formats or []]
+    if requested is not None:
+        if requested not in supported:
+            raise InputError(f"--pix-fmt {requested}: {codec} takes {', '.join(supported)}")
+        return requested
+    if in_fmt in supported:
+        return in_fmt
+    deep = _bits(in_fmt) > 8
+    choice = "yuv420p10le" if deep and "yuv420p10le" in supported else "yuv420p"
+    if deep and choice == "yuv420p":
+        notes.append(f"{codec} has no 10-bit mode here: the output is 8-bit")
+    return choice
+
+
+def _plan_streams(inp: av.container.InputContainer, dummy: av.container.OutputContainer, video_index: int,
+                  notes: list[str]) -> tuple[StreamPlan, ...]:
+    """Copy what the output container can hold as it is; re-encode audio and text subtitles it
+    cannot; drop the rest, with a note for each."""
+    plans = []
+    for stream in inp.streams:
+        if stream.index == video_index or stream.discard == Discard.all:  # e.g. MP4's chapter track
+            continue
+        name = stream.codec_context.name if stream.codec_context is not None else stream.type
+        if stream.type not in ("video", "audio", "subtitle") and not (
+                stream.type == "attachment" and dummy.format.name == "matroska"):
+            notes.append(f"{stream.type} stream #{stream.index} ({name}) is not copied")
+            plans.append(StreamPlan(stream.index, stream.type, "drop", name))
+            continue
+        try:
+            dummy.add_stream_from_template(stream)
+            plans.append(StreamPlan(stream.index, stream.type, "copy", name))
+            if stream.type == "video" and not stream.disposition & Disposition.attached_pic:
+                notes.append(f"video stream #{stream.index} is copied as it is: only the first one is upscaled")
+            continue
+        except (ValueError, FFmpegError):
+            pass
+        choices = ()
+        if stream.type == "audio":
+            choices = AUDIO_CODECS
+        elif stream.type == "subtitle" and av.Codec(name, "r").text_sub:
+            choices = TEXT_SUBTITLE_CODECS
+        target = next((c for c in choices if c in av.codecs_available and c in dummy.supported_codecs), None)
+        if target is None:
+            notes.append(f"{stream.type} stream #{stream.index} ({name}) dropped: {dummy.format.name} files "
+                         "cannot hold it")
+            plans.append(StreamPlan(stream.index, stream.type, "drop", name))
+        else:
+            notes.append(f"{stream.type} stream #{stream.index} ({name}) re-encoded to {target}: "
+                         f"{dummy.format.name} files cannot hold {name}")
+            plans.append(StreamPlan(stream.index, stream.type, "encode", target))
+    return tuple(plans)
+
+
+def plan_video(src: str | Path, size: Size, *, suffix: str = ".mkv", codec: str | None = None,
+               crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
+               start: float | None = None, end: float | None = None,
+               segment_frames: int = SEGMENT_FRAMES) -> VideoPlan:
+    """Read the input's headers and first frame and settle sizes, encoder, streams and range,
+    so that every error a user can fix is raised before any work starts.
+
+    `size`: a factor, an exact (height, width), or a function of the displayed (height, width)
+    (rotation applied) returning one. `suffix` names the output container (.mkv, .mp4, ...).
+    """
+    src = Path(src)
+    notes: list[str] = []
+    if segment_frames < 1:
+        raise InputError(f"segment length {segment_frames} must be at least 1 frame")
+    if start is not None and end is not None and end <= start:
+        raise InputError(f"the end ({end:g} s) must come after the start ({start:g} s)")
+    with _open_input(src) as inp:
+        stream = next((s for s in inp.streams.video if not s.disposition & Disposition.attached_pic), None)
+        if stream is None:
+            raise InputError(f"{src}: no video stream")
+        first = _first_frame(inp, stream, src)
+        in_fmt = first.format.name
+        in_hw = (first.height, first.width)
+        matrix = first.side_data.get(SideDataType.DISPLAYMATRIX)
+        display_matrix = struct.unpack("<9i", bytes(matrix)) if matrix is not None else None
+        rotated = abs(round(first.rotation)) % 180 == 90
+        ctx = stream.codec_context
+        video_index, sar = stream.index, stream.sample_aspect_ratio  # read now: closing frees the stream
+        colour = {name: int(getattr(first, name) or getattr(ctx, name) or 0) for name in _COLOUR}
+        time_base = stream.time_base or Fraction(1, 90000)
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        duration = (float(stream.duration * time_base) if stream.duration
+                    else inp.duration / 1e6 if inp.duration else None)
+        if start is not None and duration is not None and start >= duration:
+            raise InputError(f"the start {start:g} s is past the end of {src} ({duration:.2f} s)")
+        if start is None and end is None and stream.frames:
+            total = stream.frames
+        elif duration is not None:
+            total = max(1, round(((min(end, duration) if end else duration) - (start or 0)) * rate))
+        else:
+            total = None
+
+        try:
+            dummy = av.open(f"lmf-probe{suffix}", "w")
+        except (FFmpegError, ValueError) as exc:
+            raise InputError(f"cannot tell the container from {suffix!r}; use one of {', '.join(CONTAINERS)}") from exc
+        with dummy:
+            available = available_codecs()
+            if codec is None:
+                codec = next((c for c in available if c in dummy.supported_codecs), None)
+                if codec is None:
+                    raise InputError(f"{dummy.format.name} files hold none of the encoders in this build "
+                                     f"({', '.join(available)}); use one of {', '.join(CONTAINERS)}")
+            elif codec not in CODECS:
+                raise InputError(f"--codec {codec}: choose one of {', '.join(CODECS)}")
+            elif codec not in av.codecs_available:
+                raise InputError(f"encoder {codec} is not in this FFmpeg build (PyAV {av.__version__}); "
+                                 f"available: {', '.join(available)}")
+            try:
+                dummy.add_stream(codec)
+            except ValueError as exc:
+                raise InputError(f"{dummy.format.name} files cannot hold {codec} video") from exc
+            streams = _plan_streams(inp, dummy, video_index, notes)
+            muxer = dummy.format.name
+            global_header = bool(dummy.format.flags & av.format.Flags.global_header.value)
+
+    out_pix = _pick_pix_fmt(codec, in_fmt, pix_fmt, notes)
+    deep = max(_bits(in_fmt), _bits(out_pix)) > 8
+    alpha = _has_alpha(in_fmt) and _has_alpha(out_pix)
+    if _has_alpha(in_fmt) and not alpha:
+        notes.append(f"the alpha channel is dropped: {codec} {out_pix} has none")
+    rgb_format = ("rgba64le" if alpha else "rgb48le") if deep else ("rgba" if alpha else "rgb24")
+
+    display_in = in_hw[::-1] if rotated else in_hw
+    want = _resolve_size(size, display_in)
+    wanted = want[::-1] if rotated else want
+    step = _chroma_step(out_pix)
+    out_hw = (-(-wanted[0] // step[0]) * step[0], -(-wanted[1] // step[1]) * step[1])
+    if out_hw != wanted:
+        shown = out_hw[::-1] if rotated else out_hw
+        notes.append(f"{out_pix} needs even sizes: {want[1]} x {want[0]} rounded up to {shown[1]} x {shown[0]}")
+    plan = VideoPlan(
+        source=src, video_index=video_index, in_hw=in_hw, out_hw=out_hw, rotated=rotated, codec=codec,
+        pix_fmt=out_pix, options=_encoder_options(codec, crf, preset, notes), rgb_format=rgb_format,
+        time_base=time_base, rate=rate, sar=sar, colour=colour,
+        display_matrix=display_matrix, global_header=global_header, muxer=muxer, streams=streams, start=start,
+        end=end, first_pts=first.pts, total=total, segment_frames=segment_frames, notes=tuple(notes))
+    try:
+        open_encoder(plan)  # opened and dropped: the encoder checks the settings now, not after hours
+    except (FFmpegError, ValueError) as exc:
+        raise InputError(f"{codec} refused these settings ({short_error(exc)}); check --crf, --preset and "
+                         "--pix-fmt") from exc
+    return plan

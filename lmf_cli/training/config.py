@@ -1,0 +1,39 @@
+"""What a training run is: its recipe as a dataclass (stored in the state) and its schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    spec: dict[str, Any]
+    data: list[str]
+    out_dir: str
+    steps: int = 20000
+    batch: int = 16
+    patch: int = 48
+    queries: int = 2304
+    scale_max: float = 4.0
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "step"  # "step": halve at 1/6..5/6 of the run (official); "cosine"
+    seed: int = 0
+    bf16: bool = True
+    val_every: int = 500
+    val_data: str | None = None
+    save_minutes: float = 5.0
+    init: str | None = None  # weights file to start from (fine-tuning); its spec is `spec`
+    degrade: str = "none"  # LR degradation preset (lmf_cli.degradations.PRESETS)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    milestones = [cfg.steps * k // 6 for k in range(1, 6)]
+    return cfg.lr * 0.5 ** sum(step >= m for m in milestones)

@@ -1,0 +1,112 @@
+"""The package's imports run one way along the flow: models <- engine <- api <- cli, with io,
+evaluation and training beside, and no cycles. A lower layer importing a higher one fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import lmf_cli
+
+PACKAGE = Path(lmf_cli.__file__).parent
+# Rank of each top-level part: a module may import its own part and parts of lower rank only.
+RANKS = {
+    "errors": 0, "files": 0, "hardware": 0,   # facts and helpers every layer may use
+    "imaging": 1, "models": 1,                # pixels in numpy; networks, weights files, shipped names
+    "engine": 2,                              # sizes, tiling, rendering, CMSR at inference
+    "io": 3,                                  # image and video files
+    "evaluation": 4, "training": 4,           # beside each other: neither imports the other
+    "api": 5, "batch": 5,                     # the Upscaler and batch planning
+    "cli": 6, "video": 6, "__init__": 6,      # the command line; the old video import path; the package
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _target(module: str, name: str) -> str:
+    """`from a.b import c` imports the module a.b.c where it exists, else a name of a.b."""
+    candidate = PACKAGE.parent / f"{module}.{name}".replace(".", "/")
+    return f"{module}.{name}" if candidate.with_suffix(".py").exists() or candidate.is_dir() else module
+
+
+def _imports() -> dict[str, set[str]]:
+    """lmf_cli module -> the lmf_cli modules it imports, at the top or inside functions."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmf_cli"):
+                found |= {_target(node.module, alias.name) for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("lmf_cli")}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_every_part_has_a_rank():
+    parts = {_part(m) for m in _imports()}
+    assert parts <= set(RANKS), f"give these parts a rank: {parts - set(RANKS)}"
+
+
+def test_imports_point_down_the_flow():
+    wrong = []
+    for module, targets in _imports().items():
+        for target in targets:
+            mine, theirs = _part(module), _part(target)
+            if mine != theirs and RANKS[theirs] >= RANKS[mine]:
+                wrong.append(f"{module} imports {target} ({mine} {RANKS[mine]} -> {theirs} {RANKS[theirs]})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt):], nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_rule_catches_a_wrong_import(tmp_path, monkeypatch):
+    """The checker itself: a model that imports the API is reported."""
+    fake = tmp_path / "lmf_cli"
+    (fake / "models").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "api.py").write_text("")
+    (fake / "models" / "__init__.py").write_text("")
+    (fake / "models" / "bad.py").write_text("def f():\n    from lmf_cli.api import Upscaler\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    try:
+        test_imports_point_down_the_flow()
+    except AssertionError as exc:
+        assert "lmf_cli.models.bad imports lmf_cli.api" in str(exc)
+    else:
+        raise AssertionError("the wrong import was not caught")
+
+
+def test_old_video_import_path_works_for_one_release():
+    import importlib
+    import sys
+
+    import pytest
+
+    sys.modules.pop("lmf_cli.video", None)
+    with pytest.warns(DeprecationWarning, match="lmf_cli.io.video"):
+        old = importlib.import_module("lmf_cli.video")
+    from lmf_cli.io.video import upscale_video
+
+    assert old.upscale_video is upscale_video
