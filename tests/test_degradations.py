@@ -95,3 +95,38 @@ def test_eval_chains_parse_and_apply_in_order(lr):
 def test_eval_chain_errors(text, message):
     with pytest.raises(ValueError, match=message):
         dg.parse_degradation(text)
+
+
+def test_eval_on_degraded_inputs_records_beside_the_clean_card(official_files, tmp_path, butterfly):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lmf_cli.cli import app
+    from lmf_cli.models.checkpoints import load_weights, save_weights
+
+    loaded = load_weights(official_files["lmliif"])
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(weights, loaded.model, loaded.spec, {"eval": {"Set5": {"2": 30.0}}})
+    folder = tmp_path / "Mini" / "HR"
+    folder.mkdir(parents=True)
+    Image.fromarray(butterfly).save(folder / "b.png")
+    Image.fromarray(butterfly[::-1, ::-1]).save(folder / "c.png")
+    runner = CliRunner()
+    runs = {}
+    for name, extra in (("clean", []), ("jpeg", ["--degrade", "jpeg:40"]), ("again", ["--degrade", "jpeg:40"])):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["eval", str(folder), "--model", str(weights), "--scales", "2", "--device", "cpu",
+                                     "--json", str(out), *extra, *(["--record"] if name == "jpeg" else [])])
+        assert result.exit_code == 0, result.output
+        runs[name] = {r["method"]: r["psnr"] for r in json.loads(out.read_text())["results"]}
+    assert "jpeg:40" in result.output and json.loads(out.read_text())["degradation"] == "jpeg:40"
+    assert runs["jpeg"]["bicubic"] < runs["clean"]["bicubic"] - 0.5  # the degradation reached both methods
+    assert runs["jpeg"] == runs["again"]  # the same degraded inputs every run
+    info = load_weights(weights).info
+    assert info["eval"] == {"Set5": {"2": 30.0}}  # the clean card is untouched
+    assert info["eval_degraded"]["jpeg:40"]["Mini"]["2"] == runs["jpeg"]["tiny"]
+    assert info["eval_bicubic_degraded"]["jpeg:40"]["Mini"]["2"] == runs["jpeg"]["bicubic"]
+    bad = runner.invoke(app, ["eval", str(folder), "--model", str(weights), "--degrade", "jpg:40"])
+    assert bad.exit_code == 1 and "unknown degradation" in bad.output
