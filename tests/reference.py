@@ -143,3 +143,79 @@ def predict(name: str, sd: dict, args: dict, inp: torch.Tensor, out_hw: tuple[in
     if name in ("lte", "lmlte") or args.get("bilinear_skip"):
         out = out + sample(x, coord, mode="bilinear")
     return ((out + 1) / 2).clamp(0, 1).view(big_h, big_w, 3)
+
+
+def diif_predict(sd: dict, args: dict, inp: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """DIIF (He et al., arXiv 2306.12321) as the authors' C2F-MLP computes it, one output
+    pixel at a time (its slice's head recomputed per pixel), in float64, in [0, 1].
+
+    Each output pixel belongs to the LR pixel (cell) holding its centre. Its slice: its own
+    output row of the cell (or the whole cell with `single_slice`), with borders = the
+    coordinates of the slice's first and last pixel relative to the cell centre (LR units).
+    Head, per corner (vh, vw): [2x2 block of the 3x3 unfolded feature on that side, cell,
+    start - (vh, vw), end - (vh, vw)]; tail: [area-weighted mix of the 4 head outputs, y, x].
+    """
+    sd = {k: v.double() for k, v in sd.items()}
+    x = inp.double() * 2 - 1
+    h, w = x.shape[-2:]
+    big_h, big_w = out_hw
+    feat = edsr(sd, x)
+    c = feat.shape[1]
+    unfolded = F.unfold(feat, 3, padding=1).view(c, 3, 3, h, w)
+    ensemble = args.get("local_ensemble", True)
+
+    def axis(n_in: int, n_out: int):
+        j = torch.arange(n_out)
+        owner = ((2 * j + 1) * n_in) // (2 * n_out)  # the LR pixel holding the output centre
+        rel = ((2 * j + 1) * n_in - (2 * owner + 1) * n_out).double() / n_out
+        first = torch.full((n_in,), math.inf, dtype=torch.float64).scatter_reduce(0, owner, rel, "amin")
+        last = torch.full((n_in,), -math.inf, dtype=torch.float64).scatter_reduce(0, owner, rel, "amax")
+        return owner, rel, first[owner], last[owner]
+
+    oy, ry, fy, ly = (t[:, None].expand(big_h, big_w).reshape(-1) for t in axis(h, big_h))
+    ox, rx, fx, lx = (t[None, :].expand(big_h, big_w).reshape(-1) for t in axis(w, big_w))
+    if args.get("single_slice", False):
+        start, end = torch.stack([fy, fx], -1), torch.stack([ly, lx], -1)
+    else:
+        start, end = torch.stack([ry, fx], -1), torch.stack([ry, lx], -1)
+    scale = [big_h / h, big_w / w]
+    clip = [max(s / 4, 1) for s in scale] if args.get("fixed_area", True) else [1, 1]
+    cell = torch.tensor([2 * h / big_h * clip[0], 2 * w / big_w * clip[1]], dtype=torch.float64)
+    cell = cell.expand(big_h * big_w, 2)
+    coarse_cell = [cell] if args.get("coarse_cell_decode", True) else []
+    fine_cell = [cell] if args.get("fine_cell_decode", False) else []
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        idx = sorted(int(k.split(".")[2]) for k in sd if k.startswith("imnet.layers.") and k.endswith(".weight"))
+        for i in idx:
+            t = torch.relu(F.linear(t, sd[f"imnet.layers.{i}.weight"], sd[f"imnet.layers.{i}.bias"]))
+        return t
+
+    def tail(t: torch.Tensor) -> torch.Tensor:
+        idx = sorted(int(k.split(".")[2]) for k in sd if k.startswith("imnet.tail.") and k.endswith(".weight"))
+        for n, i in enumerate(idx):
+            t = F.linear(t, sd[f"imnet.tail.{i}.weight"], sd[f"imnet.tail.{i}.bias"])
+            if n < len(idx) - 1:
+                t = torch.relu(t)
+        return t
+
+    rel = torch.stack([ry, rx], -1)
+    if not ensemble:
+        f = unfolded[:, :, :, oy, ox].reshape(c * 9, -1).t()
+        v = head(torch.cat([f, *coarse_cell, start, end], -1))
+    else:
+        vs, areas = [], []
+        for vh in (-1, 1):
+            for vw in (-1, 1):
+                h0, w0 = (vh + 1) // 2, (vw + 1) // 2  # rows/cols (0, 1) or (1, 2) of the 3x3
+                block = unfolded[:, h0:h0 + 2, w0:w0 + 2][:, :, :, oy, ox].reshape(c * 4, -1).t()
+                shift = torch.tensor([vh, vw], dtype=torch.float64)
+                vs.append(head(torch.cat([block, *coarse_cell, start - shift, end - shift], -1)))
+                areas.append(((rel[:, 0] - vh) * (rel[:, 1] - vw)).abs() + 1e-9)
+        total = sum(areas)
+        areas = areas[::-1]  # each corner takes the area of the rectangle to the opposite one
+        v = sum(vec * (a / total).unsqueeze(-1) for vec, a in zip(vs, areas, strict=True))
+    out = tail(torch.cat([v, rel, *fine_cell], -1))
+    if args.get("bilinear_skip"):
+        out = out + sample(x, grid(big_h, big_w).view(-1, 2), mode="bilinear")
+    return ((out + 1) / 2).clamp(0, 1).view(big_h, big_w, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -76,9 +77,19 @@ def test_garbage_and_empty_files(tmp_path):
 
 
 def test_pickled_objects_are_refused(tmp_path):
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": print}))  # a global weights_only refuses
-    with pytest.raises(CheckpointError):
-        load_weights(tmp_path / "evil.pth")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": print}, protocol=2))  # a global weights_only refuses
+    (tmp_path / "evil4.pth").write_bytes(pickle.dumps({"model": print}))  # protocol 4: refused earlier, unnamed
+    messages = []
+    for name in ("evil.pth", "evil4.pth"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no stray warning line before the error
+            with pytest.raises(CheckpointError) as err:
+                load_weights(tmp_path / name)
+        messages.append(str(err.value))
+        assert "\n" not in messages[-1] and len(messages[-1]) < 300, messages[-1]
+        assert f"{name}: holds Python objects other than tensors" in messages[-1]
+        assert "weights_only" not in messages[-1]
+    assert "(it references print)" in messages[0]
 
 
 def test_wrong_shapes_and_missing_keys(tmp_path):

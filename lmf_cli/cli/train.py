@@ -29,7 +29,7 @@ def _duration(text: str | None) -> float | None:
 
 def train(
     out_dir: Path = typer.Argument(..., help="Run folder: state, log and exported weights."),
-    arch: str = typer.Option("lmliif", "--arch", help="lmliif, lmlte, liif or lte."),
+    arch: str = typer.Option("lmliif", "--arch", help="lmliif, lmlte, liif, lte or diif."),
     encoder: str = typer.Option("edsr-baseline", "--encoder", help="edsr-baseline, rdn, or edsr-RxF (blocks x feats)."),
     data: list[Path] = typer.Option(None, "--data", help="HR image folders (default: T91, BSD200, BSDS500test)."),
     steps: int = typer.Option(20000, "--steps", help="Total steps of the run (the schedule spans these)."),
@@ -39,7 +39,7 @@ def train(
     lr: float = typer.Option(1e-4, "--lr"),
     warmup: int = typer.Option(0, "--warmup", help="Linear warm-up steps."),
     schedule: str = typer.Option("step", "--schedule", help="step (official halvings) or cosine."),
-    skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF: add a bilinear upsample of the input."),
+    skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF, DIIF: add a bilinear upsample of the input."),
     latent_hidden: int = typer.Option(208, "--latent-hidden", help="LM-LIIF: width of the latent MLP's hidden layer."),
     render_depth: int = typer.Option(6, "--render-depth", help="LM-LIIF: modulated hidden layers of the render MLP."),
     bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Encoder in bfloat16 autocast (default: bf16 "
@@ -53,6 +53,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT_DIR."),
     seed: int = typer.Option(0, "--seed"),
     export: Path | None = typer.Option(None, "--export", help="Also copy the final weights here."),
+    init_encoder: str | None = typer.Option(None, "--init-encoder", help="Start the encoder from these weights' "
+                                            "encoder (same encoder architecture), e.g. DIIF on lmf-edsr's."),
     init: str | None = typer.Option(None, "--init", help="Start from these weights (a model name or file); "
                                     "the architecture is theirs and --arch/--encoder/... are ignored."),
 ) -> None:
@@ -86,13 +88,16 @@ def train(
             fail(str(exc))
     elif arch == "lmliif":
         spec = registry.lmliif_spec(enc, skip, latent_hidden, render_depth)
+    elif arch == "diif":
+        spec = registry.diif_spec(enc, bilinear_skip=skip)
     else:
         spec = registry.ARCHITECTURES[arch](enc)
     folders = [str(p) for p in data] if data else [str(DATA_ROOT / s / "HR") for s in DEFAULT_TRAIN_SETS]
     val_folder = val_data or DATA_ROOT / "Set5" / "HR"
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
-                      val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade)
+                      val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade,
+                      init_encoder=str(_resolved(init_encoder)) if init_encoder else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 
@@ -137,6 +142,15 @@ def train(
         shutil.copyfile(weights, export)
         log(f"exported {export}")
     log(f"weights: {weights}")
+
+
+def _resolved(name_or_path: str) -> Path:
+    from lmf_cli.models.zoo import resolve
+
+    try:
+        return resolve(name_or_path)
+    except LmfError as exc:
+        fail(str(exc))
 
 
 def _encoder_spec(text: str) -> dict:

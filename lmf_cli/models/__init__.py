@@ -14,6 +14,7 @@ from torch import nn
 
 from lmf_cli.errors import UnsupportedModelError
 from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.diif import DIIF
 from lmf_cli.models.encoders import EDSR, RDN
 from lmf_cli.models.liif import LIIF, LTE
 from lmf_cli.models.lmf import LMLIIF, LMLTE
@@ -99,11 +100,30 @@ def _lmlte(encoder_spec: Spec, imnet_spec: Spec, hypernet_spec: Spec, hidden_dim
                  local_ensemble=local_ensemble, cell_decode=cell_decode, mod_input=mod_input)
 
 
+def _diif(encoder_spec: Spec, imnet_spec: Spec | None = None, single_slice: bool = False,
+          local_ensemble: bool = True, ensemble_num: int | None = 2, feat_unfold: bool = True,
+          unfold_num: int = 3, coarse_cell_decode: bool = True, fine_cell_decode: bool = False,
+          fixed_area: bool = True, bilinear_skip: bool = False, **_: Any) -> DIIF:
+    """The authors' DIIF arguments (`batch_unit` and other testing knobs are ignored)."""
+    if unfold_num != 3:
+        raise UnsupportedModelError(f"DIIF with a {unfold_num}x{unfold_num} unfold is not supported (3x3 only)")
+    if local_ensemble and ensemble_num not in (None, 2):
+        raise UnsupportedModelError(f"DIIF's corner ensemble reads 2x2 blocks (ensemble_num 2), not {ensemble_num}")
+    if local_ensemble and not feat_unfold:
+        raise UnsupportedModelError("DIIF's corner ensemble needs feat_unfold")
+    args = (imnet_spec or {}).get("args", {})
+    return DIIF(make_encoder(encoder_spec), list(args.get("head_hidden_list", [256, 256])),
+                list(args.get("tail_hidden_list", [256, 256])), single_slice=single_slice,
+                ensemble=local_ensemble, feat_unfold=feat_unfold, coarse_cell_decode=coarse_cell_decode,
+                fine_cell_decode=fine_cell_decode, fixed_area=fixed_area, bilinear_skip=bilinear_skip)
+
+
 MODELS: dict[str, Callable[..., ImplicitSR]] = {
     "liif": _liif,
     "lte": _lte,
     "lmliif": _lmliif,
     "lmlte": _lmlte,
+    "diif": _diif,
 }
 
 
@@ -159,8 +179,21 @@ def lte_spec(encoder: Spec | None = None) -> Spec:
         "hidden_dim": 256}}
 
 
+def diif_spec(encoder: Spec | None = None, single_slice: bool = False, head_hidden: list[int] | None = None,
+              tail_hidden: list[int] | None = None, bilinear_skip: bool = False) -> Spec:
+    """DIIF; the defaults are the authors' (C2F-MLP head and tail 256 x 2, slices by rows,
+    corner ensemble, cell in the head, clipped above x4). See docs/diif.md."""
+    return {"name": "diif", "args": {
+        "encoder_spec": encoder or _edsr_spec(),
+        "imnet_spec": {"name": "c2fmlp", "args": {"out_dim": 3, "head_hidden_list": list(head_hidden or [256, 256]),
+                                                  "tail_hidden_list": list(tail_hidden or [256, 256])}},
+        "single_slice": single_slice, "local_ensemble": True, "ensemble_num": 2, "feat_unfold": True,
+        "unfold_num": 3, "coarse_cell_decode": True, "fine_cell_decode": False, "fixed_area": True,
+        "bilinear_skip": bilinear_skip}}
+
+
 ARCHITECTURES: dict[str, Callable[..., Spec]] = {
-    "lmliif": lmliif_spec, "lmlte": lmlte_spec, "liif": liif_spec, "lte": lte_spec}
+    "lmliif": lmliif_spec, "lmlte": lmlte_spec, "liif": liif_spec, "lte": lte_spec, "diif": diif_spec}
 
 
 def edsr_spec(n_resblocks: int = 16, n_feats: int = 64) -> Spec:

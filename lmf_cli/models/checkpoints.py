@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +96,15 @@ def _load_safetensors(path: Path) -> LoadedModel:
 
 def _load_official(path: Path) -> LoadedModel:
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt/truncated/pickled files
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({_short(exc)})") from exc
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before our own message
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met a class or function: never unpickle code
+        raise CheckpointError(f"{path}: holds Python objects other than tensors ({_refused_object(exc)}); "
+                              "lmf loads only LIIF/LTE/LMF checkpoints of plain tensors and will not unpickle "
+                              "it") from exc
+    except Exception as exc:  # torch raises many types for corrupt/truncated files
+        raise CheckpointError(f"{path}: not a LIIF/LTE/LMF checkpoint ({_short(exc)})") from exc
     block = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(block, dict) or not {"name", "args", "sd"} <= block.keys():
         raise CheckpointError(f"{path}: not an official LIIF/LTE/LMF checkpoint (no model name/args/sd)")
@@ -119,6 +127,12 @@ def _build(path: Path, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> 
         raise CheckpointError(f"{path}: weights do not match the {spec['name']!r} architecture "
                               f"({_short(exc)})") from exc
     return model.eval()
+
+
+def _refused_object(exc: BaseException) -> str:
+    """The global that weights_only refused (e.g. `builtins.print`), from PyTorch's long message."""
+    found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
+    return f"it references {found[1]}" if found else "not a plain tensor file"
 
 
 def _short(exc: BaseException) -> str:

@@ -89,6 +89,10 @@ class AxisSlots:
     clamped onto the same latent with the query exactly at its centre (last row or column
     at odd integer scales). All four areas are then the 1e-9 floor, so the official weights
     are uniform along the *other* axis: `flat` (1 / number of latents) holds those weights.
+
+    `span` records the call that built the slots, (n_out, n_in, out_start, out_stop,
+    lat_start): the window on the global grid, for decoders that group output pixels their
+    own way (DIIF's cells, `axis_cells`).
     """
 
     lat0: int
@@ -97,6 +101,7 @@ class AxisSlots:
     weight: torch.Tensor
     flat: torch.Tensor
     collapsed: torch.Tensor
+    span: tuple[int, int, int, int, int] | None = None
 
     @property
     def n_latents(self) -> int:
@@ -156,7 +161,8 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     w_t[lat_of, k] = merged_weight
     flat_t[lat_of, k] = 1.0 / distinct.float()
     collapsed_t[lat_of, k] = collapsed
-    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t)
+    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t,
+                     (n_out, n_in, out_start, out_stop, lat_start))
 
 
 def _axis_neighbours(coord: torch.Tensor, n_in: int, local_ensemble: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -173,6 +179,79 @@ def axis_slot_count(n_out: int, n_in: int, local_ensemble: bool = True) -> int:
     lat = torch.cat([index for index, _ in found])
     keys = torch.unique(lat * n_out + torch.arange(n_out).repeat(len(found)))
     return max(int(torch.bincount(keys // n_out).max()), 1)
+
+
+def cell_starts(n_out: int, n_in: int, lat: torch.Tensor) -> torch.Tensor:
+    """First output index whose centre lies in LR pixel `lat` (integer tensor), exactly:
+    ceil(lat * n_out / n_in - 1/2); `lat = n_in` gives n_out."""
+    return -torch.div(n_in - 2 * lat * n_out, 2 * n_in, rounding_mode="floor")
+
+
+def cell_owner(n_out: int, n_in: int, index: torch.Tensor) -> torch.Tensor:
+    """LR pixel holding the centre of output pixel `index`, exactly; a centre on the border
+    of two LR pixels belongs to the second one (relative coordinate -1)."""
+    return torch.div((2 * index + 1) * n_in, 2 * n_out, rounding_mode="floor")
+
+
+@functools.lru_cache(maxsize=64)
+def axis_cell_count(n_out: int, n_in: int) -> int:
+    """Most output pixels whose centres lie in one LR pixel along an n_in -> n_out axis."""
+    starts = cell_starts(n_out, n_in, torch.arange(n_in + 1))
+    return max(int((starts[1:] - starts[:-1]).max()), 1)
+
+
+@dataclass(frozen=True)
+class AxisCells:
+    """Output pixels of a window grouped by the LR pixel (cell) their centre lies in, along
+    one axis: the grouping of DIIF's coordinate slices. Every output pixel has one cell.
+
+    Latent `lat0 + r` (index into the latent table) owns slots k = 0..K-1, where slot k is
+    the cell's k-th output pixel *in the whole image* and K the most any cell of the axis
+    holds, so a slot is the same pixel whatever window, tile or block it is decoded in.
+    rel (n, K): coordinate of the slot relative to the latent centre, in LR units (a cell
+    spans [-1, 1)); slots past the cell's last pixel continue its pixel pitch.
+    valid (n, K): the slot is an output pixel of this window. index (n, K): its global output
+    index (clamped for padding). first, last (n,): rel of the cell's first and last output
+    pixel in the whole image (DIIF's slice borders). lat_of, k_of (n_window,): the slot of
+    each output pixel of the window, in order. step: output pixel pitch in LR units.
+    """
+
+    lat0: int
+    rel: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+    lat_of: torch.Tensor
+    k_of: torch.Tensor
+    step: float
+
+    @property
+    def n_latents(self) -> int:
+        return self.rel.shape[0]
+
+
+def axis_cells(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
+               device: torch.device | str = "cpu") -> AxisCells:
+    """Cells of output pixels [out_start, out_stop) of an n_in -> n_out axis, in exact
+    integer arithmetic, on the global grid. Latent indices are returned relative to
+    `lat_start`, the first latent the caller holds. Built on the CPU (float64), then moved."""
+    j = torch.arange(out_start, out_stop)
+    owner = cell_owner(n_out, n_in, j)
+    first_lat = int(owner[0])
+    if first_lat < lat_start:
+        raise ValueError("latent window starts after the output window needs it")
+    lats = torch.arange(first_lat, int(owner[-1]) + 1)
+    starts = cell_starts(n_out, n_in, lats)
+    stops = cell_starts(n_out, n_in, lats + 1)
+    jj = starts[:, None] + torch.arange(axis_cell_count(n_out, n_in))
+    valid = (jj < stops[:, None]) & (jj >= out_start) & (jj < out_stop)
+    rel = ((2 * jj + 1) * n_in - (2 * lats[:, None] + 1) * n_out).double() / n_out
+    last = ((2 * stops - 1) * n_in - (2 * lats + 1) * n_out).double() / n_out
+    lat_of = owner - first_lat
+    parts = (rel.float(), valid, jj.clamp(max=n_out - 1), rel[:, 0].float(), last.float(), lat_of,
+             j - starts[lat_of])
+    return AxisCells(first_lat - lat_start, *(t.to(device) for t in parts), 2 * n_in / n_out)
 
 
 @dataclass(frozen=True)

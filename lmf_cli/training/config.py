@@ -26,6 +26,7 @@ class TrainConfig:
     val_data: str | None = None
     save_minutes: float = 5.0
     init: str | None = None  # weights file to start from (fine-tuning); its spec is `spec`
+    init_encoder: str | None = None  # weights whose encoder starts this run (e.g. DIIF on lmf-edsr's encoder)
     degrade: str = "none"  # LR degradation preset (lmf_cli.degradations.PRESETS)
 
 

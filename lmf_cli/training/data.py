@@ -24,7 +24,7 @@ EVAL_ONLY_SETS = ("Set5", "Set14", "B100", "Urban100")
 class PatchSampler:
     """Draws training batches from images held in memory; its RNG state is checkpointed."""
 
-    def __init__(self, images: list[np.ndarray], cfg: TrainConfig, seed: int) -> None:
+    def __init__(self, images: list[np.ndarray], cfg: TrainConfig, seed: int, whole_cells: bool = False) -> None:
         min_side = math.ceil(cfg.patch * cfg.scale_max)
         self.images = [im for im in images if min(im.shape[:2]) >= min_side]
         if not self.images:
@@ -32,10 +32,13 @@ class PatchSampler:
         self.cfg = cfg
         self.preset = training_preset(cfg.degrade)
         self.rng = np.random.default_rng(seed)
+        # Decoders that decode whole slices (DIIF) learn from every pixel of sampled LR cells
+        # (about `queries` pixels per patch), not from scattered single pixels.
+        self.whole_cells = whole_cells
 
-    def batch(self) -> dict[str, torch.Tensor]:
+    def batch(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         cfg, rng = self.cfg, self.rng
-        inps, coords, cells, gts = [], [], [], []
+        inps, coords, cells, gts, hrs, lr_cells = [], [], [], [], [], []
         for _ in range(cfg.batch):
             img = self.images[rng.integers(len(self.images))]
             s = rng.uniform(1, cfg.scale_max)
@@ -46,13 +49,21 @@ class PatchSampler:
             lr = degrade_for_training(hr, (cfg.patch, cfg.patch), self.preset, rng)
             flips = rng.random(3) < 0.5
             hr, lr = _augment(hr, flips), _augment(lr, flips)
+            inps.append(lr)
+            if self.whole_cells:
+                count = min(cfg.patch * cfg.patch, max(1, math.ceil(cfg.queries / s ** 2)))
+                pick = rng.choice(cfg.patch * cfg.patch, count, replace=False)
+                lr_cells.append(torch.from_numpy(np.stack(np.divmod(pick, cfg.patch), -1))[None])
+                hrs.append(torch.from_numpy(hr).permute(2, 0, 1).float().div_(127.5).sub_(1))
+                continue
             pick = rng.choice(hr_size * hr_size, cfg.queries, replace=False)
             ys, xs = np.divmod(pick, hr_size)
             coords.append(np.stack([(2 * ys + 1) / hr_size - 1, (2 * xs + 1) / hr_size - 1], -1))
             gts.append(hr[ys, xs])
-            inps.append(lr)
             cells.append(np.full((cfg.queries, 2), 2 / hr_size))
         inp = torch.from_numpy(np.stack(inps)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        if self.whole_cells:
+            return {"inp": inp.contiguous(memory_format=torch.channels_last), "hr": hrs, "cells": lr_cells}
         return {
             "inp": inp.contiguous(memory_format=torch.channels_last),
             "coord": torch.from_numpy(np.stack(coords)).float(),

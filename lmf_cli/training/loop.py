@@ -49,6 +49,19 @@ def _restore_optimizer(opt: torch.optim.Adam, model: torch.nn.Module, tensors: d
         }
 
 
+def batch_loss(model: ImplicitSR, batch: dict) -> torch.Tensor:
+    """L1 in normalised units: on sampled pixels, or on every pixel of sampled LR cells for
+    decoders that decode whole slices (DIIF), one patch at a time as each has its own scale."""
+    if "cells" not in batch:
+        return (model(batch["inp"], batch["coord"], batch["cell"]) - batch["gt"]).abs().mean()
+    inp = batch["inp"]
+    latents = model.encode(inp, None)
+    losses = [model.decode_cells(inp[b:b + 1], {k: v[b:b + 1] for k, v in latents.items()}, tuple(hr.shape[-2:]),
+                                 cells).l1(hr[None])
+              for b, (hr, cells) in enumerate(zip(batch["hr"], batch["cells"], strict=True))]
+    return torch.stack(losses).mean()
+
+
 def save_state(path: Path, model: ImplicitSR, opt: torch.optim.Adam, cfg: TrainConfig, step: int,
                rng_state: dict, elapsed: float, history: list[dict]) -> None:
     tensors = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
@@ -90,12 +103,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     elif cfg.init:
         model.load_state_dict(load_weights(cfg.init).model.state_dict())
         log(f"started from the weights in {cfg.init}")
+    elif cfg.init_encoder:
+        model.encoder.load_state_dict(load_weights(cfg.init_encoder).model.encoder.state_dict())
+        log(f"started from the encoder of {cfg.init_encoder}")
     if cfg.bf16:
         model.encoder_dtype = torch.bfloat16
     model.use_channels_last()
     model.train()
 
-    sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed)
+    sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed,
+                           whole_cells=hasattr(model, "decode_cells"))
     if rng_state is not None:
         sampler.rng.bit_generator.state = rng_state
     prefetch = Prefetcher(sampler)
@@ -115,8 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             batch = prefetch.next()
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            pred = model(batch["inp"], batch["coord"], batch["cell"])
-            loss = (pred - batch["gt"]).abs().mean()
+            loss = batch_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
