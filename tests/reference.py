@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 
 def coords(n: int) -> torch.Tensor:
-    return -1 + (2 * torch.arange(n, dtype=torch.float64) + 1) / n
+    """Pixel centres as the official utils.make_coord gives them: v0 + r + (2r) * arange(n) in
+    float32. Exact centres differ by rounding, which decides whether a query on a latent
+    centre collapses the ensemble weights (x3, x5, ...)."""
+    r = 1 / n
+    return (-1 + r + (2 * r) * torch.arange(n).float()).double()
 
 
 def grid(h: int, w: int) -> torch.Tensor:

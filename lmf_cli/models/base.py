@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmf_cli.models.geometry import AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
+from lmf_cli.models.geometry import AREA_EPS, AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
 
 Latents = dict[str, torch.Tensor]
 
@@ -123,7 +123,7 @@ class ImplicitSR(nn.Module):
         rows, cols = window.rows, window.cols
         pred = self.decode_slots(latents, window)  # (B, nr, nc, Kr, Kc, 3)
         b, nr, nc, kr, kc, _ = pred.shape
-        pred = (pred * ensemble_weights(rows, cols).unsqueeze(-1)).permute(0, 1, 3, 2, 4, 5)
+        pred = (pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)).permute(0, 1, 3, 2, 4, 5)
         n_out_r = int(rows.out.max()) + 1
         n_out_c = int(cols.out.max()) + 1
         by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
@@ -136,15 +136,15 @@ class ImplicitSR(nn.Module):
         return out
 
 
-def ensemble_weights(rows: AxisSlots, cols: AxisSlots) -> torch.Tensor:
-    """(nr, nc, Kr, Kc) weights: the separable product, except where an axis collapsed."""
-    wy = rows.weight[:, None, :, None]
-    wx = cols.weight[None, :, None, :]
-    if bool(cols.collapsed.any()):
-        wy = torch.where(cols.collapsed[None, :, None, :], rows.flat[:, None, :, None], wy)
-    if bool(rows.collapsed.any()):
-        wx = torch.where(rows.collapsed[:, None, :, None], cols.flat[None, :, None, :], wx)
-    return wy * wx
+def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
+    """(nr, nc, Kr, Kc) weights: LIIF's normalised areas with their 1e-9 floor, exactly
+    (computed in float64 from per-axis factors: see AxisSlots)."""
+    if not local_ensemble:
+        return rows.weight[:, None, :, None] * cols.weight[None, :, None, :]
+    oy, ox = rows.other[:, None, :, None], cols.other[None, :, None, :]
+    ty, tx = rows.taps[:, None, :, None], cols.taps[None, :, None, :]
+    sy, sx = rows.total[:, None, :, None], cols.total[None, :, None, :]
+    return ((oy * ox + ty * tx * AREA_EPS) / (sy * sx + 4 * AREA_EPS)).float()
 
 
 def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:

@@ -85,10 +85,13 @@ class AxisSlots:
     ensemble weight `weight[r, k]` (0 for padding). Each output pixel sits in the slots of
     the one or two latents around it, and its weights sum to 1.
 
-    `collapsed` marks the one case LIIF's area formula does not separate: both neighbours
-    clamped onto the same latent with the query exactly at its centre (last row or column
-    at odd integer scales). All four areas are then the 1e-9 floor, so the official weights
-    are uniform along the *other* axis: `flat` (1 / number of latents) holds those weights.
+    LIIF's area weight is not quite separable: each area carries a 1e-9 floor, which decides
+    the weights where a relative coordinate is (nearly) 0, e.g. a query on a latent centre,
+    where both neighbours are one latent and all four areas are the floor. So each slot also
+    keeps `other` (|rel| of the other neighbour, summed over the neighbours merged into the
+    slot), `taps` (how many were merged: 1 or 2) and `total` (|rel_a| + |rel_b| of its output
+    pixel); `ensemble_weights` combines two axes into LIIF's exact weight
+    (other_y * other_x + taps_y * taps_x * 1e-9) / (total_y * total_x + 4e-9).
 
     `span` records the call that built the slots, (n_out, n_in, out_start, out_stop,
     lat_start): the window on the global grid, for decoders that group output pixels their
@@ -99,8 +102,9 @@ class AxisSlots:
     out: torch.Tensor
     rel: torch.Tensor
     weight: torch.Tensor
-    flat: torch.Tensor
-    collapsed: torch.Tensor
+    other: torch.Tensor
+    taps: torch.Tensor
+    total: torch.Tensor
     span: tuple[int, int, int, int, int] | None = None
 
     @property
@@ -118,7 +122,7 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     two axes' weights is LIIF's normalised area weight.
     """
     coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
-    found = _axis_neighbours(coord, n_in, local_ensemble)
+    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device)[out_start:out_stop])
     if local_ensemble:
         (_, r0), (_, r1) = found
         a0, a1 = r0.abs(), r1.abs()
@@ -126,8 +130,11 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
         # Zero only where both neighbours are the same latent at the query's own centre.
         w0 = torch.where(total > 0, a1 / total.clamp_min(1e-300), 0.5)
         weights = [w0, 1 - w0]
+        others = [a1, a0]
     else:
         weights = [torch.ones_like(coord)]
+        total = torch.ones_like(coord)
+        others = [torch.ones_like(coord)]
     n_win = out_stop - out_start
     lat = torch.cat([f[0] for f in found]) - lat_start
     if int(lat.min()) < 0:
@@ -139,9 +146,10 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     key, inverse = torch.unique(lat * n_win + out, return_inverse=True)
     merged_weight = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, weight)
     merged_rel = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_copy_(0, inverse, rel)
+    merged_other = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse,
+                                                                                           torch.cat(others))
+    merged_taps = torch.bincount(inverse, minlength=key.numel()).double()
     out_of = key % n_win
-    distinct = torch.bincount(out_of, minlength=n_win)[out_of]
-    collapsed = (distinct == 1) & (merged_rel == 0) & local_ensemble
     lat_of = key // n_win
     lat0 = int(lat_of.min())
     lat_of = lat_of - lat0
@@ -154,22 +162,44 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     out_t = torch.zeros(shape, dtype=torch.long, device=device)
     rel_t = torch.zeros(shape, dtype=torch.float64, device=device)
     w_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    flat_t = torch.zeros(shape, dtype=torch.float32, device=device)
-    collapsed_t = torch.zeros(shape, dtype=torch.bool, device=device)
+    other_t = torch.zeros(shape, dtype=torch.float64, device=device)
+    taps_t = torch.zeros(shape, dtype=torch.float64, device=device)
+    total_t = torch.ones(shape, dtype=torch.float64, device=device)
     out_t[lat_of, k] = out_of
     rel_t[lat_of, k] = merged_rel
     w_t[lat_of, k] = merged_weight
-    flat_t[lat_of, k] = 1.0 / distinct.float()
-    collapsed_t[lat_of, k] = collapsed
-    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), flat_t, collapsed_t,
+    other_t[lat_of, k] = merged_other
+    taps_t[lat_of, k] = merged_taps
+    total_t[lat_of, k] = total[out_of]
+    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), other_t, taps_t, total_t,
                      (n_out, n_in, out_start, out_stop, lat_start))
 
 
-def _axis_neighbours(coord: torch.Tensor, n_in: int, local_ensemble: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(latent index, relative coordinate) of each ensemble neighbour along one axis."""
+def official_centres(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixel centres as the official code's float32 `make_coord` gives them (-1 + r + 2r*i,
+    r = 1/n, in float32), as float64. They differ from the exact centres by float32 rounding."""
+    r = 1.0 / n
+    return (-1 + r + (2 * r) * torch.arange(n, device=device).float()).double()
+
+
+def _axis_neighbours(coord: torch.Tensor, n_in: int, local_ensemble: bool,
+                     official: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(latent index, relative coordinate) of each ensemble neighbour along one axis.
+
+    A query exactly on a latent centre (x3's last rows, ...) has relative coordinate 0 for
+    both neighbours, which collapses LIIF's area weights to their 1e-9 floor; the official
+    code decides that with its float32 coordinates (`official`: the queries' official
+    centres), where rounding may leave a tiny non-zero offset. We take its value there, so
+    official checkpoints give the official pixels on those rows and columns too.
+    """
     offsets = (-1, 1) if local_ensemble else (0,)
     eps = ENSEMBLE_EPS if local_ensemble else 0.0
-    return [_lookup_eps(coord, n_in, v, eps) for v in offsets]
+    found = [_lookup_eps(coord, n_in, v, eps) for v in offsets]
+    if official is None or not local_ensemble:
+        return found
+    centres = official_centres(n_in, coord.device)
+    return [(index, torch.where(rel == 0, ((official - centres[index]).float() * n_in).double(), rel))
+            for index, rel in found]
 
 
 @functools.lru_cache(maxsize=64)
@@ -268,7 +298,7 @@ class AxisTaps:
 def axis_taps(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
               local_ensemble: bool = True, device: torch.device | str = "cpu") -> AxisTaps:
     coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
-    found = _axis_neighbours(coord, n_in, local_ensemble)
+    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device)[out_start:out_stop])
     lat = torch.stack([index for index, _ in found], 1) - lat_start
     if int(lat.min()) < 0:
         raise ValueError("latent window starts after the output window needs it")
