@@ -97,6 +97,11 @@ class Upscaler:
             raise InputError(f"expected an H x W, H x W x 1, x 3 or x 4 array, got shape {image.shape}")
         if min(image.shape[:2]) == 0:
             raise InputError("the image has no pixels")
+        if dtype == np.float32 and not np.isfinite(image).all():
+            bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+            raise InputError(f"{bad} value{'s are' if bad != 1 else ' is'} not finite (NaN or inf); "
+                             "every value of a float32 image must lie in [0, 1] (replace them, e.g. with "
+                             "np.nan_to_num, before upscaling)")
         plan = plan_size(image.shape[:2], scale, size)
         peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
         data = image.astype(np.float32) / peak if peak != 1.0 else np.clip(image, 0, 1)

@@ -84,3 +84,16 @@ def test_model_and_encoder_are_exposed(up):
     import torch
 
     assert isinstance(up.model, torch.nn.Module) and isinstance(up.model.encoder, torch.nn.Module)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_floats_are_refused_with_a_count(official_files, butterfly, bad):
+    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    image = butterfly.astype(np.float32) / 255
+    image[3, 4, 1] = bad
+    image[10, 20, 0] = bad
+    with pytest.raises(InputError, match="2 values are not finite"):
+        up.upscale(image, scale=2)
+    image[10, 20, 0] = 0.5
+    with pytest.raises(InputError, match="1 value is not finite"):
+        up.upscale(image, scale=2)
