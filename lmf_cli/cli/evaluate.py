@@ -97,6 +97,10 @@ def benchmark(
     quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat: under a minute."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
     plot: Path | None = typer.Option(None, "--plot", help="PNG of time and PSNR against scale."),
+    images: list[Path] = typer.Option(None, "--image", help="Time on this photo (repeatable), cropped and "
+                                      "downscaled to --size; default: 3 B100 photos, else a synthetic card."),
+    diif: str | None = typer.Option("diif-edsr", "--diif", help="DIIF model timed beside LMF and LIIF "
+                                    "(a name or file; skipped if it has no weights); --diif '' to leave it out."),
 ) -> None:
     """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
     and bicubic, with MACs from the architecture."""
@@ -119,8 +123,18 @@ def benchmark(
         fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
         fail(str(exc))
-    image = bench.test_image(in_h, in_w)
-    inp = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device)
+    photos = list(images or [])
+    for photo in photos:
+        if not photo.is_file():
+            fail(f"--image {photo}: no such file")
+    if not photos and (DATA_ROOT / "B100" / "HR").is_dir():
+        photos = list_images(DATA_ROOT / "B100" / "HR")[:3]
+    try:
+        pictures, source = bench.benchmark_inputs(in_h, in_w, photos)
+    except OSError as exc:
+        fail(f"--image: {exc}")
+    inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device) for p in pictures]
+    diif_up = _optional_model(diif, device, precision) if diif else None
     info = bench.machine_info(up.device)
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
                   f"input {in_w} x {in_h}", highlight=False)
@@ -128,25 +142,29 @@ def benchmark(
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []
     for scale in scale_list:
-        rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inp, scale, repeats, warmup))
+        rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inputs, scale, repeats, warmup))
         schedule = schedule_for(tables, key, scale)
         if schedule is not None:
-            rows.append(bench.benchmark_model(f"LMF + CMSR ({up.name})", up.model, inp, scale, repeats, warmup,
+            rows.append(bench.benchmark_model(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup,
                                               schedule))
         if liif:
-            rows.append(bench.liif_extrapolated(up.model, inp, scale, repeats, warmup,
+            rows.append(bench.liif_extrapolated(up.model, inputs[0], scale, repeats, warmup,
                                                 window=96 if quick else 192))
-        rows.append(bench.benchmark_bicubic(image, scale, repeats, warmup))
+        if diif_up is not None:
+            rows.append(bench.benchmark_model(f"DIIF ({diif_up.name})", diif_up.model, inputs, scale, repeats, warmup))
+        rows.append(bench.benchmark_bicubic(pictures, scale, repeats, warmup))
         console.print(f"x{scale:g} done", highlight=False)
     scores = {}
     if psnr:
-        images = list_images(DATA_ROOT / "Set5" / "HR")
-        if images:
-            scores = bench.psnr_by_scale(up.model, up.device, images, scale_list, tables, key)
+        set5 = list_images(DATA_ROOT / "Set5" / "HR")
+        if set5:
+            others = {"DIIF": diif_up.model} if diif_up is not None else {}
+            scores = bench.psnr_by_scale(up.model, up.device, set5, scale_list, tables, key, others)
         else:
             console.print("no Set5 images found; skipping PSNR", highlight=False)
     table = Table("method", "scale", "encoder", "latent", "render", "total", "GMACs enc/lat/rend", "MP/s",
-                  "peak MB", "drawn", "PSNR", title=f"lmf benchmark, {in_w} x {in_h} input, median of {repeats}")
+                  "peak MB", "drawn", "PSNR", title=f"lmf benchmark, {in_w} x {in_h} input from {source}, "
+                  f"median of {repeats}")
     for row in rows:
         stages = [f"{t.median_s * 1e3:.0f} ms" if t else "" for t in (row.encoder, row.latent, row.render)]
         macs = "/".join(f"{row.macs.get(k, 0) / 1e9:.1f}" for k in ("encoder", "latent", "render"))
@@ -171,9 +189,20 @@ def benchmark(
                             f"({liif_row.render.median_s / max(lmf_time, 1e-9):.0f}x faster); whole upscale "
                             f"{liif_row.total.median_s / lmf_row.total.median_s:.1f}x faster", highlight=False)
     if json_out is not None:
-        payload = {"machine": info, "input_wh": [in_w, in_h], "model": up.name, "repeats": repeats,
+        payload = {"machine": info, "input_wh": [in_w, in_h], "input": source, "model": up.name, "repeats": repeats,
                    "rows": [r.as_dict() for r in rows],
                    "psnr": [{"method": m, "scale": s, "psnr": v} for (m, s), v in scores.items()]}
         json_out.write_text(json.dumps(payload, indent=2))
     if plot is not None:
         bench.plot(plot, rows, scores, f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}")
+
+
+def _optional_model(name: str, device: str, precision: str):
+    """A second model for the benchmark, or None (with a note) when it has no weights."""
+    from lmf_cli.api import Upscaler
+
+    try:
+        return Upscaler.load(name, device, precision)
+    except LmfError as exc:
+        console.print(f"DIIF not timed: {exc}", highlight=False)
+        return None

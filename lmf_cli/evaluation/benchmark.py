@@ -18,9 +18,10 @@ from torch import nn
 from lmf_cli.engine import native
 from lmf_cli.engine.cmsr import Schedule, schedule_for
 from lmf_cli.engine.render import encode_image, render_region
-from lmf_cli.engine.sizes import rel_cell_for
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method
+from lmf_cli.imaging.resample import bicubic_resize_uint8
+from lmf_cli.io.images import load_rgb
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.liif import LIIF
 
@@ -108,6 +109,8 @@ def model_macs(model: ImplicitSR, in_hw: tuple[int, int], out_hw: tuple[int, int
             latent += conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
     if hasattr(model, "hypernet"):
         latent += _linear_macs(model.hypernet.linears)
+    if hasattr(model, "decoder_macs"):  # DIIF counts its own: per slice (head) and per pixel (tail)
+        return {"encoder": encoder * lr_pixels, "latent": 0.0, "render": float(model.decoder_macs(in_hw, out_hw))}
     neighbours = 4 if model.local_ensemble else 1
     render = neighbours * _linear_macs(model.imnet.linears)
     return {"encoder": encoder * lr_pixels, "latent": latent * lr_pixels, "render": render * hr_pixels}
@@ -125,36 +128,98 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark_model(name: str, model: ImplicitSR, inp: torch.Tensor, scale: float, repeats: int, warmup: int,
-                    schedule: Schedule | None = None) -> Row:
-    device = inp.device
-    in_hw = tuple(inp.shape[-2:])
+def _stage_samples(model: ImplicitSR, runs: list[Callable[[], object]], device: torch.device, repeats: int,
+                   warmup: int) -> list[tuple[float, float, float, float]]:
+    """(encoder, latent, render, total) seconds of each timed run, all four from the same
+    synchronised run: hooks time the encoder and `encode` (encoder + latent MLP) inside the
+    upscale, the render is the rest. `runs` are cycled (one per input image)."""
+    marks: dict[str, float] = {}
+
+    def before(*_: object) -> None:
+        _sync(device)
+        marks["start"] = time.perf_counter()
+
+    def after(*_: object) -> None:
+        _sync(device)
+        marks["encoder"] = marks.get("encoder", 0.0) + time.perf_counter() - marks["start"]
+
+    real_encode = model.encode
+
+    def encode(*args: object, **kwargs: object) -> object:
+        _sync(device)
+        start = time.perf_counter()
+        out = real_encode(*args, **kwargs)
+        _sync(device)
+        marks["encode"] = marks.get("encode", 0.0) + time.perf_counter() - start
+        return out
+
+    hooks = [model.encoder.register_forward_pre_hook(before), model.encoder.register_forward_hook(after)]
+    model.encode = encode
+    samples = []
+    try:
+        for i in range(warmup * len(runs) + repeats):
+            marks.clear()
+            _sync(device)
+            start = time.perf_counter()
+            runs[i % len(runs)]()
+            _sync(device)
+            total = time.perf_counter() - start
+            if i >= warmup * len(runs):
+                enc, encode_s = marks.get("encoder", 0.0), marks.get("encode", 0.0)
+                samples.append((enc, max(0.0, encode_s - enc), max(0.0, total - encode_s), total))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del model.encode
+    return samples
+
+
+def _timings(samples: list[tuple[float, ...]]) -> list[Timing]:
+    return [Timing.of([s[k] for s in samples]) for k in range(len(samples[0]))]
+
+
+def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
+                    warmup: int, schedule: Schedule | None = None) -> Row:
+    """Stage and total times of whole upscales (one tile), cycling over the input images."""
+    device = inputs[0].device
+    in_hw = tuple(inputs[0].shape[-2:])
     out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
-    rel_cell = inp.new_tensor([rel_cell_for(in_hw, out_hw)])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict[str, int] = {}
+    drawn: list[float] = []
+
+    def runner(inp: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            out = upscale_tensor(model, inp, out_hw, tile=max(in_hw), schedule=schedule, stats=stats)
+            drawn.append(stats["rendered"] / stats["total"] if stats.get("total") else 1.0)
+            return out
+        return run
+
     with torch.inference_mode():
-        enc = _time(lambda: model.run_encoder(inp), device, repeats, warmup)
-        latent = _time(lambda: model.encode(inp, rel_cell), device, repeats, warmup)
-        total = _time(lambda: upscale_tensor(model, inp, out_hw, tile=max(in_hw), schedule=schedule, stats=stats),
-                      device, repeats, warmup)
+        samples = _stage_samples(model, [runner(inp) for inp in inputs], device, repeats, warmup)
+    enc, latent, render, total = _timings(samples)
     macs = model_macs(model, in_hw, out_hw)
-    fraction = stats["rendered"] / stats["total"] if stats.get("total") else 1.0
+    fraction = statistics.mean(drawn[-repeats:]) if drawn else 1.0
     macs["render"] *= fraction
-    latent_only = [max(0.0, a - b) for a, b in zip(latent, enc, strict=True)]
-    render_only = [max(0.0, a - b) for a, b in zip(total, latent, strict=True)]
-    return Row(name, scale, Timing.of(enc), Timing.of(latent_only), Timing.of(render_only), Timing.of(total),
-               macs, out_hw[0] * out_hw[1] / 1e6 / statistics.median(total), peak_memory_mb(device), fraction)
+    return Row(name, scale, enc, latent, render, total, macs, out_hw[0] * out_hw[1] / 1e6 / total.median_s,
+               peak_memory_mb(device), fraction, note=_spread_note(enc, latent, render, total))
 
 
-def benchmark_bicubic(inp_uint8: np.ndarray, scale: float, repeats: int, warmup: int) -> Row:
+def _spread_note(*stages: Timing) -> str:
+    names = ("encoder", "latent", "render", "total")
+    wide = [n for n, t in zip(names, stages, strict=False) if t.median_s > 1e-3 and t.spread_s > 0.2 * t.median_s]
+    return f"spread over 20% of the median: {', '.join(wide)}" if wide else ""
+
+
+def benchmark_bicubic(images: list[np.ndarray], scale: float, repeats: int, warmup: int) -> Row:
     import cv2
 
-    h, w = inp_uint8.shape[:2]
+    h, w = images[0].shape[:2]
     size = (round(w * scale), round(h * scale))
-    samples = _time(lambda: cv2.resize(inp_uint8, size, interpolation=cv2.INTER_CUBIC), torch.device("cpu"),
-                    repeats, warmup)
+    turn = iter(range(1 << 30))
+    samples = _time(lambda: cv2.resize(images[next(turn) % len(images)], size, interpolation=cv2.INTER_CUBIC),
+                    torch.device("cpu"), repeats, warmup)
     total = Timing.of(samples)
     return Row("bicubic (OpenCV)", scale, None, None, None, total, {"render": 16.0 * size[0] * size[1]},
                size[0] * size[1] / 1e6 / total.median_s, peak_memory_mb(torch.device("cpu")))
@@ -182,12 +247,25 @@ def _cpu_name() -> str:
 
 
 def test_image(height: int, width: int) -> np.ndarray:
-    """A deterministic photo-like test card: smooth gradients, texture, hard edges."""
+    """A deterministic synthetic card (gradients, texture, edges), for machines without photos."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     r = 0.5 + 0.4 * np.sin(x / max(width, 1) * 6.0) * np.cos(y / max(height, 1) * 4.0)
     g = 0.5 + 0.3 * np.sin((x + y) / 7.0) * (x > width / 2)
     b = np.clip((x // 16 + y // 16) % 2 * 0.6 + 0.2 * y / max(height, 1), 0, 1)
     return (np.stack([r, g, b], -1).clip(0, 1) * 255).astype(np.uint8)
+
+
+def photo_input(photo: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The largest centred crop of a photo with the input's aspect, downscaled (antialiased
+    bicubic) to height x width: natural detail at the input size, as an LR photo has."""
+    ph, pw = photo.shape[:2]
+    crop_h, crop_w = (ph, round(ph * width / height)) if pw * height >= ph * width else (round(pw * height / width), pw)
+    crop_h, crop_w = min(crop_h, ph), min(crop_w, pw)
+    y0, x0 = (ph - crop_h) // 2, (pw - crop_w) // 2
+    crop = photo[y0:y0 + crop_h, x0:x0 + crop_w]
+    if (crop_h, crop_w) == (height, width):
+        return crop.copy()
+    return bicubic_resize_uint8(np.ascontiguousarray(crop), (height, width))
 
 
 def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeats: int, warmup: int,
@@ -213,15 +291,17 @@ def liif_extrapolated(model: ImplicitSR, inp: torch.Tensor, scale: float, repeat
                peak_memory_mb(device), note=note)
 
 
-def psnr_by_scale(model: ImplicitSR, device: torch.device, images: list[Path], scales: list[float],
-                  tables: dict, key: str) -> dict[tuple[str, float], float]:
-    """PSNR of LMF, LMF + CMSR and bicubic on `images` (standard protocol) up to x12."""
+def psnr_by_scale(model: ImplicitSR, device: torch.device, images: list[Path], scales: list[float], tables: dict,
+                  key: str, others: dict[str, ImplicitSR] | None = None) -> dict[tuple[str, float], float]:
+    """PSNR of LMF, LMF + CMSR, `others` (e.g. DIIF) and bicubic on `images` (standard protocol) up to x12."""
     scores: dict[tuple[str, float], float] = {}
     for scale in [s for s in scales if s <= 12]:
         methods = {"LMF": model_method(model, str(device)), "bicubic": bicubic_method}
         schedule = schedule_for(tables, key, scale)
         if schedule is not None:
             methods["LMF + CMSR"] = model_method(model, str(device), schedule)
+        for name, other in (others or {}).items():
+            methods[name] = model_method(other, str(device))
         for result in evaluate(methods, images, [scale], with_ssim=False):
             name = "bicubic (OpenCV)" if result.method == "bicubic" else result.method
             scores[(name.split(" (")[0], scale)] = result.psnr
@@ -254,3 +334,12 @@ def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], ti
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def benchmark_inputs(height: int, width: int, photos: list[Path]) -> tuple[list[np.ndarray], str]:
+    """The timed inputs: photos cropped and downscaled to the input size, or the synthetic
+    card when none are given; and a line saying which, for the table."""
+    if not photos:
+        return [test_image(height, width)], "a synthetic test card (no photos found)"
+    images = [photo_input(load_rgb(p), height, width) for p in photos]
+    return images, f"{len(photos)} photo{'s' * (len(photos) > 1)} ({', '.join(p.stem for p in photos)})"
