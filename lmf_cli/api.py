@@ -7,7 +7,7 @@ grayscale; a 4th (alpha) channel is upscaled by the model too, or bicubic on req
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -90,25 +90,38 @@ class Upscaler:
         many pixels the render MLP drew.
         """
         image = np.asarray(image)
-        dtype = image.dtype
-        if dtype not in (np.uint8, np.uint16, np.float32):
-            raise InputError(f"unsupported dtype {dtype}; use uint8, uint16 or float32 in [0, 1]")
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise InputError(f"expected an H x W, H x W x 1, x 3 or x 4 array, got shape {image.shape}")
-        if min(image.shape[:2]) == 0:
-            raise InputError("the image has no pixels")
-        if dtype == np.float32 and not np.isfinite(image).all():
-            bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-            raise InputError(f"{bad} value{'s are' if bad != 1 else ' is'} not finite (NaN or inf); "
-                             "every value of a float32 image must lie in [0, 1] (replace them, e.g. with "
-                             "np.nan_to_num, before upscaling)")
-        plan = plan_size(image.shape[:2], scale, size)
+        return self.upscale_batch(image[None], scale, size, tile=tile, cmsr=cmsr, max_memory=max_memory,
+                                  alpha=alpha, progress=progress)[0]
+
+    def upscale_batch(self, images: np.ndarray | Sequence[np.ndarray], scale: Scale | None = None,
+                      size: tuple[int, int] | None = None, *, tile: int | None = None,
+                      cmsr: bool | str | float = False, max_memory: int | None = None,
+                      alpha: Literal["model", "bicubic"] = "model",
+                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Upscale same-size images (an N x H x W (x C) array or a list) as one batch.
+
+        One encoder call per tile covers the whole batch (what a GPU wants); each output equals
+        `upscale` of that image alone, to float rounding. Returns N x H' x W' (x C), the dtype
+        of the input. Options as `upscale`.
+        """
+        batch = [np.asarray(image) for image in images]
+        if not batch:
+            raise InputError("no images to upscale")
+        first = batch[0]
+        for image in batch:
+            _check_image(image)
+            if image.shape != first.shape or image.dtype != first.dtype:
+                raise InputError(f"a batch needs images of one shape and dtype: {first.shape} {first.dtype} "
+                                 f"and {image.shape} {image.dtype}")
+        stack = np.stack(batch)
+        dtype = stack.dtype
+        plan = plan_size(first.shape[:2], scale, size)
         peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
-        data = image.astype(np.float32) / peak if peak != 1.0 else np.clip(image, 0, 1)
-        gray = data.ndim == 2 or data.shape[2] == 1
+        data = stack.astype(np.float32) / peak if peak != 1.0 else np.clip(stack, 0, 1)
+        gray = data.ndim == 3 or data.shape[3] == 1
         if gray:
-            data = data.reshape(*data.shape[:2], 1)
-        colour, extra = (data[..., :3], data[..., 3:]) if data.shape[2] == 4 else (data, None)
+            data = data.reshape(*data.shape[:3], 1)
+        colour, extra = (data[..., :3], data[..., 3:]) if data.shape[3] == 4 else (data, None)
         schedule = None
         if cmsr is not False and cmsr is not None:
             if not supports_cmsr(self.model):
@@ -117,23 +130,39 @@ class Upscaler:
             schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
         self.last_stats: dict[str, int] = {}
         run = dict(tile=tile, schedule=schedule, max_memory=max_memory, progress=progress, stats=self.last_stats)
-        out = self._run(np.repeat(colour, 3, axis=2) if gray else colour, plan, **run)
+        out = self._run(np.repeat(colour, 3, axis=3) if gray else colour, plan, **run)
         if gray:
-            out = out.mean(axis=2, keepdims=True)
+            out = out.mean(axis=3, keepdims=True)
         if extra is not None:
             if alpha == "bicubic":
-                a = bicubic_resize_float(extra, plan.out_hw)
+                a = np.stack([bicubic_resize_float(e, plan.out_hw) for e in extra])
             else:
-                a = self._run(np.repeat(extra, 3, axis=2), plan, **run).mean(axis=2, keepdims=True)
-            out = np.concatenate([out, a], axis=2)
-        if image.ndim == 2:
+                a = self._run(np.repeat(extra, 3, axis=3), plan, **run).mean(axis=3, keepdims=True)
+            out = np.concatenate([out, a], axis=3)
+        if first.ndim == 2:
             out = out[..., 0]
         if peak == 1.0:
             return np.ascontiguousarray(out, dtype=np.float32)
         return np.round(out * peak).astype(dtype)
 
     def _run(self, rgb: np.ndarray, plan: Plan, **engine) -> np.ndarray:
-        inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
+        """N x H x W x 3 in [0, 1] -> N x H' x W' x 3."""
+        inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).to(self.device)
         inp = inp.mul(2).sub(1)
         out = upscale_tensor(self.model, inp, plan.out_hw, **engine)
-        return out.clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        return out.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _check_image(image: np.ndarray) -> None:
+    """Refuse what the model cannot take, with the reason."""
+    if image.dtype not in (np.uint8, np.uint16, np.float32):
+        raise InputError(f"unsupported dtype {image.dtype}; use uint8, uint16 or float32 in [0, 1]")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise InputError(f"expected an H x W, H x W x 1, x 3 or x 4 array, got shape {image.shape}")
+    if min(image.shape[:2]) == 0:
+        raise InputError("the image has no pixels")
+    if image.dtype == np.float32 and not np.isfinite(image).all():
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        raise InputError(f"{bad} value{'s are' if bad != 1 else ' is'} not finite (NaN or inf); "
+                         "every value of a float32 image must lie in [0, 1] (replace them, e.g. with "
+                         "np.nan_to_num, before upscaling)")

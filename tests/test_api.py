@@ -97,3 +97,26 @@ def test_non_finite_floats_are_refused_with_a_count(official_files, butterfly, b
     image[10, 20, 0] = 0.5
     with pytest.raises(InputError, match="1 value is not finite"):
         up.upscale(image, scale=2)
+
+
+@pytest.mark.parametrize("arch", ["lmliif", "lte"])
+def test_a_batch_equals_each_image_alone(official_files, butterfly, arch, render_path):
+    up = Upscaler.load(official_files[arch], device="cpu")
+    frames = np.stack([butterfly, butterfly[::-1], butterfly[:, ::-1]]).astype(np.float32) / 255
+    for kwargs in ({"scale": 2.5}, {"size": (97, 61), "tile": 16}):
+        together = up.upscale_batch(frames, **kwargs)
+        alone = np.stack([up.upscale(f, **kwargs) for f in frames])
+        assert together.shape == alone.shape and together.dtype == np.float32
+        assert np.abs(together - alone).max() < 1e-5
+    rgba = np.concatenate([butterfly, butterfly[..., :1]], axis=2)
+    listed = up.upscale_batch([rgba, rgba[::-1]], scale=2)  # a list of uint8 RGBA images
+    assert listed.shape == (2, 80, 96, 4) and listed.dtype == np.uint8
+    assert np.abs(listed[1].astype(int) - up.upscale(rgba[::-1], scale=2).astype(int)).max() <= 1
+
+
+def test_a_batch_needs_one_shape(official_files, butterfly):
+    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    with pytest.raises(InputError, match="one shape and dtype"):
+        up.upscale_batch([butterfly, butterfly[:20]], scale=2)
+    with pytest.raises(InputError, match="no images"):
+        up.upscale_batch([], scale=2)

@@ -50,8 +50,8 @@ class Geometry:
 
 
 def renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
-    """Whether this image renders through the compiled kernel (which takes one image at a time)."""
-    return inp.shape[0] == 1 and native.usable(model, inp.device)
+    """Whether these images render through the compiled kernel (one image at a time)."""
+    return native.usable(model, inp.device)
 
 
 def encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:

@@ -17,7 +17,7 @@ from lmf_cli.engine.budget import default_tile, render_block, tile_margin
 from lmf_cli.engine.cmsr import Schedule, intensity, render_levels
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
 from lmf_cli.engine.sizes import rel_cell_for
-from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.base import ImplicitSR, Latents
 
 
 @torch.inference_mode()
@@ -25,7 +25,7 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
                    schedule: Schedule | None = None, max_memory: int | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    stats: dict[str, int] | None = None) -> torch.Tensor:
-    """Upscale a (1, 3, h, w) tensor in [-1, 1] to a (1, 3, H, W) CPU tensor in [0, 1] units.
+    """Upscale a (B, 3, h, w) tensor in [-1, 1] to a (B, 3, H, W) CPU tensor in [0, 1] units.
 
     The input is cut into tiles of `tile` x `tile` input pixels (None: from the memory
     budget); each tile is encoded with a margin and renders exactly the output pixels whose
@@ -55,8 +55,8 @@ class _TiledRun:
         self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
         self.in_hw = tuple(inp.shape[-2:])
         self.margin = tile_margin(model)
-        self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)])
-        self.canvas = torch.empty(1, 3, *out_hw, dtype=torch.float32)
+        self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)]).expand(inp.shape[0], 2)
+        self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32)
         self.fused = renders_fused(model, inp)
         self.block = render_block(model, max_memory, self.fused)
         if schedule is not None and not self.fused:
@@ -65,7 +65,7 @@ class _TiledRun:
                           "rendering every pixel in full", stacklevel=3)
             self.schedule = None
         self.counts = stats if stats is not None else {}
-        self.counts.update(rendered=0, total=out_hw[0] * out_hw[1])
+        self.counts.update(rendered=0, total=inp.shape[0] * out_hw[0] * out_hw[1])
 
     def tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
         try:
@@ -90,14 +90,22 @@ class _TiledRun:
             return
         lr0, lc0 = max(0, r0 - self.margin), max(0, c0 - self.margin)
         piece = self.inp[:, :, lr0:min(h, r1 + self.margin), lc0:min(w, c1 + self.margin)]
-        latents = encode_finite(model, piece, self.rel_cell)
+        batch_latents = encode_finite(model, piece, self.rel_cell)  # one encoder call for the whole batch
+        for b in range(piece.shape[0]):  # rendering takes one image at a time (the kernel's layout)
+            latents = {k: v[b:b + 1] for k, v in batch_latents.items()} if piece.shape[0] > 1 else batch_latents
+            self._render_image(b, piece[b:b + 1], latents, (lr0, lc0), (i0, i1), (j0, j1))
+
+    def _render_image(self, b: int, piece: torch.Tensor, latents: Latents, origin: tuple[int, int],
+                      rows_range: tuple[int, int], cols_range: tuple[int, int]) -> None:
+        model = self.model
         levels = self.schedule.levels(intensity(model, latents)[0]) if self.schedule else None
-        geometry = Geometry(self.in_hw, self.out_hw, lr0, lc0, piece, latents, self.counts, self.fused)
+        geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)
         block_h, block_w = self.block
+        (i0, i1), (j0, j1) = rows_range, cols_range
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
-                region = self.canvas[:, :, rows[0]:rows[1], cols[0]:cols[1]]
+                region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
                 if levels is None and self.fused:  # the kernel writes straight into the canvas
                     render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
                     continue
