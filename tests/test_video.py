@@ -214,9 +214,9 @@ def test_ten_bit_input_is_upscaled_through_sixteen_bits(tiny, tmp_path):
         def __getattr__(self, name):
             return getattr(tiny, name)
 
-        def upscale(self, image, **kwargs):
-            dtypes.append(image.dtype)
-            return tiny.upscale(image, **kwargs)
+        def upscale_batch(self, images, **kwargs):
+            dtypes.append(images.dtype)
+            return tiny.upscale_batch(images, **kwargs)
 
     upscale_video(src, tmp_path / "deep_x2.mkv", Spy(), 2.0, codec="libx265")
     out = read_clip(tmp_path / "deep_x2.mkv")
@@ -311,3 +311,17 @@ def test_cli_default_model_on_cpu_and_ctrl_c(official_files, clips, tmp_path, mo
                                  "--model", str(official_files["lmliif"]), "--device", "cpu"])
     assert result.exit_code == 130
     assert "interrupted: no output written" in result.output and "--resume" in result.output
+
+
+def test_batched_frames_equal_single_frames(tiny, clips, tmp_path):
+    """Frames upscaled several at a time (one encoder call) give the frames of a one-by-one run."""
+    outputs = {}
+    for batch in (1, 3):
+        dst = tmp_path / f"b{batch}.mkv"
+        seen = []
+        upscale_video(clips["vfr"], dst, tiny, 2.0, codec="ffv1", segment_frames=4, batch=batch, progress=seen.append)
+        assert seen[-1].done == FRAMES
+        with av.open(str(dst)) as c:
+            outputs[batch] = [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(c.streams.video[0])]
+    assert len(outputs[1]) == len(outputs[3]) == FRAMES
+    assert max(np.abs(a - b).max() for a, b in zip(outputs[1], outputs[3], strict=True)) <= 1

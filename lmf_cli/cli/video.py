@@ -61,6 +61,8 @@ def video(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in input pixels (default: from memory)."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="Frames per model call (default: 1 on a CPU, "
+                                     "from free memory on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Upscale every frame of a video; audio, subtitles, timestamps, rotation and colour tags are kept.
@@ -107,7 +109,7 @@ def video(
     try:
         with bars:
             task = bars.add_task("video", total=plan.total, fps=0.0, size=_megabytes(0))
-            result = run_video(plan, target, up, overwrite=overwrite, resume=resume, tile=tile,
+            result = run_video(plan, target, up, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
                                progress=lambda p: bars.update(task, completed=p.done, total=p.total, fps=p.fps,
                                                               size=_megabytes(p.out_bytes)))
     except LmfError as exc:

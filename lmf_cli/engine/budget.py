@@ -69,3 +69,17 @@ def _free_memory(device: torch.device) -> int:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         return info.get("MemAvailable", 4 << 30)
+
+
+MAX_VIDEO_BATCH = 16
+
+
+def video_batch(model: ImplicitSR, device: torch.device, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Frames per model call for video: 1 on a CPU (the cores are busy with one frame; a batch
+    only adds latency), else as many as fit half the free device memory (a frame's encoder
+    activations and its output), up to 16."""
+    if torch.device(device).type == "cpu":
+        return 1
+    width = getattr(model.encoder, "out_dim", 64)
+    per_frame = 4 * (in_hw[0] * in_hw[1] * 6 * width + out_hw[0] * out_hw[1] * 3 * 4)
+    return max(1, min(MAX_VIDEO_BATCH, default_budget(torch.device(device)) // max(per_frame, 1)))

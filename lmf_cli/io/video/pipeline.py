@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 from av.error import FFmpegError
 from av.video.reformatter import VideoReformatter
 
+from lmf_cli.engine.budget import video_batch
 from lmf_cli.errors import InputError
 from lmf_cli.files import atomic_write
 from lmf_cli.io.video.mux import mux
@@ -74,8 +76,10 @@ class _Pipeline:
     """decode thread -> queue -> model (this thread) -> queue -> encode thread."""
 
     def __init__(self, plan: VideoPlan, upscaler: FrameUpscaler, manifest: Manifest, tile: int | None,
-                 progress: Callable[[VideoProgress], None] | None) -> None:
+                 progress: Callable[[VideoProgress], None] | None, batch: int = 1) -> None:
         self.plan, self.up, self.manifest, self.tile, self.progress = plan, upscaler, manifest, tile, progress
+        self.batch = max(1, batch)
+        self.ended = False
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.writer: SegmentWriter | None = None
@@ -83,19 +87,20 @@ class _Pipeline:
         self.segments = len(manifest.segments)
 
     def run(self) -> None:
-        frames: queue.Queue = queue.Queue(maxsize=4)
-        upscaled: queue.Queue = queue.Queue(maxsize=4)
+        frames: queue.Queue = queue.Queue(maxsize=max(4, 2 * self.batch))
+        upscaled: queue.Queue = queue.Queue(maxsize=max(4, 2 * self.batch))
         workers = [threading.Thread(target=self._guard, args=(self._decode, frames), daemon=True),
                    threading.Thread(target=self._guard, args=(self._encode, upscaled), daemon=True)]
         for worker in workers:
             worker.start()
         t0, fresh = time.perf_counter(), 0
         try:
-            while (item := self._get(frames)) is not _END:
-                pts, duration, pixels = item
-                big = self.up.upscale(pixels, size=self.plan.out_hw, tile=self.tile)
-                self._put(upscaled, (pts, duration, big))
-                self.done, fresh = self.done + 1, fresh + 1
+            while items := self._take(frames):
+                bigs = self.up.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=self.plan.out_hw,
+                                             tile=self.tile)
+                for (pts, duration, _), big in zip(items, bigs, strict=True):
+                    self._put(upscaled, (pts, duration, big))
+                self.done, fresh = self.done + len(items), fresh + len(items)
                 self._report(max(self.done, self.plan.total or 0), fresh / (time.perf_counter() - t0))
             self._put(upscaled, _END)
             workers[1].join()
@@ -107,6 +112,23 @@ class _Pipeline:
             for worker in workers:
                 worker.join()
         self._check()
+
+    def _take(self, q: queue.Queue) -> list[tuple[int, int, np.ndarray]]:
+        """The next frames for one model call: one, waiting for it, then up to `batch` in all of
+        those already decoded (never waiting for more: the encoder must not starve). [] at the end."""
+        if self.ended:
+            return []
+        items = []
+        while len(items) < self.batch:
+            try:
+                item = self._get(q) if not items else q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _END:
+                self.ended = True
+                break
+            items.append(item)
+        return items
 
     def _report(self, total: int, fps: float) -> None:
         if self.progress:
@@ -233,10 +255,13 @@ def _decoded(plan: VideoPlan, seek_to: int | None) -> Iterator[tuple[int, int, a
 
 
 def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
-              resume: bool = False, tile: int | None = None,
+              resume: bool = False, tile: int | None = None, batch: int | None = None,
               progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
     """Upscale the planned video into `dst`. The output appears only when complete; an
-    interruption keeps the finished segments for `resume=True`."""
+    interruption keeps the finished segments for `resume=True`. `batch`: frames per model
+    call (None: from the device and its memory; 1 on a CPU, where batching does not pay)."""
+    if batch is None:
+        batch = video_batch(upscaler.model, upscaler.device, plan.in_hw, plan.out_hw)
     dst = Path(dst)
     if dst.exists():
         if os.path.samefile(dst, plan.source):
@@ -244,7 +269,7 @@ def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, over
         if not overwrite:
             raise InputError(f"{dst} exists (--overwrite replaces it)")
     work = work_dir(dst)
-    job = plan.key(upscaler, tile)
+    job = plan.key(upscaler, tile, batch)
     manifest = Manifest.load(work, job) if resume else None
     if manifest is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -254,7 +279,7 @@ def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, over
     resumed = manifest.frames
     t0 = time.perf_counter()
     if not manifest.complete:
-        _Pipeline(plan, upscaler, manifest, tile, progress).run()
+        _Pipeline(plan, upscaler, manifest, tile, progress, batch).run()
     seconds = time.perf_counter() - t0
     if not manifest.frames:
         shutil.rmtree(work)
@@ -271,8 +296,9 @@ def upscale_video(src: str | Path, dst: str | Path, upscaler: FrameUpscaler, siz
                   crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
                   start: float | None = None, end: float | None = None, overwrite: bool = False,
                   resume: bool = False, tile: int | None = None, segment_frames: int = SEGMENT_FRAMES,
-                  progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
+                  batch: int | None = None, progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
     """plan_video + run_video in one call: the output container follows `dst`'s extension."""
     plan = plan_video(src, size, suffix=Path(dst).suffix, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt,
                       start=start, end=end, segment_frames=segment_frames)
-    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, tile=tile, progress=progress)
+    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
+                     progress=progress)

@@ -40,9 +40,11 @@ class FrameUpscaler(Protocol):
 
     loaded: Any  # .source: the weights file
     precision: str
+    model: Any
+    device: Any
 
-    def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
-                tile: int | None = None) -> np.ndarray: ...
+    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                      tile: int | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class VideoPlan:
         """Ticks taken off every video timestamp: --start moves the cut to 0."""
         return round(self.start / self.time_base) if self.start else 0
 
-    def key(self, upscaler: FrameUpscaler, tile: int | None) -> dict[str, Any]:
+    def key(self, upscaler: FrameUpscaler, tile: int | None, batch: int = 1) -> dict[str, Any]:
         """What a resumed job must share with the interrupted one to give the same file."""
         st = self.source.stat()
         weights = Path(upscaler.loaded.source)
@@ -105,7 +107,7 @@ class VideoPlan:
                 "global_header": self.global_header, "start": self.start, "end": self.end,
                 "segment": self.segment_frames,
                 "model": str(weights.resolve()), "model_mtime": weights.stat().st_mtime_ns if weights.exists() else 0,
-                "precision": upscaler.precision, "tile": tile}
+                "precision": upscaler.precision, "tile": tile, "batch": batch}
 
 
 def parse_time(text: str) -> float:
