@@ -26,6 +26,10 @@ SHIPPED: dict[str, ShippedModel] = {
                              "LM-LIIF on EDSR-baseline: the paper's configuration, best quality"),
     "lmf-lite": ShippedModel("lmf-lite", "lmf-lite.safetensors",
                              "LM-LIIF on a small EDSR: several times faster, for CPUs and video"),
+    "lmf-real": ShippedModel("lmf-real", "lmf-real.safetensors",
+                             "lmf-edsr fine-tuned on degraded inputs: for JPEGs, noisy photos and video frames"),
+    "diif-edsr": ShippedModel("diif-edsr", "diif-edsr.safetensors",
+                              "DIIF (coarse-to-fine MLP over coordinate slices) on EDSR-baseline"),
 }
 DEFAULT_MODEL = "lmf-edsr"
 
