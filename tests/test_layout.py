@@ -18,6 +18,7 @@ RANKS = {
     "evaluation": 4, "training": 4,           # beside each other: neither imports the other
     "api": 5, "batch": 5,                     # the Upscaler and batch planning
     "cli": 6, "video": 6, "__init__": 6,      # the command line; the old video import path; the package
+    "__main__": 7,                            # `python -m lmf_cli` runs the command line
 }
 
 
