@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,7 @@ def _median_intensity(loaded, image, scale):
     return float(intensity(loaded.model, encode_image(loaded.model, inp, out_hw).latents).median())
 
 
-def test_zero_thresholds_render_everything_in_full(lm, butterfly, kernel):
+def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
     up = _with_tables(lm, {"2e-05": {"8": {"1": 0.0, "2": 0.0, "4": 0.0}}})
     full = up.upscale(butterfly, scale=8)
     with_cmsr = up.upscale(butterfly, scale=8, cmsr=True)
@@ -50,7 +52,7 @@ def test_zero_thresholds_render_everything_in_full(lm, butterfly, kernel):
     assert np.array_equal(full, with_cmsr)
 
 
-def test_coverage_rule_follows_intensity(lm, butterfly, kernel):
+def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
     """LR pixels at or below the threshold are drawn at decode scale 2, the rest in full."""
     image = butterfly.copy()
     image[:, :24] = 128  # a flat half: calm latents, as sky or a wall would be
@@ -70,7 +72,7 @@ def test_coverage_rule_follows_intensity(lm, butterfly, kernel):
     assert not np.array_equal(out[~owner_busy], full[~owner_busy])
 
 
-def test_everything_calm_renders_coarse_only(lm, butterfly, kernel):
+def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
     up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
     out = up.upscale(butterfly, scale=8, cmsr=True)
     assert up.last_stats["rendered"] < 0.1 * up.last_stats["total"]
@@ -84,7 +86,7 @@ def test_everything_calm_renders_coarse_only(lm, butterfly, kernel):
     assert np.abs(out.astype(np.float32) - expected).max() <= 1
 
 
-def test_cmsr_with_tiles_equals_untiled(lm, butterfly, kernel):
+def test_cmsr_with_tiles_equals_untiled(lm, butterfly, render_path):
     median = _median_intensity(lm, butterfly, 6)
     up = _with_tables(lm, {"2e-05": {"6": {"1": median / 2, "3": median}}})
     whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=1000)
@@ -92,13 +94,22 @@ def test_cmsr_with_tiles_equals_untiled(lm, butterfly, kernel):
     assert np.abs(whole - tiled).max() < 1e-4
 
 
-def test_without_the_kernel_cmsr_renders_in_full_and_says_so(lm, butterfly, monkeypatch):
-    up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
+def test_pytorch_cmsr_equals_the_kernel_and_draws_only_its_share(lm, butterfly, kernel, monkeypatch):
+    """Without the compiled kernel (GPUs, no compiler), CMSR decodes only the latents that own
+    drawn pixels: the same pixels as the kernel's CMSR, and no warning any more."""
+    image = butterfly.copy()
+    image[:, :24] = 128
+    median = _median_intensity(lm, image, 8)
+    up = _with_tables(lm, {"2e-05": {"8": {"1": median / 3, "2": median}}})
+    fast = up.upscale(image.astype(np.float32) / 255, scale=8, cmsr=True, tile=16)
+    kernel_drawn = up.last_stats["rendered"] / up.last_stats["total"]
     monkeypatch.setenv("LMF_NATIVE", "0")
-    with pytest.warns(UserWarning, match="CMSR draws single pixels"):
-        out = up.upscale(butterfly, scale=8, cmsr=True)
-    assert up.last_stats["rendered"] == up.last_stats["total"]
-    assert np.array_equal(out, up.upscale(butterfly, scale=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slow = up.upscale(image.astype(np.float32) / 255, scale=8, cmsr=True, tile=16)
+    torch_drawn = up.last_stats["rendered"] / up.last_stats["total"]
+    assert np.abs(fast - slow).max() < 1e-5
+    assert torch_drawn < 0.8 and abs(torch_drawn - kernel_drawn) < 0.05
 
 
 def test_not_applied_within_training_range(lm, butterfly):

@@ -8,9 +8,10 @@ Tables are calibrated on training images (`lmf_cli.training.calibrate`) against 
 threshold, the quality/speed knob; they live in the model's weights file, keyed by it.
 
 Two deliberate differences from the official code: coarse levels are upsampled straight to
-the target grid (not chained level to level), for accuracy at equal cost; and the compiled
-render kernel draws exactly the output pixels of the full level and the coarse pixels the
-other levels sample, on the global grid, so CMSR keeps exact tiling.
+the target grid (not chained level to level), for accuracy at equal cost; and only the output
+pixels of the full level and the coarse pixels the other levels sample are drawn, on the
+global grid, so CMSR keeps exact tiling: by the compiled kernel pixel by pixel, or by
+PyTorch latent by latent (the latents owning those pixels decode their slots).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lmf_cli.engine import native
 from lmf_cli.engine.render import Geometry, coarse_taps, owners, render_region, span
 from lmf_cli.errors import InputError
 from lmf_cli.models.base import ImplicitSR, Latents
+from lmf_cli.models.geometry import bilinear_grid
 
 DECODE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 TARGET_SCALES = (6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
@@ -131,7 +133,8 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
     for chosen, (r0, r1), (c0, c1), grid in plans:
         mask = chosen.index_select(0, own_r[r0:r1]).index_select(1, own_c[c0:c1])
         box = (a + r0, a + r1), (ca + c0, ca + c1)
-        _draw_fused(model, g, grid, box, mask, out[:, :, r0:r1, c0:c1])
+        draw = _draw_fused if g.fused else _draw_torch
+        draw(model, g, grid, box, mask, out[:, :, r0:r1, c0:c1])
     return out
 
 
@@ -150,3 +153,21 @@ def _draw_fused(model: ImplicitSR, g: Geometry, grid: tuple[int, int], box: tupl
                               (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
     coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)
     native.blend(hidden, region, mask, coarse, taps_r, taps_c)
+
+
+def _draw_torch(model: ImplicitSR, g: Geometry, grid: tuple[int, int], box: tuple[tuple[int, int], ...],
+                mask: torch.Tensor, region: torch.Tensor) -> None:
+    """`_draw_fused` through PyTorch: the full level decodes only the latents that own masked
+    pixels; a coarse level decodes the coarse pixels the masked ones sample, then blends."""
+    if grid == g.out_hw:
+        render_region(model, g, grid, *box, mask=mask, into=region)
+        return
+    coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, *box)
+    needed = torch.zeros(coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0], dtype=torch.bool,
+                         device=mask.device)
+    ii, jj = torch.nonzero(mask, as_tuple=True)
+    for tap_r in (taps_r.lo, taps_r.hi):
+        for tap_c in (taps_c.lo, taps_c.hi):
+            needed[tap_r[ii], tap_c[jj]] = True
+    coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)
+    region.copy_(torch.where(mask, bilinear_grid(coarse, taps_r, taps_c), region))

@@ -108,7 +108,8 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
-    which pixels are wanted: the compiled kernel draws only those, PyTorch draws all. With
+    which pixels are wanted: the compiled kernel draws only those; PyTorch decodes only the
+    latents with a slot on them (models with `renders_pairs`), else everything. With
     `into` (a (1, 3, rows, cols) view), the wanted pixels are written there and it is returned.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
@@ -121,13 +122,22 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
-        window = RenderWindow(rows, cols, bil_rows, bil_cols, g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)]))
-        out = model.render(g.piece, g.latents, window)
-        drawn = out.shape[-2] * out.shape[-1]
+        rel_cell = g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)])
+        pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.renders_pairs else None
+        out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
+        drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
         if into is not None:
             out = into.copy_(out if mask is None else torch.where(mask, out, into))
     g.counts["rendered"] = g.counts.get("rendered", 0) + drawn
     return out
+
+
+def wanted_pairs(rows: AxisSlots, cols: AxisSlots, mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices r * nc + c of the latents that have a slot on a wanted pixel of `mask`
+    (rows, cols): the PyTorch renderer then decodes only those latents' slots."""
+    hit = mask[rows.out[:, None, :, None], cols.out[None, :, None, :]]
+    hit &= (rows.taps > 0)[:, None, :, None] & (cols.taps > 0)[None, :, None, :]
+    return torch.nonzero(hit.flatten(2).any(-1).flatten()).flatten()
 
 
 @functools.lru_cache(maxsize=512)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from lmf_cli.engine import native
 from lmf_cli.engine.budget import default_tile, render_block, tile_margin
 from lmf_cli.engine.cmsr import Schedule, intensity, render_levels
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
@@ -59,11 +58,6 @@ class _TiledRun:
         self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32)
         self.fused = renders_fused(model, inp)
         self.block = render_block(model, max_memory, self.fused)
-        if schedule is not None and not self.fused:
-            where = native.status() if inp.device.type == "cpu" else f"on {inp.device.type}"
-            warnings.warn(f"CMSR draws single pixels, which needs the compiled CPU kernel ({where}); "
-                          "rendering every pixel in full", stacklevel=3)
-            self.schedule = None
         self.counts = stats if stats is not None else {}
         self.counts.update(rendered=0, total=inp.shape[0] * out_hw[0] * out_hw[1])
 

@@ -26,6 +26,8 @@ class RenderWindow:
 
     rows/cols: slots of the output window; bilinear_rows/cols: taps for the input skip.
     rel_cell: (B, 2) cell in LR-pixel units (already clipped for large scales).
+    pairs: render only the slots of these latents (others add nothing): what CMSR's levels
+    need, at the cost of the pixels they own. Models with `renders_pairs` support it.
     """
 
     rows: AxisSlots
@@ -33,6 +35,7 @@ class RenderWindow:
     bilinear_rows: AxisBilinear | None
     bilinear_cols: AxisBilinear | None
     rel_cell: torch.Tensor
+    pairs: torch.Tensor | None = None  # (P,) flat r * nc + c: only these latents render (CMSR)
 
 
 MIN_GEMM_ROWS = 16
@@ -121,6 +124,8 @@ class ImplicitSR(nn.Module):
     def render(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
         """Render an output window as (B, 3, H', W') in normalised units."""
         rows, cols = window.rows, window.cols
+        if window.pairs is not None:
+            return self._render_pairs(inp, latents, window)
         pred = self.decode_slots(latents, window)  # (B, nr, nc, Kr, Kc, 3)
         b, nr, nc, kr, kc, _ = pred.shape
         pred = (pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)).permute(0, 1, 3, 2, 4, 5)
@@ -136,6 +141,36 @@ class ImplicitSR(nn.Module):
         return out
 
 
+    renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs
+
+    def _render_pairs(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
+        """Only the slots of window.pairs, scattered into the window (zero elsewhere, before the skip)."""
+        rows, cols, pairs = window.rows, window.cols, window.pairs
+        pred = self.decode_slots(latents, window)  # (B, P, 1, Kr, Kc, 3)
+        b = pred.shape[0]
+        r, c = pairs // cols.n_latents, pairs % cols.n_latents
+        weight = _pair_weights(rows, cols, r, c, self.local_ensemble)
+        n_out_r, n_out_c = int(rows.out.max()) + 1, int(cols.out.max()) + 1
+        flat = (rows.out[r][:, :, None] * n_out_c + cols.out[c][:, None, :]).flatten()
+        out = pred.new_zeros(b, n_out_r * n_out_c, 3)
+        out.index_add_(1, flat, (pred[:, :, 0] * weight.unsqueeze(-1)).reshape(b, -1, 3))
+        out = out.view(b, n_out_r, n_out_c, 3).permute(0, 3, 1, 2)
+        if self.bilinear_skip:
+            out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
+        return out
+
+
+def _pair_weights(rows: AxisSlots, cols: AxisSlots, r: torch.Tensor, c: torch.Tensor,
+                  local_ensemble: bool) -> torch.Tensor:
+    """(P, Kr, Kc) ensemble weights of the slots of latent pairs (r, c); see ensemble_weights."""
+    if not local_ensemble:
+        return rows.weight[r][:, :, None] * cols.weight[c][:, None, :]
+    oy, ox = rows.other[r][:, :, None], cols.other[c][:, None, :]
+    ty, tx = rows.taps[r][:, :, None], cols.taps[c][:, None, :]
+    sy, sx = rows.total[r][:, :, None], cols.total[c][:, None, :]
+    return ((oy * ox + ty * tx * AREA_EPS) / (sy * sx + 4 * AREA_EPS)).float()
+
+
 def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
     """(nr, nc, Kr, Kc) weights: LIIF's normalised areas with their 1e-9 floor, exactly
     (computed in float64 from per-axis factors: see AxisSlots)."""
@@ -149,10 +184,14 @@ def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = Tr
 
 def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:
     """The per-latent table (B, h, w, C) cut to the latents the window's slots use,
-    shaped (B, nr, nc, 1, 1, C) to broadcast over their (Kr, Kc) slots."""
+    shaped (B, nr, nc, 1, 1, C) to broadcast over their (Kr, Kc) slots; with window.pairs,
+    (B, P, 1, 1, 1, C) for the chosen latents."""
     r0, c0 = window.rows.lat0, window.cols.lat0
     nr, nc = window.rows.n_latents, window.cols.n_latents
-    return latents_map[:, r0:r0 + nr, c0:c0 + nc, None, None, :]
+    cut = latents_map[:, r0:r0 + nr, c0:c0 + nc]
+    if window.pairs is not None:
+        return cut.reshape(cut.shape[0], nr * nc, 1, 1, 1, cut.shape[-1])[:, window.pairs]
+    return cut[:, :, :, None, None, :]
 
 
 def slot_rel(window: RenderWindow, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,9 +203,15 @@ def slot_rel(window: RenderWindow, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 def slot_rel_pairs(window: RenderWindow, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """(B * nr * nc, Kr * Kc, 2) relative (y, x) of every slot, latent-major for bmm."""
-    ry, rx = slot_rel(window, dtype)
     nr, kr = window.rows.rel.shape
     nc, kc = window.cols.rel.shape
+    if window.pairs is not None:
+        ry = window.rows.rel.to(dtype)[window.pairs // nc][:, :, None, None]
+        rx = window.cols.rel.to(dtype)[window.pairs % nc][:, None, :, None]
+        p = window.pairs.numel()
+        both = torch.cat([ry.expand(p, kr, kc, 1), rx.expand(p, kr, kc, 1)], -1)
+        return both.expand(batch, p, kr, kc, 2).reshape(batch * p, kr * kc, 2)
+    ry, rx = slot_rel(window, dtype)
     pairs = torch.cat([ry.expand(nr, nc, kr, kc, 1), rx.expand(nr, nc, kr, kc, 1)], -1)
     return pairs.expand(batch, nr, nc, kr, kc, 2).reshape(batch * nr * nc, kr * kc, 2)
 

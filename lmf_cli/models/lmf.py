@@ -68,6 +68,8 @@ class LMLIIF(ImplicitSR):
     """LM-LIIF. Options beyond the official ones: `bilinear_skip` adds a bilinear upsample
     of the input to the output (as LTE does), so training starts from a sensible image."""
 
+    renders_pairs = True
+
     def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 6,
                  latent_hidden: int = 208, local_ensemble: bool = True, feat_unfold: bool = True,
                  cell_decode: bool = True, mod_input: bool = True, bilinear_skip: bool = False) -> None:
@@ -146,6 +148,8 @@ class LMLIIF(ImplicitSR):
 
 
 def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
+    if window.pairs is not None:
+        return table.shape[0], window.pairs.numel(), 1, window.rows.rel.shape[1], window.cols.rel.shape[1]
     return (table.shape[0], window.rows.n_latents, window.cols.n_latents,
             window.rows.rel.shape[1], window.cols.rel.shape[1])
 
@@ -153,6 +157,8 @@ def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
 class LMLTE(ImplicitSR):
     """LM-LTE: LTE's Fourier features feed the latent MLP; the render MLP sees the code's
     own (coef, freq) pair and adds a bilinear upsample of the input."""
+
+    renders_pairs = True
 
     def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 8,
                  latent_hidden: int = 288, lte_dim: int = 128, local_ensemble: bool = True,
