@@ -7,6 +7,8 @@ grayscale; a 4th (alpha) channel is upscaled by the model too, or bicubic on req
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -113,9 +115,10 @@ class Upscaler:
             if image.shape != first.shape or image.dtype != first.dtype:
                 raise InputError(f"a batch needs images of one shape and dtype: {first.shape} {first.dtype} "
                                  f"and {image.shape} {image.dtype}")
+        _check_options(tile, max_memory, alpha)
         stack = np.stack(batch)
         dtype = stack.dtype
-        plan = plan_size(first.shape[:2], scale, size)
+        plan = plan_size(first.shape[:2], *_plain_sizes(scale, size))
         peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
         data = stack.astype(np.float32) / peak if peak != 1.0 else np.clip(stack, 0, 1)
         gray = data.ndim == 3 or data.shape[3] == 1
@@ -130,15 +133,22 @@ class Upscaler:
             schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
         self.last_stats: dict[str, int] = {}
         run = dict(tile=tile, schedule=schedule, max_memory=max_memory, progress=progress, stats=self.last_stats)
-        out = self._run(np.repeat(colour, 3, axis=3) if gray else colour, plan, **run)
-        if gray:
-            out = out.mean(axis=3, keepdims=True)
-        if extra is not None:
-            if alpha == "bicubic":
-                a = np.stack([bicubic_resize_float(e, plan.out_hw) for e in extra])
-            else:
-                a = self._run(np.repeat(extra, 3, axis=3), plan, **run).mean(axis=3, keepdims=True)
-            out = np.concatenate([out, a], axis=3)
+        try:
+            out = self._run(np.repeat(colour, 3, axis=3) if gray else colour, plan, **run)
+            if gray:
+                out = out.mean(axis=3, keepdims=True)
+            if extra is not None:
+                if alpha == "bicubic":
+                    a = np.stack([bicubic_resize_float(e, plan.out_hw) for e in extra])
+                else:
+                    a = self._run(np.repeat(extra, 3, axis=3), plan, **run).mean(axis=3, keepdims=True)
+                out = np.concatenate([out, a], axis=3)
+        except RuntimeError as exc:  # the CPU allocator's "can't allocate memory" (CUDA's goes to the caller)
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "allocate" not in str(exc):
+                raise
+            h, w = plan.out_hw
+            raise InputError(f"out of memory for a {w} x {h} output ({len(batch) * h * w * 12 / 2**30:.3g} GiB "
+                             "as float32); ask for a smaller size") from exc
         if first.ndim == 2:
             out = out[..., 0]
         if peak == 1.0:
@@ -166,3 +176,36 @@ def _check_image(image: np.ndarray) -> None:
         raise InputError(f"{bad} value{'s are' if bad != 1 else ' is'} not finite (NaN or inf); "
                          "every value of a float32 image must lie in [0, 1] (replace them, e.g. with "
                          "np.nan_to_num, before upscaling)")
+
+
+def _check_options(tile: int | None, max_memory: int | None, alpha: str) -> None:
+    if tile is not None and (not isinstance(tile, numbers.Integral) or tile < 1):
+        raise InputError(f"tile {tile!r} must be a whole number of input pixels, at least 1 (None: from memory)")
+    if max_memory is not None and (not isinstance(max_memory, numbers.Real) or not max_memory >= 1):
+        raise InputError(f"max_memory {max_memory!r} must be a positive number of bytes")
+    if alpha not in ("model", "bicubic"):
+        raise InputError(f"alpha {alpha!r}: use 'model' or 'bicubic'")
+
+
+def _plain_sizes(scale: Scale | None, size: tuple[int, int] | None) -> tuple[Scale | None, tuple[int, int] | None]:
+    """numpy scalars and arrays as plain numbers; what is not a number is refused, as is a fractional size."""
+    def numbers_of(value, message: str) -> list:
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, numbers.Real):
+            return [value]
+        if not isinstance(value, (tuple, list, np.ndarray)) or not all(isinstance(v, numbers.Real) for v in value):
+            raise InputError(message)
+        return list(value)
+
+    if scale is not None:
+        factors = numbers_of(scale, f"scale {scale!r} must be a positive number or a (y, x) pair")
+        scale = float(factors[0]) if np.ndim(scale) == 0 else tuple(float(f) for f in factors)
+    if size is not None:
+        message = f"size {size!r} must be (height, width) in whole pixels"
+        values = numbers_of(size, message)
+        if isinstance(size, numbers.Real) or len(values) != 2 or not all(
+                math.isfinite(v) and float(v) == int(v) for v in values):
+            raise InputError(message)
+        size = (int(values[0]), int(values[1]))
+    return scale, size

@@ -6,6 +6,7 @@ reports what it will do (or why it won't) up front. Errors are InputError, one l
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from lmf_cli.engine.sizes import TRAINED_MAX_SCALE, plan_size, round_size
 from lmf_cli.errors import InputError, LmfError
-from lmf_cli.io.images import FORMATS, IMAGE_SUFFIXES, WRITABLE, probe_image
+from lmf_cli.io.images import FORMATS, IMAGE_SUFFIXES, WRITABLE, frames_refusal, inspect_image
 
 SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
-OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff")
+OUTPUT_FORMATS = ("png", "jpg", "webp", "gif", "tiff")
 
 
 def parse_wxh(text: str, option: str) -> tuple[int, int]:
@@ -113,9 +114,22 @@ class Job:
     target: Path | None = None
     seconds: float = 0.0
     warnings: tuple[str, ...] = ()
+    frames: int = 1  # of an animation, or pages of a TIFF
+    paged: bool = False  # the frames are a TIFF's pages
+    page_scale: tuple[float, float] | None = None  # (y, x) for TIFF pages of another size than the first
+
+    @property
+    def kind(self) -> str:
+        return "pages" if self.paged else "frames"
 
     def drop(self, status: str, reason: str) -> None:
         self.status, self.reason = status, reason
+
+    def frame_out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output (height, width) of a frame or page: the first page's size, or its factors for pages of other sizes."""
+        if in_hw == self.in_hw or self.page_scale is None:
+            return self.out_hw
+        return plan_size(in_hw, scale=self.page_scale).out_hw
 
     def record(self) -> str:
         """The --json line for scripts: sizes as [width, height]."""
@@ -123,7 +137,7 @@ class Job:
             return [hw[1], hw[0]] if hw else None
 
         return json.dumps({"input": str(self.source), "output": str(self.target) if self.target else None,
-                           "input_size": wh(self.in_hw), "output_size": wh(self.out_hw),
+                           "input_size": wh(self.in_hw), "output_size": wh(self.out_hw), "frames": self.frames,
                            "seconds": round(self.seconds, 3), "status": self.status, "reason": self.reason or None})
 
 
@@ -131,6 +145,29 @@ def _file_id(path: Path) -> tuple[int, int]:
     """Identity that survives symlinks, hard links and case-insensitive names."""
     st = path.stat()
     return st.st_dev, st.st_ino
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with names the file system refuses (too long, ...) taken as absent; writing them says why."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _missing(path: Path) -> str:
+    """Why a command-line input that is neither a file nor a folder cannot be read."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if path.is_symlink():
+            if exc.errno == errno.ELOOP:
+                return "a symbolic link loop (the link leads back to itself)"
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "no such file or folder"
+        return f"cannot read it ({exc.strerror or exc})"
+    return "not a regular file (a pipe, device or socket)"
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -185,7 +222,7 @@ def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> l
                     found.append(match)
             empty = "no image matches this pattern"
         else:
-            jobs.append(Job(path, path.parent, True, "failed", "no such file or folder"))
+            jobs.append(Job(path, path.parent, True, "failed", _missing(path)))
             continue
         for p in found:
             add(p, base, False)
@@ -200,7 +237,11 @@ def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tupl
     if output is None:
         return None, None
     path = Path(output)
-    if path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix:
+    folder = path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix
+    for parent in ([path] if folder else []) + list(path.parents):
+        if _exists(parent) and not parent.is_dir():
+            raise InputError(f"-o {output}: {parent} is a file, not a folder")
+    if folder:
         return None, path
     if len(inputs) == 1 and Path(inputs[0]).is_file():
         if path.suffix.lower() not in WRITABLE:
@@ -217,7 +258,8 @@ def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recu
     """<stem>_<label>.<ext> beside the input, or in the output folder (mirroring the tree with --recursive)."""
 
     src = job.source
-    suffix = FORMATS[fmt] if fmt else src.suffix if src.suffix.lower() in WRITABLE else ".png"
+    own = src.suffix.lower() in WRITABLE and (src.suffix.lower() != ".gif" or job.frames > 1)  # a still GIF -> PNG
+    suffix = FORMATS[fmt] if fmt else src.suffix if own else ".png"
     name = f"{src.stem}_{label}{suffix}"
     if out_dir is None:
         return src.with_name(name)
@@ -232,37 +274,46 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
         if job.status != "pending":
             continue
         try:
-            width, height = probe_image(job.source, max_pixels)
-            job.in_hw = (height, width)
-            out_hw = sizing.out_hw(job.in_hw)
-            if out_hw[0] * out_hw[1] > max_pixels:
-                raise InputError(f"the output {fmt_size(out_hw)} is {out_hw[0] * out_hw[1]:,} pixels, over the "
-                                 f"limit of {max_pixels:,} (--max-pixels)")
+            info = inspect_image(job.source, max_pixels)
+            width, height = info.size_wh
+            job.in_hw, job.frames, job.paged = (height, width), info.frames, info.format == "TIFF"
+            out_hw = job.out_hw = sizing.out_hw(job.in_hw)
+            job.page_scale = sizing.scale or (out_hw[0] / height, out_hw[1] / width)
+            if info.page_sizes:
+                total = sum(h * w for h, w in (job.frame_out_hw((h, w)) for w, h in info.page_sizes))
+            else:
+                total = info.frames * out_hw[0] * out_hw[1]
+            if total > max_pixels:
+                what = f"the output {fmt_size(out_hw)}" + (f" x {info.frames:,} {job.kind}" if info.frames > 1 else "")
+                raise InputError(f"{what} is {total:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+            job.target = out_file or target_for(job, sizing.label(out_hw), fmt, out_dir, recursive)
+            refusal = frames_refusal(info, job.target.suffix)
+            if refusal is not None:
+                raise InputError(refusal)
         except LmfError as exc:
             job.drop("failed", str(exc))
+            job.out_hw = job.target = None
             continue
-        job.out_hw = out_hw
-        job.target = out_file or target_for(job, sizing.label(out_hw), fmt, out_dir, recursive)
         factor = max(out_hw[0] / height, out_hw[1] / width)
         if factor > TRAINED_MAX_SCALE + 1e-9:
             job.warnings = (f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
                             "quality may drop",)
     planned = [j for j in jobs if j.status == "pending"]
-    owners = {_file_id(j.target): j for j in planned if j.target.exists()}
+    owners = {_file_id(j.target): j for j in planned if _exists(j.target)}
     for job in jobs:  # a folder rerun finds the last run's outputs (even broken ones): they are not inputs
         owner = None if job.explicit else owners.get(_file_id(job.source))
         if owner is not None and owner is not job:
             job.drop("skipped", f"it is the output of {owner.source}")
             job.target = None
-    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and j.source.exists()}
+    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and _exists(j.source)}
     claimed: dict[str, Job] = {}
     for job in (j for j in planned if j.status == "pending"):
         key = os.path.normcase(os.path.abspath(job.target))
-        if job.target.exists() and _file_id(job.target) in inputs:
+        if _exists(job.target) and _file_id(job.target) in inputs:
             job.drop("failed", f"refusing to write over the input {job.target}")
         elif key in claimed:
             job.drop("failed", f"{job.target} is also the output of {claimed[key].source}")
-        elif job.target.exists() and not overwrite:
+        elif _exists(job.target) and not overwrite:
             job.drop("skipped", f"{job.target} exists (--overwrite replaces it)")
         else:
             claimed[key] = job

@@ -115,5 +115,5 @@ def test_strip_metadata_and_unknown_suffix(tmp_path, deep_rgb):
     write_image(tmp_path / "bare.png", ImageFile(deep_rgb, ICC, camera_exif(1, (20, 30))), keep_metadata=False)
     with Image.open(tmp_path / "bare.png") as img:
         assert "icc_profile" not in img.info and not img.getexif()
-    with pytest.raises(InputError, match="cannot write .gif"):
-        write_image(tmp_path / "x.gif", ImageFile(deep_rgb))
+    with pytest.raises(InputError, match="cannot write .bmp"):
+        write_image(tmp_path / "x.bmp", ImageFile(deep_rgb))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import typer
@@ -57,6 +60,17 @@ class TileBar:
                          completed=min(self.offset + done, total * self.passes))
 
 
+class FrameBar:
+    """The frames of an animation (or pages of a TIFF); shown only for files of more than one."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.task = bars.add_task("frames", total=None, visible=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bars.update(self.task, total=total, completed=done, visible=total > 1)
+
+
 def upscale_pixels(up: Upscaler, pixels: np.ndarray, out_hw: tuple[int, int], **engine) -> np.ndarray:
     """Upscaler.upscale, plus gray + alpha (which the API takes as RGBA)."""
     import numpy as np
@@ -70,23 +84,68 @@ def upscale_pixels(up: Upscaler, pixels: np.ndarray, out_hw: tuple[int, int], **
 
 
 def run_job(job: Job, up: Upscaler, engine: dict, tiles: TileBar, max_pixels: int, jpeg_quality: int,
-            keep_metadata: bool) -> list[str]:
-    """Read, upscale, write atomically; returns what the output format could not keep."""
+            keep_metadata: bool, frames: FrameBar | None = None) -> list[str]:
+    """Read, upscale, write atomically; returns what the output format could not keep.
+
+    A file of several frames (animation, TIFF pages) is read, upscaled and encoded one frame at a time.
+    """
     import torch
 
-    from lmf_cli.io.images import ImageFile, read_image, write_image
+    from lmf_cli.io.images import ImageFile, read_frames, read_image, write_frames, write_image
+
+    def one(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+        alpha_pass = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and engine["alpha"] == "model"
+        tiles.start(2 if alpha_pass else 1)
+        return upscale_pixels(up, pixels, out_hw, progress=tiles, **engine)
+
+    def write(encode, *args) -> list[str]:
+        try:
+            return encode(job.target, *args, jpeg_quality, keep_metadata)
+        except OSError as exc:  # reading and upscaling report their own errors
+            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
 
     try:
+        if job.frames > 1:  # read, upscaled and encoded one frame at a time, as write_frames asks for them
+            anim, source = read_frames(job.source, max_pixels)
+
+            def upscaled() -> Iterator:
+                for index, frame in enumerate(source):
+                    frame.pixels = one(frame.pixels, job.frame_out_hw(frame.pixels.shape[:2]))
+                    if frames is not None:
+                        frames(index + 1, anim.frames)
+                    yield frame
+
+            return write(write_frames, upscaled(), anim)
         src = read_image(job.source, max_pixels)
-        alpha_pass = src.pixels.ndim == 3 and src.pixels.shape[2] in (2, 4) and engine["alpha"] == "model"
-        tiles.start(2 if alpha_pass else 1)
-        pixels = upscale_pixels(up, src.pixels, job.out_hw, progress=tiles, **engine)
-        try:
-            return write_image(job.target, ImageFile(pixels, src.icc_profile, src.exif), jpeg_quality, keep_metadata)
-        except OSError as exc:
-            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
+        return write(write_image, ImageFile(one(src.pixels, job.out_hw), src.icc_profile, src.exif))
     except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
         raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
+
+
+def quiet_decoder_warnings() -> None:
+    """OpenCV prints libtiff's warnings on odd files; lmf reports a file's trouble in one line of its own."""
+    import cv2
+
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging is not None:
+        logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+
+
+@contextlib.contextmanager
+def terminated_cleanly() -> Iterator[None]:
+    """SIGTERM (kill, a job scheduler) ends the command as Ctrl-C does: temp files removed, exit 143."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def upscale(
@@ -102,7 +161,8 @@ def upscale(
                                       help="Output file (one input) or folder (created if missing)."),
     recursive: bool = typer.Option(False, "--recursive", "-r",
                                    help="Include subfolders and mirror the tree under the output folder."),
-    fmt: str | None = typer.Option(None, "--format", "-f", help="png, jpg, webp or tiff (default: as the input)."),
+    fmt: str | None = typer.Option(None, "--format", "-f",
+                                   help="png, jpg, webp, gif or tiff (default: as the input)."),
     jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG/WebP file quality, 1..100."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (never an input)."),
     strip_metadata: bool = typer.Option(False, "--strip-metadata", help="Drop the ICC profile and EXIF."),
@@ -127,6 +187,8 @@ def upscale(
     Outputs are named <stem>_x<scale>.<ext> (--scale) or <stem>_<W>x<H>.<ext> (other sizes), beside the input.
     Existing outputs are skipped (--overwrite), inputs are never written over, and every write is atomic.
     Bit depth (8/16), grayscale, alpha, ICC profile and EXIF are kept; EXIF orientation is applied.
+    Animated GIF, PNG and WebP keep every frame, its duration and disposal, and the loop count.
+    Every page of a multi-page TIFF is kept. A format that holds one image (JPEG) is refused for them.
 
     --quality is the CMSR level: fast, balanced or fine render calm regions coarser above x4; exact (default) does not.
     --jpeg-quality is the file quality of JPEG and WebP outputs.
@@ -167,7 +229,8 @@ def upscale(
             print(job.record(), flush=True)
 
     def announce(job: Job) -> None:
-        say(f"{job.source} -> {job.target}: {fmt_size(job.in_hw)} -> {fmt_size(job.out_hw)}"
+        frames = f", {job.frames} {job.kind}" if job.frames > 1 else ""
+        say(f"{job.source} -> {job.target}: {fmt_size(job.in_hw)} -> {fmt_size(job.out_hw)}{frames}"
             + (" (dry run)" if dry_run else ""))
         for message in job.warnings:
             report("warning", f"{job.source}: {message}")
@@ -183,22 +246,24 @@ def upscale(
                 announce(job)
             finish(job)
     else:
+        quiet_decoder_warnings()
         up = load_upscaler(model, device, precision, quality) if pending else None
         if up is not None:
             say(f"model {up.name} on {up.device} ({up.precision})")
         engine = dict(tile=tile, max_memory=memory, alpha=alpha, cmsr=False if quality == "exact" else quality)
         bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal)
-        with bars:
+        with bars, terminated_cleanly():
             files = bars.add_task("files", total=len(pending))
-            tiles = TileBar(bars)
+            tiles, frames = TileBar(bars), FrameBar(bars)
             for job in jobs:
                 notes: list[str] = []
                 if job.status == "pending":
                     announce(job)
                     t0 = time.perf_counter()
                     try:
-                        notes = run_job(job, up, engine, tiles, max_pixels, jpeg_quality, not strip_metadata)
+                        notes = run_job(job, up, engine, tiles, max_pixels, jpeg_quality, not strip_metadata,
+                                        frames)
                         job.status = "done"
                     except LmfError as exc:
                         job.drop("failed", str(exc))
