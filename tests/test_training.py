@@ -137,3 +137,132 @@ def test_init_encoder_copies_only_the_encoder(tiny_data, tmp_path):
     src = load_file(str(donor))
     encoder_keys = [k for k in out if k.startswith("encoder.")]
     assert encoder_keys and all(torch.equal(out[k], src[k]) for k in encoder_keys)
+
+
+# --------------------------------------------------------------------------- GPU runs, packs, devices
+
+
+def test_pack_round_trip(tiny_data, tmp_path):
+    """A pack holds the training images losslessly (WebP or raw) with their source folder."""
+    from lmf_cli.io.images import list_images, load_rgb
+    from lmf_cli.training.data import pack_manifest, read_pack, write_pack
+
+    originals = [load_rgb(p) for p in list_images(tiny_data)]
+    for codec in ("webp", "raw"):
+        pack = tmp_path / f"{codec}.npz"
+        manifest = write_pack(pack, [tiny_data], codec=codec, log=lambda _: None, threads=2)
+        assert manifest["bytes"] == pack.stat().st_size
+        entries = read_pack(pack)
+        assert len(entries) == len(originals)
+        assert all(np.array_equal(img, orig) for (img, _), orig in zip(entries, originals, strict=True))
+        assert {source for _, source in entries} == {"/".join(tiny_data.resolve().parts[-3:])}
+        assert [e["name"] for e in pack_manifest(pack)["images"]] == ["t1.png", "t2.png"]
+    smallest = min(min(im.shape[:2]) for im in originals)
+    kept = write_pack(tmp_path / "big.npz", [tiny_data], min_side=smallest + 1, log=lambda _: None)
+    assert len(kept["images"]) == len(originals) - 1
+
+
+def test_packs_refuse_evaluation_sets(tiny_data, tmp_path):
+    """Evaluation sets stay out of packs, and a pack that names one is refused by the trainer."""
+    from lmf_cli.training.data import write_pack
+
+    with pytest.raises(ValueError, match="evaluation sets"):
+        write_pack(tmp_path / "set5.npz", [DATA / "Set5" / "HR"], log=lambda _: None)
+    result = CliRunner().invoke(app, ["pack-data", str(tmp_path / "set14.npz"), "--data", str(DATA / "Set14" / "HR")])
+    assert result.exit_code != 0 and "evaluation sets" in result.output
+    pack = tmp_path / "pack.npz"
+    write_pack(pack, [tiny_data], log=lambda _: None)
+    with np.load(pack) as npz:
+        arrays = dict(npz)
+    manifest = json.loads(arrays["manifest"].tobytes())
+    manifest["images"][1]["source"] = "data/Set5/HR"
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    forged = tmp_path / "forged.npz"
+    np.savez(forged, **arrays)
+    cfg = _config(tiny_data, tmp_path / "f")
+    cfg.data = [str(forged)]
+    with pytest.raises(ValueError, match="evaluation sets"):
+        train(cfg, log=lambda _: None)
+
+
+def test_loader_threads_give_the_same_batches_and_resume_exactly(tiny_data, tmp_path):
+    """With --loader-threads N every sample has its own seed: any N gives the same batches,
+    so a run may resume with another N, bit for bit."""
+    from lmf_cli.training.data import PatchSampler
+
+    cfg = _config(tiny_data, tmp_path)
+    images = [np.asarray(Image.open(tiny_data / f"{n}.png").convert("RGB")) for n in ("t1", "t2")]
+    one, three = PatchSampler(images, cfg, 0, threads=1), PatchSampler(images, cfg, 0, threads=3)
+    for _ in range(2):
+        a, b = one.batch(), three.batch()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    one.close()
+    three.close()
+
+    def config(out, threads):
+        c = _config(tiny_data, out)
+        c.loader_threads = threads
+        return c
+
+    straight = train(config(tmp_path / "a", 2), log=lambda _: None)
+    train(config(tmp_path / "b", 3), max_steps=2, log=lambda _: None)
+    resumed = train(config(tmp_path / "b", 1), resume=True, log=lambda _: None)
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_run_path_on_the_cpu(tiny_data, tmp_path, monkeypatch):
+    """What scripts/train-gpu runs, on the CPU with a tiny model: a pack as --data, a time
+    budget with the schedule fitted to it, checkpoints every few seconds, loader threads;
+    then a resume from the saved state."""
+    from lmf_cli.training import loop
+
+    monkeypatch.setattr(loop, "FIT_FROM", 1)  # fit after 3 steps, not 30: a loaded CPU may do few in 5 s
+    monkeypatch.setattr(loop, "FIT_AT", 3)
+    runner = CliRunner()
+    pack = tmp_path / "train.npz"
+    result = runner.invoke(app, ["pack-data", str(pack), "--data", str(tiny_data)])
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output and pack.stat().st_size < 2 ** 20
+    run = tmp_path / "run"
+    common = ["--encoder", "edsr-1x8", "--skip", "--data", str(pack), "--device", "cpu", "--batch", "2",
+              "--patch", "16", "--queries", "32", "--lr", "1e-3", "--warmup", "5", "--schedule", "cosine",
+              "--val-every", "0", "--loader-threads", "2"]
+    result = runner.invoke(app, ["train", str(run), *common, "--steps", "100000", "--time-budget", "5s",
+                                 "--fit-schedule", "--save-every", "0.02"])
+    assert result.exit_code == 0, result.output
+    log = (run / "train.log").read_text()
+    assert "loaded 2 images from the pack" in log and "checkpoint: step" in log
+    from lmf_cli.models.checkpoints import read_metadata
+
+    steps = int(read_metadata(run / "state.safetensors")["step"])
+    assert "schedule fitted to the time budget" in log
+    card = load_weights(run / "model.safetensors").info
+    assert card["steps"] == steps and 3 < card["recipe"]["steps"] < 100000 and steps <= card["recipe"]["steps"]
+    assert card["recipe"]["device"] == "cpu" and card["recipe"]["save_minutes"] == 0.02
+    assert card["data"] == [f"train.npz ({'/'.join(tiny_data.resolve().parts[-3:])})"]
+    result = runner.invoke(app, ["train", str(run), *common, "--steps", str(steps + 2), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert load_weights(run / "model.safetensors").info["steps"] == steps + 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_is_refused_without_a_gpu(tiny_data, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r"), "--data", str(tiny_data), "--device", "cuda",
+                                      "--steps", "1"])
+    assert result.exit_code != 0 and "no CUDA GPU" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_state_moves_between_cuda_and_cpu(tiny_data, tmp_path):
+    """A run saved on the GPU resumes on the CPU and back (the state holds CPU tensors)."""
+    cfg = _config(tiny_data, tmp_path / "g", steps=6)
+    cfg.device = "cuda"
+    train(cfg, max_steps=2, log=lambda _: None)
+    cpu = _config(tiny_data, tmp_path / "g", steps=6)
+    train(cpu, resume=True, max_steps=2, log=lambda _: None)
+    back = _config(tiny_data, tmp_path / "g", steps=6)
+    back.device = "cuda"
+    weights = train(back, resume=True, log=lambda _: None)
+    assert load_weights(weights).info["steps"] == 6
+    assert all(t.device.type == "cpu" for t in load_file(str(tmp_path / "g" / "state.safetensors")).values())

@@ -1,6 +1,6 @@
 """The `lmf` command: one thin module per command group over the Python API.
 
-upscale -> `upscale`, video -> `video`, models -> `models`, train and calibrate -> `train`,
+upscale -> `upscale`, video -> `video`, models -> `models`, train, pack-data and calibrate -> `train`,
 eval and benchmark -> `evaluate`; what they share (consoles, errors, size options) -> `common`.
 """
 
@@ -8,7 +8,7 @@ import typer
 
 from lmf_cli.cli.evaluate import benchmark, evaluate_cmd
 from lmf_cli.cli.models import models
-from lmf_cli.cli.train import calibrate, train
+from lmf_cli.cli.train import calibrate, pack_data, train
 from lmf_cli.cli.upscale import upscale
 from lmf_cli.cli.video import video
 
@@ -17,6 +17,7 @@ app = typer.Typer(help="Upscale images to any size with Latent Modulated Functio
 app.command()(upscale)
 app.command()(models)
 app.command()(train)
+app.command("pack-data")(pack_data)
 app.command("eval")(evaluate_cmd)
 app.command()(calibrate)
 app.command()(benchmark)

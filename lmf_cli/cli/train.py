@@ -1,4 +1,5 @@
-"""`lmf train` and `lmf calibrate`: options to a TrainConfig or a calibration, progress and logs."""
+"""`lmf train`, `lmf pack-data` and `lmf calibrate`: options to a TrainConfig, a pack of training
+images or a calibration, progress and logs."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def train(
     out_dir: Path = typer.Argument(..., help="Run folder: state, log and exported weights."),
     arch: str = typer.Option("lmliif", "--arch", help="lmliif, lmlte, liif, lte or diif."),
     encoder: str = typer.Option("edsr-baseline", "--encoder", help="edsr-baseline, rdn, or edsr-RxF (blocks x feats)."),
-    data: list[Path] = typer.Option(None, "--data", help="HR image folders (default: T91, BSD200, BSDS500test)."),
+    data: list[Path] = typer.Option(None, "--data", help="HR image folders or packs (.npz from `lmf pack-data`); "
+                                    "default: T91, BSD200, BSDS500test."),
     steps: int = typer.Option(20000, "--steps", help="Total steps of the run (the schedule spans these)."),
     batch: int = typer.Option(16, "--batch"),
     patch: int = typer.Option(48, "--patch", help="LR patch side."),
@@ -49,6 +51,13 @@ def train(
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation HR folder (default Set5)."),
     time_budget: str | None = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 2h."),
+    fit_schedule: bool = typer.Option(False, "--fit-schedule", help="With --time-budget: set --steps so the "
+                                      "schedule ends with the budget (from the measured s/step)."),
+    save_every: float = typer.Option(5.0, "--save-every", help="Save the resumable state every this many minutes."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA where available, else the CPU), cpu, cuda, "
+                               "cuda:N or mps."),
+    loader_threads: int = typer.Option(0, "--loader-threads", help="0: batches from one stream on one thread "
+                                       "(as always); N: one seed per sample, made on N threads (feeds a GPU)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many more steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT_DIR."),
     seed: int = typer.Option(0, "--seed"),
@@ -65,6 +74,7 @@ def train(
     from lmf_cli.io.images import list_images
     from lmf_cli.training.config import TrainConfig
     from lmf_cli.training.data import DEFAULT_TRAIN_SETS
+    from lmf_cli.training.loop import resolve_device
     from lmf_cli.training.loop import train as run_training
 
     if arch not in registry.ARCHITECTURES:
@@ -72,10 +82,20 @@ def train(
     if degrade not in PRESETS:
         fail(f"--degrade {degrade!r}: choose one of {', '.join(PRESETS)}")
     enc = _encoder_spec(encoder)
+    if save_every <= 0:
+        fail("--save-every must be a positive number of minutes")
+    if loader_threads < 0:
+        fail("--loader-threads must be 0 or more")
+    if fit_schedule and time_budget is None:
+        fail("--fit-schedule needs --time-budget")
+    try:
+        torch_device = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        fail(f"--device {device!r}: {exc}")
     if bf16 is None:
         from lmf_cli.hardware import fast_bf16
 
-        bf16 = fast_bf16("cpu")
+        bf16 = fast_bf16(torch_device)
     init_path = None
     if init:
         from lmf_cli.models.checkpoints import load_weights
@@ -97,7 +117,8 @@ def train(
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
                       val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade,
-                      init_encoder=str(_resolved(init_encoder)) if init_encoder else None)
+                      init_encoder=str(_resolved(init_encoder)) if init_encoder else None,
+                      save_minutes=save_every, device=str(torch_device), loader_threads=loader_threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 
@@ -110,7 +131,7 @@ def train(
     val_images = list_images(val_folder) if val_every and val_folder.exists() else []
 
     def validate(model) -> dict[str, float]:
-        results = evaluate({"m": model_method(model)}, val_images, [2, 3, 4], with_ssim=False)
+        results = evaluate({"m": model_method(model, str(torch_device))}, val_images, [2, 3, 4], with_ssim=False)
         return {f"{Path(val_folder).parent.name}_x{r.scale:g}": r.psnr for r in results}
 
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
@@ -124,7 +145,7 @@ def train(
         def on_step(step: int, loss: float, dt: float) -> None:
             recent.append(dt)
             del recent[:-20]
-            progress.update(task, completed=step, loss=loss, speed=sum(recent) / len(recent))
+            progress.update(task, completed=step, total=cfg.steps, loss=loss, speed=sum(recent) / len(recent))
             if step % 50 == 0:
                 log_file.write(f"{time.strftime('%H:%M:%S')} step {step} loss {loss:.4f} "
                                f"{sum(recent) / len(recent):.3f} s/step\n")
@@ -132,7 +153,8 @@ def train(
 
         try:
             weights = run_training(cfg, resume=resume, max_steps=max_steps, time_budget=_duration(time_budget),
-                                   log=log, on_step=on_step, validate=validate if val_images else None)
+                                   log=log, on_step=on_step, validate=validate if val_images else None,
+                                   fit_schedule=fit_schedule)
         except (ValueError, LmfError) as exc:
             fail(str(exc))
     if export is not None:
@@ -142,6 +164,30 @@ def train(
         shutil.copyfile(weights, export)
         log(f"exported {export}")
     log(f"weights: {weights}")
+
+
+def pack_data(
+    out: Path = typer.Argument(..., help="The pack to write, a .npz file (e.g. .gpu/train.npz)."),
+    data: list[Path] = typer.Option(None, "--data", help="HR image folders (default: T91 and BSD200)."),
+    codec: str = typer.Option("webp", "--codec", help="webp (lossless WebP bytes) or raw (uint8 arrays, zipped)."),
+    min_side: int = typer.Option(0, "--min-side", help="Leave out images whose short side is under this "
+                                 "(training skips those under patch x 4: 192 px for --patch 48)."),
+    max_mib: float = typer.Option(60.0, "--max-mib", help="Refuse to leave a pack larger than this (MiB)."),
+) -> None:
+    """Pack training images into one lossless .npz, to carry to a GPU machine (`lmf train --data PACK`)."""
+    from lmf_cli.training.data import DEFAULT_PACK_SETS, write_pack
+
+    folders = [str(p) for p in data] if data else [str(DATA_ROOT / s / "HR") for s in DEFAULT_PACK_SETS]
+    try:
+        manifest = write_pack(out, folders, codec=codec, min_side=min_side,
+                              log=lambda m: console.print(m, highlight=False))
+    except (ValueError, OSError, LmfError) as exc:
+        fail(str(exc))
+    size = manifest["bytes"] / 2 ** 20
+    if size > max_mib:
+        out.unlink()
+        fail(f"{out}: {size:.1f} MiB is over --max-mib {max_mib:g}; pack fewer folders (it was removed)")
+    stdout.print(f"{out}: {len(manifest['images'])} images, {size:.1f} MiB")
 
 
 def _resolved(name_or_path: str) -> Path:

@@ -28,6 +28,8 @@ class TrainConfig:
     init: str | None = None  # weights file to start from (fine-tuning); its spec is `spec`
     init_encoder: str | None = None  # weights whose encoder starts this run (e.g. DIIF on lmf-edsr's encoder)
     degrade: str = "none"  # LR degradation preset (lmf_cli.degradations.PRESETS)
+    device: str = "cpu"  # where the model, optimizer and batches live: cpu, cuda, cuda:N, mps, auto
+    loader_threads: int = 0  # 0: samples drawn in order from one stream; N: one seed per sample, N threads
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

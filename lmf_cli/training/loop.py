@@ -6,6 +6,12 @@ Adam. What we change, measured in weights/README.md: the encoder runs in bfloat1
 autocast with channels-last memory (3x faster on CPUs with AMX/AVX-512 BF16), the MLPs
 stay float32; batches are prepared on a background thread; optional warm-up + cosine
 learning rate and a bilinear input skip for LM-LIIF.
+
+Devices: the model, the optimizer state and the batches live on `cfg.device` (cpu, cuda,
+cuda:N, mps; auto = CUDA where available, else the CPU). On CUDA the encoder runs under bf16
+autocast (the same `encoder_dtype` mechanism), batches come as uint8 in pinned memory and are
+copied asynchronously and normalised on the GPU. State files hold CPU tensors only: a run saved
+on a GPU resumes on a CPU and back.
 """
 
 from __future__ import annotations
@@ -26,7 +32,31 @@ from lmf_cli.files import atomic_write
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.checkpoints import load_weights, read_metadata, save_weights
 from lmf_cli.training.config import TrainConfig, learning_rate
-from lmf_cli.training.data import PatchSampler, Prefetcher, load_training_images
+from lmf_cli.training.data import (
+    PatchSampler,
+    Prefetcher,
+    batch_to,
+    is_pack,
+    load_training_images,
+    normalize_batch,
+    pack_manifest,
+)
+
+FIT_FROM, FIT_AT = 5, 30  # --fit-schedule: time steps FIT_FROM..FIT_AT of a sitting (not cuDNN's first tuning)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA where available, else the CPU (MPS only when asked for by name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available here")
+    return device
 
 
 def _optimizer_state(opt: torch.optim.Adam, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -34,7 +64,7 @@ def _optimizer_state(opt: torch.optim.Adam, model: torch.nn.Module) -> dict[str,
     out = {}
     for p, st in opt.state.items():
         for key, value in st.items():
-            out[f"opt.{key}.{names[id(p)]}"] = torch.as_tensor(value).detach().float().contiguous().clone()
+            out[f"opt.{key}.{names[id(p)]}"] = torch.as_tensor(value).detach().float().cpu().contiguous().clone()
     return out
 
 
@@ -64,27 +94,44 @@ def batch_loss(model: ImplicitSR, batch: dict) -> torch.Tensor:
 
 def save_state(path: Path, model: ImplicitSR, opt: torch.optim.Adam, cfg: TrainConfig, step: int,
                rng_state: dict, elapsed: float, history: list[dict]) -> None:
-    tensors = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(_optimizer_state(opt, model))
     meta = {"format": "lmf-train-1", "config": json.dumps(asdict(cfg)), "step": str(step),
             "rng": json.dumps(rng_state), "elapsed": str(elapsed), "history": json.dumps(history)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def _data_names(folders: list[str]) -> list[str]:
+    """What the weights card records as the training data: folder names, packs with their sets."""
+    names = []
+    for folder in folders:
+        if is_pack(folder):
+            sources = dict.fromkeys(entry["source"] for entry in pack_manifest(folder)["images"])
+            names.append(f"{Path(folder).name} ({', '.join(sources)})")
+        else:
+            names.append(Path(folder).name)
+    return names
+
+
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
           time_budget: float | None = None, log: Callable[[str], None] = print,
           on_step: Callable[[int, float, float], None] | None = None,
-          validate: Callable[[ImplicitSR], dict[str, float]] | None = None) -> Path:
+          validate: Callable[[ImplicitSR], dict[str, float]] | None = None,
+          fit_schedule: bool = False) -> Path:
     """Run (or continue) training; returns the path of the exported model weights.
 
     Stops at cfg.steps, after `max_steps` more steps, at `time_budget` seconds, or on
     Ctrl-C; in every case the state is saved first, so `resume=True` continues the run.
+    fit_schedule (with a time budget): set cfg.steps so the schedule ends with the budget,
+    from the speed of steps 5..30 of this sitting, refitted at each checkpoint.
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.safetensors"
+    device = resolve_device(cfg.device)
+    cfg.device = str(device)
     torch.manual_seed(cfg.seed)
-    model = models.make(cfg.spec)
+    model = models.make(cfg.spec).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, history, rng_state = 0, 0.0, [], None
     if resume and state_path.exists():
@@ -110,18 +157,32 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         model.encoder_dtype = torch.bfloat16
     model.use_channels_last()
     model.train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels
+        log(f"training on {torch.cuda.get_device_name(device)} ({device}), encoder in "
+            f"{'bfloat16' if cfg.bf16 else 'float32'}")
 
     sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed,
-                           whole_cells=hasattr(model, "decode_cells"))
+                           whole_cells=hasattr(model, "decode_cells"), threads=cfg.loader_threads)
     if rng_state is not None:
         sampler.rng.bit_generator.state = rng_state
-    prefetch = Prefetcher(sampler)
+    on_cpu = device.type == "cpu"
+    prefetch = Prefetcher(sampler, raw=not on_cpu, pin=device.type == "cuda")
     stop_requested = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
     last_save = time.monotonic()
     start_step, start_time = step, time.monotonic()
+    fitting = fit_schedule and time_budget is not None
+    fit_start = None
+
+    def fit() -> None:
+        rate = (time.monotonic() - fit_start) / (step - start_step - FIT_FROM)
+        left = time_budget - (time.monotonic() - start_time)
+        cfg.steps = step + max(1, int(0.98 * left / rate))
+        log(f"schedule fitted to the time budget: {cfg.steps} steps ({rate:.3f} s/step, {left / 60:.1f} min left)")
+
     try:
         while step < cfg.steps and not stop_requested.is_set():
             if max_steps is not None and step - start_step >= max_steps:
@@ -130,6 +191,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
                 break
             t0 = time.monotonic()
             batch = prefetch.next()
+            if not on_cpu:
+                batch = normalize_batch(batch_to(batch, device))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             loss = batch_loss(model, batch)
@@ -137,10 +200,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             loss.backward()
             opt.step()
             step += 1
+            loss_value = loss.item()  # waits for the step on a GPU, so dt is its real time
             dt = time.monotonic() - t0
             elapsed += dt
+            if fitting and step - start_step == FIT_FROM:
+                fit_start = time.monotonic()
+            elif fitting and step - start_step == FIT_AT:
+                fit()
             if on_step:
-                on_step(step, loss.item(), dt)
+                on_step(step, loss_value, dt)
             if validate and cfg.val_every and step % cfg.val_every == 0:
                 model.eval()
                 scores = validate(model)
@@ -148,7 +216,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
                 history.append({"step": step, "elapsed_s": round(elapsed), **scores})
                 log(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             if time.monotonic() - last_save > cfg.save_minutes * 60:
+                if fitting and step - start_step > FIT_AT:
+                    fit()
                 save_state(state_path, model, opt, cfg, step, prefetch.resume_state(), elapsed, history)
+                log(f"checkpoint: step {step} ({elapsed / 60:.1f} min of training) in {state_path}")
                 last_save = time.monotonic()
         resume_at = prefetch.resume_state()
     finally:
@@ -160,8 +231,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     model.encoder_dtype = None
     model.channels_last = False
     model.encoder.to(memory_format=torch.contiguous_format)
+    model.cpu()
     weights = out / "model.safetensors"
-    info = {"steps": step, "train_seconds": round(elapsed), "data": [Path(d).name for d in cfg.data],
+    info = {"steps": step, "train_seconds": round(elapsed), "data": _data_names(cfg.data),
             "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("spec", "data", "out_dir")},
             "history": history}
     save_weights(weights, model.eval(), cfg.spec, info)
