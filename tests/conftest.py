@@ -156,3 +156,33 @@ def render_path(request, monkeypatch) -> str:
     elif native._library(16) is None:
         pytest.skip("no C compiler: the render kernel cannot be built here")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def weights(official_files, tmp_path_factory) -> Path:
+    """The small official LM-LIIF checkpoint as our own .safetensors."""
+    from lmf_cli.models.checkpoints import load_weights, save_weights
+
+    loaded = load_weights(official_files["lmliif"])
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(path, loaded.model, loaded.spec, {"steps": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(weights):
+    from lmf_cli import Upscaler
+
+    return Upscaler.load(weights, "cpu", "fp32")
+
+
+@pytest.fixture
+def lmf(weights):
+    """Run `lmf upscale ARGS` with the tiny model on the CPU."""
+    from typer.testing import CliRunner
+
+    from lmf_cli.cli import app
+
+    def run(*args: str):
+        return CliRunner().invoke(app, ["upscale", *map(str, args), "--model", str(weights), "--device", "cpu"])
+    return run

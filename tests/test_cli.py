@@ -17,7 +17,6 @@ import pytest
 from PIL import Image, ImageCms
 from typer.testing import CliRunner
 
-from lmf_cli.api import Upscaler
 from lmf_cli.cli import app
 from lmf_cli.imaging.resample import bicubic_resize_float
 from lmf_cli.models import zoo
@@ -25,27 +24,6 @@ from lmf_cli.models.checkpoints import load_weights, save_weights
 
 runner = CliRunner()
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-
-
-@pytest.fixture(scope="module")
-def weights(official_files, tmp_path_factory):
-    loaded = load_weights(official_files["lmliif"])
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_weights(path, loaded.model, loaded.spec, {"steps": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(weights):
-    return Upscaler.load(weights, "cpu", "fp32")
-
-
-@pytest.fixture
-def lmf(weights):
-    """Run `lmf upscale ARGS` with the tiny model on the CPU."""
-    def run(*args: str):
-        return runner.invoke(app, ["upscale", *map(str, args), "--model", str(weights), "--device", "cpu"])
-    return run
 
 
 @pytest.fixture

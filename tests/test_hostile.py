@@ -22,34 +22,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lmf_cli.api import Upscaler
 from lmf_cli.cli import app
 from lmf_cli.errors import InputError
 from lmf_cli.io.images import inspect_image, probe_image, read_frames, read_image
-from lmf_cli.models.checkpoints import load_weights, save_weights
 
 BAD = Path(__file__).parent / "bad_inputs"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def weights(official_files, tmp_path_factory):
-    loaded = load_weights(official_files["lmliif"])
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_weights(path, loaded.model, loaded.spec, {"steps": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(weights):
-    return Upscaler.load(weights, "cpu", "fp32")
-
-
-@pytest.fixture
-def lmf(weights):
-    def run(*args):
-        return runner.invoke(app, ["upscale", *map(str, args), "--model", str(weights), "--device", "cpu"])
-    return run
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:

@@ -19,33 +19,11 @@ from PIL import Image, ImageCms
 from typer.testing import CliRunner
 
 from lmf_cli.api import Upscaler
-from lmf_cli.cli import app
 from lmf_cli.errors import InputError
 from lmf_cli.io.images import inspect_image, read_frames, read_image, write_frames
-from lmf_cli.models.checkpoints import load_weights, save_weights
 
 runner = CliRunner()
 OUT_HW = (80, 96)  # the butterfly crop (48 x 40) at x2
-
-
-@pytest.fixture(scope="module")
-def weights(official_files, tmp_path_factory):
-    loaded = load_weights(official_files["lmliif"])
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_weights(path, loaded.model, loaded.spec, {"steps": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(weights):
-    return Upscaler.load(weights, "cpu", "fp32")
-
-
-@pytest.fixture
-def lmf(weights):
-    def run(*args):
-        return runner.invoke(app, ["upscale", *map(str, args), "--model", str(weights), "--device", "cpu"])
-    return run
 
 
 def moving(butterfly: np.ndarray, n: int = 3) -> list[np.ndarray]:
