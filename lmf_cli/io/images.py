@@ -741,6 +741,12 @@ def _encode_animation(frames: Iterable[Frame], anim: Animation, target: str, icc
         options.update(disposal=disposals[first:], blend=blends[first:], default_image=anim.default_image)
     else:
         options.update(quality=quality)
+    return _save_all(images, target, options, icc, exif, f"the {target} animation"), notes
+
+
+def _save_all(images: list[Image.Image], target: str, options: dict, icc: bytes | None, exif: bytes | None,
+              what: str) -> bytes:
+    """Encode several frames or pages with Pillow, with the ICC profile and EXIF, into bytes."""
     if icc:
         options["icc_profile"] = icc
     if exif:
@@ -749,8 +755,8 @@ def _encode_animation(frames: Iterable[Frame], anim: Animation, target: str, icc
     try:
         images[0].save(buf, format=target, **options)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"could not encode the {target} animation ({' '.join(str(exc).split())})") from exc
-    return buf.getvalue(), notes
+        raise InputError(f"could not encode {what} ({' '.join(str(exc).split())})") from exc
+    return buf.getvalue()
 
 
 def _encode_pages(frames: Iterable[Frame], icc: bytes | None, exif: bytes | None) -> tuple[bytes, list[str]]:
@@ -762,16 +768,7 @@ def _encode_pages(frames: Iterable[Frame], icc: bytes | None, exif: bytes | None
     if all(p.dtype == np.uint8 or p.ndim == 2 for p in pages):
         images = [Image.fromarray(p) for p in pages]
         options: dict = {"save_all": True, "append_images": images[1:]}
-        if icc:
-            options["icc_profile"] = icc
-        if exif:
-            options["exif"] = _exif_for(exif, images[0].size)
-        buf = io.BytesIO()
-        try:
-            images[0].save(buf, format="TIFF", **options)
-        except (OSError, ValueError, TypeError) as exc:
-            raise InputError(f"could not encode the TIFF pages ({' '.join(str(exc).split())})") from exc
-        return buf.getvalue(), notes
+        return _save_all(images, "TIFF", options, icc, exif, "the TIFF pages"), notes
     if any(p.ndim == 3 and p.shape[2] == 2 for p in pages):
         notes.append("16-bit gray + alpha TIFF is written as RGBA")
     if icc or exif:
