@@ -110,11 +110,15 @@ class ImplicitSR(nn.Module):
         rel_cell = cell * cell.new_tensor([h, w])
         pred = self.decode_points(latents, nb.index, nb.rel, rel_cell)
         out = (pred * nb.weight.unsqueeze(-1)).sum(1)
-        if self.bilinear_skip:
-            grid = coord.flip(-1).unsqueeze(1)
-            out = out + F.grid_sample(inp, grid, mode="bilinear", padding_mode="border",
-                                      align_corners=False)[:, :, 0].transpose(1, 2)
-        return out
+        return self.add_skip_at_points(inp, coord, out)
+
+    def add_skip_at_points(self, inp: torch.Tensor, coord: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, Q, 3) plus the bilinear upsample of the input at `coord`, for models with the skip."""
+        if not self.bilinear_skip:
+            return out
+        grid = coord.flip(-1).unsqueeze(1)
+        return out + F.grid_sample(inp, grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False)[:, :, 0].transpose(1, 2)
 
     def forward(self, inp: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         h, w = inp.shape[-2:]

@@ -404,11 +404,7 @@ class DIIF(ImplicitSR):
         mlp_cell = head_cell(step, self.fixed_area).float()
         out = self.decode_points(latents, index[:, None], rel.float()[:, None], mlp_cell,
                                  borders.float()[:, None])[:, 0]
-        if self.bilinear_skip:
-            grid = coord.flip(-1).unsqueeze(1)
-            out = out + F.grid_sample(inp, grid, mode="bilinear", padding_mode="border",
-                                      align_corners=False)[:, :, 0].transpose(1, 2)
-        return out
+        return self.add_skip_at_points(inp, coord, out)
 
     def forward(self, inp: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         h, w = inp.shape[-2:]
