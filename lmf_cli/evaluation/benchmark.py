@@ -3,6 +3,7 @@ the same encoder and OpenCV bicubic, with MACs computed from the architecture.""
 
 from __future__ import annotations
 
+import itertools
 import platform
 import resource
 import statistics
@@ -217,8 +218,8 @@ def benchmark_bicubic(images: list[np.ndarray], scale: float, repeats: int, warm
 
     h, w = images[0].shape[:2]
     size = (round(w * scale), round(h * scale))
-    turn = iter(range(1 << 30))
-    samples = _time(lambda: cv2.resize(images[next(turn) % len(images)], size, interpolation=cv2.INTER_CUBIC),
+    turn = itertools.cycle(images)
+    samples = _time(lambda: cv2.resize(next(turn), size, interpolation=cv2.INTER_CUBIC),
                     torch.device("cpu"), repeats, warmup)
     total = Timing.of(samples)
     return Row("bicubic (OpenCV)", scale, None, None, None, total, {"render": 16.0 * size[0] * size[1]},
