@@ -103,11 +103,13 @@ def level_grid(out_hw: tuple[int, int], scale: float, decode_scale: float) -> tu
 
 
 def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: torch.Tensor,
-                   rows_range: tuple[int, int], cols_range: tuple[int, int]) -> torch.Tensor:
+                   rows_range: tuple[int, int], cols_range: tuple[int, int],
+                   into: torch.Tensor | None = None) -> torch.Tensor:
     """One output block under CMSR: each level present is drawn where the pixels' LR owners
     chose it, by the compiled kernel, which draws exactly those pixels (and the coarse
     pixels they sample) in place. Levels and boxes are found on the LR grid, so the
-    bookkeeping costs a few passes over the block whatever the number of levels."""
+    bookkeeping costs a few passes over the block whatever the number of levels. Every output
+    pixel belongs to exactly one level, so the levels fill `into` (a view of the canvas) whole."""
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
@@ -129,15 +131,14 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
             continue
         grid = g.out_hw if level == full_level else level_grid(g.out_hw, scale, schedule.decode_scales[level])
         plans.append((chosen, (r0, r1), (c0, c1), grid))
-    out = g.piece.new_zeros(1, 3, b - a, cb - ca)
+    out = g.piece.new_zeros(1, 3, b - a, cb - ca) if into is None else into
     for chosen, (r0, r1), (c0, c1), grid in plans:
-        mask = chosen.index_select(0, own_r[r0:r1]).index_select(1, own_c[c0:c1])
+        # columns on the few LR rows first, then whole output rows copied: cheap at any scale
+        mask = chosen.index_select(1, own_c[c0:c1]).index_select(0, own_r[r0:r1])
         box = (a + r0, a + r1), (ca + c0, ca + c1)
         draw = _draw_fused if g.fused else _draw_torch
         draw(model, g, grid, box, mask, out[:, :, r0:r1, c0:c1])
     return out
-
-
 
 
 def _draw_fused(model: ImplicitSR, g: Geometry, grid: tuple[int, int], box: tuple[tuple[int, int], ...],

@@ -196,6 +196,11 @@ def _strides(out: torch.Tensor) -> tuple[int, int]:
     return out.stride(2), out.stride(1)
 
 
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as the kernel's bytes of 0/1: PyTorch stores bool that way, so no copy."""
+    return mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8).contiguous()
+
+
 def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | None = None,
            skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None,
            into: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +226,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     _check(all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors), "model tensors must be "
            "contiguous float32")
     base = mlp.base if mlp.base is not None else mlp.table
-    mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
+    mask_u8 = _bytes(mask) if mask is not None else None
     if skip is None:
         image, skip_taps = None, [None] * 6
     else:
@@ -261,11 +266,11 @@ def mark_taps(hidden: int, mask: torch.Tensor, rows: AxisBilinear, cols: AxisBil
     _check(int(rows.hi.max()) < coarse_hw[0] and int(cols.hi.max()) < coarse_hw[1]
            and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
     _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]), "mask has the wrong shape")
-    mask_u8 = mask.to(torch.uint8).contiguous()
-    coarse = torch.zeros(coarse_hw, dtype=torch.uint8)
+    mask_u8 = _bytes(mask)
+    coarse = torch.zeros(coarse_hw, dtype=torch.bool)  # one byte of 0 or 1 each, as the kernel writes
     lib.lmf_mark_taps(mask_u8.data_ptr(), *mask.shape, rows.lo.data_ptr(), rows.hi.data_ptr(),
                       cols.lo.data_ptr(), cols.hi.data_ptr(), coarse.data_ptr(), coarse_hw[1])
-    return coarse.bool()
+    return coarse
 
 
 def blend(hidden: int, into: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
@@ -276,7 +281,7 @@ def blend(hidden: int, into: torch.Tensor, mask: torch.Tensor, coarse: torch.Ten
            and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
     _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]) == tuple(into.shape[2:]),
            "mask and output view disagree")
-    mask_u8 = mask.to(torch.uint8).contiguous()
+    mask_u8 = _bytes(mask)
     coarse = coarse[0].float().contiguous()
     fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()
     lib.lmf_blend(mask_u8.data_ptr(), *mask.shape, coarse.data_ptr(), *coarse.shape[1:],

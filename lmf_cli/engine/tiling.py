@@ -100,14 +100,12 @@ class _TiledRun:
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
                 region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
-                if levels is None and self.fused:  # the kernel writes straight into the canvas
+                if levels is not None:  # every pixel of the block is drawn by one level, in place
+                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region).add_(1).mul_(0.5)
+                elif self.fused:  # the kernel writes straight into the canvas
                     render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
-                    continue
-                if levels is None:
-                    out = render_region(model, geometry, self.out_hw, rows, cols)
                 else:
-                    out = render_levels(model, geometry, self.schedule, levels, rows, cols)
-                region.copy_(out.add_(1).mul_(0.5))
+                    region.copy_(render_region(model, geometry, self.out_hw, rows, cols).add_(1).mul_(0.5))
 
 
 def _first_output(a: int, n_in: int, n_out: int) -> int:
