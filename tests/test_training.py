@@ -44,6 +44,46 @@ def test_resume_continues_bit_for_bit(tiny_data, tmp_path, degrade):
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
+def test_ema_ships_the_average_of_the_steps_and_resumes_exactly(tiny_data, tmp_path):
+    """The exported weights are the average recomputed by hand from each step's live weights;
+    the live ones are exported beside them; a resumed run ends with the same average."""
+    import lmf_cli.training.loop as loop
+
+    decay, live_per_step, model_ref = 0.5, [], {}
+
+    def record(step, loss, dt):
+        live_per_step.append({k: v.detach().clone() for k, v in model_ref["model"].state_dict().items()})
+
+    real_average = loop.WeightAverage
+
+    def spying_average(model, *args):
+        model_ref["model"] = model
+        return real_average(model, *args)
+
+    loop.WeightAverage = spying_average
+    try:
+        cfg = _config(tiny_data, tmp_path / "e", steps=4)
+        cfg.ema = decay
+        torch.manual_seed(cfg.seed)  # as train() does before making the model: the same initial weights
+        start = {k: v.clone() for k, v in registry.make(cfg.spec).state_dict().items()}
+        shipped = load_file(str(train(cfg, log=lambda _: None, on_step=record)))
+    finally:
+        loop.WeightAverage = real_average
+    expected = {k: v.float() for k, v in start.items()}
+    for n, live in enumerate(live_per_step, start=1):
+        weight = min(decay, (1 + n) / (10 + n))
+        expected = {k: weight * expected[k] + (1 - weight) * live[k].float() for k in expected}
+    live_file = load_file(str(tmp_path / "e" / "model-live.safetensors"))
+    assert any(not torch.equal(shipped[k], live_file[k]) for k in shipped)
+    assert all(torch.allclose(shipped[k], expected[k], atol=1e-6) for k in shipped)
+
+    halves = _config(tiny_data, tmp_path / "h", steps=4)
+    halves.ema = decay
+    train(halves, max_steps=2, log=lambda _: None)
+    resumed = load_file(str(train(halves, resume=True, log=lambda _: None)))
+    assert all(torch.equal(shipped[k], resumed[k]) for k in shipped)
+
+
 def test_resume_refuses_another_degradation(tiny_data, tmp_path):
     train(_config(tiny_data, tmp_path / "r", steps=2), log=lambda _: None)
     with pytest.raises(ValueError, match="--degrade none"):

@@ -58,6 +58,8 @@ def train(
                                "cuda:N or mps."),
     loader_threads: int = typer.Option(0, "--loader-threads", help="0: batches from one stream on one thread "
                                        "(as always); N: one seed per sample, made on N threads (feeds a GPU)."),
+    ema: float = typer.Option(0.0, "--ema", help="Validate and ship an exponential moving average of the weights "
+                              "with this decay, e.g. 0.999 (0: off); the live weights go to model-live.safetensors."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many more steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT_DIR."),
     seed: int = typer.Option(0, "--seed"),
@@ -86,6 +88,8 @@ def train(
         fail("--save-every must be a positive number of minutes")
     if loader_threads < 0:
         fail("--loader-threads must be 0 or more")
+    if not 0 <= ema < 1:
+        fail("--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999")
     if fit_schedule and time_budget is None:
         fail("--fit-schedule needs --time-budget")
     try:
@@ -118,7 +122,8 @@ def train(
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
                       val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade,
                       init_encoder=str(_resolved(init_encoder)) if init_encoder else None,
-                      save_minutes=save_every, device=str(torch_device), loader_threads=loader_threads)
+                      save_minutes=save_every, device=str(torch_device), loader_threads=loader_threads,
+                      ema=ema)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 

@@ -30,6 +30,7 @@ class TrainConfig:
     degrade: str = "none"  # LR degradation preset (lmf_cli.degradations.PRESETS)
     device: str = "cpu"  # where the model, optimizer and batches live: cpu, cuda, cuda:N, mps, auto
     loader_threads: int = 0  # 0: samples drawn in order from one stream; N: one seed per sample, N threads
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and shipped (0: off)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

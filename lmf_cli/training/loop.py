@@ -20,7 +20,8 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -92,10 +93,58 @@ def batch_loss(model: ImplicitSR, batch: dict) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+class WeightAverage:
+    """An exponential moving average of the model's floating-point state (`--ema DECAY`).
+
+    Averaging the last few hundred steps' weights smooths out the noise of small batches at no
+    training cost. The decay ramps up as (1 + n) / (10 + n) over the first steps of a sitting's
+    average so that it is not dominated by where it started.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None) -> None:
+        self.decay, self.updates = decay, 0
+        self.live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {k: (saved[f"ema.{k}"].to(v) if saved and f"ema.{k}" in saved else v.detach().clone())
+                       for k, v in self.live.items()}
+        if saved and "ema.updates" in saved:
+            self.updates = int(saved["ema.updates"].item())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.shadow.values()), list(self.live.values()), 1 - decay)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in self.shadow.items()}
+        out["ema.updates"] = torch.tensor([self.updates], dtype=torch.float64)
+        return out
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (validation), the live ones after."""
+        live = {k: v.detach().clone() for k, v in self.live.items()}
+        with torch.no_grad():
+            for k, v in self.live.items():
+                v.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in self.live.items():
+                    v.copy_(live[k])
+
+    def copy_into(self, model: torch.nn.Module) -> None:
+        """The average into `model`, wherever its tensors live now (after `.cpu()` for export)."""
+        model.load_state_dict(self.shadow, strict=False)
+
+
 def save_state(path: Path, model: ImplicitSR, opt: torch.optim.Adam, cfg: TrainConfig, step: int,
-               rng_state: dict, elapsed: float, history: list[dict]) -> None:
+               rng_state: dict, elapsed: float, history: list[dict], average: WeightAverage | None = None) -> None:
     tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(_optimizer_state(opt, model))
+    if average is not None:
+        tensors.update(average.tensors())
     meta = {"format": "lmf-train-1", "config": json.dumps(asdict(cfg)), "step": str(step),
             "rng": json.dumps(rng_state), "elapsed": str(elapsed), "history": json.dumps(history)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -133,7 +182,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     torch.manual_seed(cfg.seed)
     model = models.make(cfg.spec).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, elapsed, history, rng_state = 0, 0.0, [], None
+    step, elapsed, history, rng_state, tensors = 0, 0.0, [], None, None
     if resume and state_path.exists():
         meta = read_metadata(state_path)
         tensors = load_file(str(state_path))
@@ -156,6 +205,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     if cfg.bf16:
         model.encoder_dtype = torch.bfloat16
     model.use_channels_last()
+    average = WeightAverage(model, cfg.ema, tensors) if cfg.ema else None
     model.train()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels
@@ -199,6 +249,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if average is not None:
+                average.update()
             step += 1
             loss_value = loss.item()  # waits for the step on a GPU, so dt is its real time
             dt = time.monotonic() - t0
@@ -211,14 +263,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
                 on_step(step, loss_value, dt)
             if validate and cfg.val_every and step % cfg.val_every == 0:
                 model.eval()
-                scores = validate(model)
+                with average.applied() if average is not None else nullcontext():
+                    scores = validate(model)
                 model.train()
                 history.append({"step": step, "elapsed_s": round(elapsed), **scores})
                 log(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             if time.monotonic() - last_save > cfg.save_minutes * 60:
                 if fitting and step - start_step > FIT_AT:
                     fit()
-                save_state(state_path, model, opt, cfg, step, prefetch.resume_state(), elapsed, history)
+                save_state(state_path, model, opt, cfg, step, prefetch.resume_state(), elapsed, history, average)
                 log(f"checkpoint: step {step} ({elapsed / 60:.1f} min of training) in {state_path}")
                 last_save = time.monotonic()
         resume_at = prefetch.resume_state()
@@ -226,7 +279,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         prefetch.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
-    save_state(state_path, model, opt, cfg, step, resume_at, elapsed, history)
+    save_state(state_path, model, opt, cfg, step, resume_at, elapsed, history, average)
     log(f"saved {state_path} at step {step} ({elapsed / 60:.1f} min of training)")
     model.encoder_dtype = None
     model.channels_last = False
@@ -236,5 +289,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     info = {"steps": step, "train_seconds": round(elapsed), "data": _data_names(cfg.data),
             "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("spec", "data", "out_dir")},
             "history": history}
+    if average is not None:  # the live weights beside the average, so the lever is measured, not assumed
+        save_weights(out / "model-live.safetensors", model.eval(), cfg.spec, {**info, "weights": "live"})
+        average.copy_into(model)
+        info["weights"] = f"exponential moving average, decay {cfg.ema}"
     save_weights(weights, model.eval(), cfg.spec, info)
     return weights
