@@ -133,7 +133,7 @@ def benchmark(
         pictures, source = bench.benchmark_inputs(in_h, in_w, photos)
     except OSError as exc:
         fail(f"--image: {exc}")
-    inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device) for p in pictures]
+    inputs = [torch.tensor(p).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device) for p in pictures]
     diif_up = _optional_model(diif, device, precision) if diif else None
     info = bench.machine_info(up.device)
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "

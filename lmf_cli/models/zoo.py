@@ -19,19 +19,63 @@ class ShippedModel:
     name: str
     filename: str
     summary: str
+    inputs: str = "clean"  # what it was trained for: "clean" (bicubic LR) or "compressed" (degraded LR)
+    light: bool = False  # a small encoder: the choice for video on a CPU
 
 
 SHIPPED: dict[str, ShippedModel] = {
     "lmf-edsr": ShippedModel("lmf-edsr", "lmf-edsr.safetensors",
                              "LM-LIIF on EDSR-baseline: the paper's configuration, best quality"),
     "lmf-lite": ShippedModel("lmf-lite", "lmf-lite.safetensors",
-                             "LM-LIIF on a small EDSR: several times faster, for CPUs and video"),
+                             "LM-LIIF on a small EDSR: several times faster, for CPUs and video", light=True),
     "lmf-real": ShippedModel("lmf-real", "lmf-real.safetensors",
-                             "lmf-edsr fine-tuned on degraded inputs: for JPEGs, noisy photos and video frames"),
+                             "lmf-edsr fine-tuned on degraded inputs: for JPEGs, noisy photos and video frames",
+                             inputs="compressed"),
+    "lmf-real-lite": ShippedModel("lmf-real-lite", "lmf-real-lite.safetensors",
+                                  "lmf-lite fine-tuned on degraded inputs: compressed video on a CPU",
+                                  inputs="compressed", light=True),
     "diif-edsr": ShippedModel("diif-edsr", "diif-edsr.safetensors",
                               "DIIF (coarse-to-fine MLP over coordinate slices) on EDSR-baseline"),
 }
 DEFAULT_MODEL = "lmf-edsr"
+INPUT_QUALITIES = ("auto", "clean", "compressed")
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    reason: str  # one line for the user: why this model
+
+
+def choose_model(inputs: str, light: bool) -> Choice:
+    """The shipped model for `inputs` ("clean" or "compressed"), light (small encoder) or not.
+
+    A robust model where the input is compressed (it removes blocking that a clean model sharpens),
+    the clean model otherwise (the robust one gives up 1-2 dB of detail on clean input); the
+    light one where speed matters (video on a CPU). A model this build lacks falls back to the
+    nearest one that exists: same kind of input first, then any.
+    """
+    if inputs not in ("clean", "compressed"):
+        raise ValueError(f"inputs must be 'clean' or 'compressed', not {inputs!r}")
+    wanted = [m for m in SHIPPED.values() if m.name.startswith("lmf-") and m.inputs == inputs]
+    others = [m for m in SHIPPED.values() if m.name.startswith("lmf-") and m.inputs != inputs]
+    ranked = sorted(wanted, key=lambda m: m.light != light) + sorted(others, key=lambda m: m.light != light)
+    for rank, entry in enumerate(ranked):
+        if shipped_path(entry.name) is not None:
+            kind = f"trained for {inputs} input"
+            size = "light, for speed" if entry.light else "full size"
+            reason = f"{kind}, {size}" if rank == 0 else f"{kind}; the better fit is missing from this build"
+            return Choice(entry.name, reason)
+    return Choice(DEFAULT_MODEL, "no shipped model found; the default")
+
+
+# What `lmf upscale --input-quality auto` and `lmf video` pick without --model: situation -> (inputs, light).
+AUTOMATIC: dict[str, tuple[str, bool]] = {
+    "clean images (PNG, TIFF, JPEG q90+)": ("clean", False),
+    "compressed images (JPEG, lossy WebP, HEIC, AVIF)": ("compressed", False),
+    "video on a GPU": ("compressed", False),
+    "video on a CPU": ("compressed", True),
+}
 
 
 def weights_dirs() -> list[Path]:

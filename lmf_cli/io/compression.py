@@ -1,0 +1,70 @@
+"""Telling a compressed image file from a clean one, so `--input-quality auto` can pick a model.
+
+A model trained on clean bicubic inputs sharpens JPEG blocking; one trained on degraded inputs
+removes it but gives up detail on clean inputs. The file itself says which it is closely enough:
+a JPEG's quantisation tables give its quality, a WebP says whether it is lossless (VP8L), and
+formats that are only ever lossy in practice (HEIC, AVIF from phones) are compressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# The IJG (libjpeg) luminance table at quality 50, in natural (row-major) order: every common
+# encoder scales it by quality, so the stored table gives the quality back.
+_IJG_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+# At quality 90 and above a JPEG's artefacts sit below what the models resolve: treat it as clean.
+CLEAN_JPEG_QUALITY = 90
+_LOSSY_ONLY = {"HEIF", "HEIC", "AVIF"}
+
+
+@dataclass(frozen=True)
+class InputQuality:
+    kind: str  # "clean" or "compressed"
+    reason: str  # e.g. "JPEG quality ~75"
+
+
+def ijg_table(quality: int) -> np.ndarray:
+    """The luminance table libjpeg writes at `quality` (1..100)."""
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
+
+
+def jpeg_quality(luma_table: list[int] | np.ndarray) -> int:
+    """The IJG quality whose luminance table is closest to `luma_table` (64 values)."""
+    table = np.asarray(luma_table, dtype=np.float64)
+    errors = [np.abs(np.log(ijg_table(q)) - np.log(np.maximum(table, 1))).sum() for q in range(1, 101)]
+    return int(np.argmin(errors)) + 1
+
+
+def input_quality(path: str | Path) -> InputQuality:
+    """Whether the image at `path` is compressed, from its own headers (no pixels decoded)."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format or "?"
+            if fmt in ("JPEG", "MPO"):
+                tables = getattr(img, "quantization", None) or {}
+                if 0 not in tables:
+                    return InputQuality("compressed", "JPEG")
+                quality = jpeg_quality(list(tables[0])[:64])  # natural order (Pillow >= 8.3)
+                kind = "clean" if quality >= CLEAN_JPEG_QUALITY else "compressed"
+                return InputQuality(kind, f"JPEG quality ~{quality}")
+            if fmt == "WEBP":
+                with open(path, "rb") as f:
+                    head = f.read(64)
+                lossless = b"VP8L" in head
+                return InputQuality("clean" if lossless else "compressed",
+                                    "lossless WebP" if lossless else "lossy WebP")
+            if fmt in _LOSSY_ONLY:
+                return InputQuality("compressed", fmt)
+            return InputQuality("clean", fmt)
+    except (OSError, ValueError, SyntaxError):
+        return InputQuality("clean", "unrecognised file")
