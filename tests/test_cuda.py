@@ -53,3 +53,17 @@ def test_gpu_out_of_memory_backs_off(official_files):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert np.abs(out - expected).max() < 1e-4
+
+
+def test_gpu_tf32_matmuls_would_stay_within_1e3(official_files, butterfly):
+    """TF32 matmuls stay off by default (the render MLP's first layer takes sub-pixel offsets);
+    this measures what turning them on would change, the bar issue 14 sets for allowing them."""
+    up = Upscaler.load(official_files["lmliif"], device="cuda", precision="fp32")
+    image = butterfly.astype(np.float32) / 255
+    exact = up.upscale(image, scale=7.5)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = up.upscale(image, scale=7.5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert np.abs(exact - tf32).max() < 1e-3

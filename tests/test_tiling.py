@@ -112,3 +112,18 @@ def test_tiling_is_exact_on_other_cpu_kernels(isa):
                              "-k", "test_tiled_equals_untiled"], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_gpu_blocks_are_sized_from_the_memory_budget(deep_models):
+    """On a GPU a block is as large as the budget allows (a whole 4K frame with room to spare),
+    on a CPU it stays cache-sized; a small budget shrinks both."""
+    from lmf_cli.engine.budget import MAX_GPU_BLOCK, render_block
+
+    model = deep_models["lmliif"].model
+    cuda = torch.device("cuda")
+    cpu_side = render_block(model, None, fused=False, device=torch.device("cpu"))[0]
+    big = render_block(model, 64 << 30, fused=False, device=cuda)[0]
+    small = render_block(model, 64 << 20, fused=False, device=cuda)[0]
+    assert cpu_side < 200 and big ** 2 <= MAX_GPU_BLOCK and big >= 3840
+    assert cpu_side < small < big
+

@@ -9,23 +9,33 @@ import torch
 from lmf_cli.models.base import ImplicitSR
 
 
-def render_block(model: ImplicitSR, max_memory: int | None, fused: bool = False) -> tuple[int, int]:
-    """Output block (rows, cols) rendered at once. With PyTorch, small enough that the
-    render MLP's activations (4 neighbours x width floats per pixel) stay in cache: the
+def render_block(model: ImplicitSR, max_memory: int | None, fused: bool = False,
+                 device: torch.device | None = None) -> tuple[int, int]:
+    """Output block (rows, cols) rendered at once. With PyTorch on a CPU, small enough that
+    the render MLP's activations (4 neighbours x width floats per pixel) stay in cache: the
     hidden layers are memory-bound elementwise work there. The compiled kernel keeps its
-    activations in registers, so its blocks are large (a few RGB buffers of this size)."""
+    activations in registers, so its blocks are large (a few RGB buffers of this size). On a
+    GPU, as large as the memory budget allows (a whole tile's output where it fits): each
+    block is a few kernel launches, so fewer, larger blocks keep the device busy."""
     if fused:
         bytes_per_pixel, pixels = 4 * 3 * 3, 1 << 20
     else:
         width = max(layer.out_features for layer in model.imnet.linears)
         bytes_per_pixel = 4 * 4 * width
         pixels = (4 << 20) // bytes_per_pixel
-    if max_memory is not None:
+    if device is not None and device.type == "cuda":
+        budget = default_budget(device) if max_memory is None else max_memory
+        pixels = min(MAX_GPU_BLOCK, budget // GPU_LIVE_COPIES // bytes_per_pixel)
+    elif max_memory is not None:
         pixels = max(256, min(pixels, max_memory // 8 // bytes_per_pixel))
     side = max(16, int(math.sqrt(pixels)))
     return side, side
 
 
+# A GPU block: at most a 4K frame (3840x2160 output) at once; the render MLP keeps about this many
+# activation tensors of the block alive at a time (inputs, two hidden layers, the ensemble sum).
+MAX_GPU_BLOCK = 4096 * 4096
+GPU_LIVE_COPIES = 6
 
 
 def tile_margin(model: ImplicitSR) -> int:

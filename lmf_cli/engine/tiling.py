@@ -43,6 +43,8 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
         run.tile(*core)
         if progress:
             progress(done, len(cores))
+    if inp.device.type == "cuda":
+        torch.cuda.synchronize(inp.device)  # the non-blocking copies into the canvas have landed
     return run.canvas
 
 
@@ -55,9 +57,13 @@ class _TiledRun:
         self.in_hw = tuple(inp.shape[-2:])
         self.margin = tile_margin(model)
         self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)]).expand(inp.shape[0], 2)
-        self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32)
+        # On a GPU the canvas is pinned host memory: blocks are copied back without waiting for
+        # them (non_blocking), and the one wait is at the end of the upscale.
+        self.on_host = inp.device.type == "cpu"
+        self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32,
+                                  pin_memory=inp.device.type == "cuda")
         self.fused = renders_fused(model, inp)
-        self.block = render_block(model, max_memory, self.fused)
+        self.block = render_block(model, max_memory, self.fused, inp.device)
         self.counts = stats if stats is not None else {}
         self.counts.update(rendered=0, total=inp.shape[0] * out_hw[0] * out_hw[1])
 
@@ -71,6 +77,7 @@ class _TiledRun:
                           stacklevel=2)
             if self.inp.device.type == "cuda":
                 torch.cuda.empty_cache()
+                self.block = tuple(max(16, side // 2) for side in self.block)  # sized from free memory: too big
             rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
             for sub in ((r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)):
                 if sub[1] > sub[0] and sub[3] > sub[2]:
@@ -100,12 +107,16 @@ class _TiledRun:
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
                 region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
-                if levels is not None:  # every pixel of the block is drawn by one level, in place
+                if levels is not None and self.on_host:  # every pixel is drawn by one level, in place
                     render_levels(model, geometry, self.schedule, levels, rows, cols, into=region).add_(1).mul_(0.5)
+                elif levels is not None:
+                    out = render_levels(model, geometry, self.schedule, levels, rows, cols)
+                    region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
                 elif self.fused:  # the kernel writes straight into the canvas
                     render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
                 else:
-                    region.copy_(render_region(model, geometry, self.out_hw, rows, cols).add_(1).mul_(0.5))
+                    out = render_region(model, geometry, self.out_hw, rows, cols)
+                    region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
 
 
 def _first_output(a: int, n_in: int, n_out: int) -> int:
