@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import functools
 import platform
+import subprocess
 
 import torch
 
+_CPUINFO_KEYS = ("flags", "model name", "Features", "CPU implementer", "CPU part")
+
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key that says what the CPU is (Linux /proc/cpuinfo); empty elsewhere."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() in _CPUINFO_KEYS:
+                    found.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return found
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for every speed figure we print."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_signature() -> str:
+    """Everything -march=native depends on, so a shared build cache never hands a build to another CPU."""
+    text = " ".join(platform.uname()) + platform.processor()
+    text += "".join(f"{key}: {value}\n" for key, value in sorted(_cpuinfo().items()))
+    if platform.system() == "Darwin":
+        text += subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "hw.optional"],
+                               capture_output=True, text=True).stdout
+    return text
 
 
 def fast_bf16(device: torch.device | str) -> bool:

@@ -16,7 +16,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lmf_cli.hardware import cpu_signature
 from lmf_cli.models.geometry import AxisBilinear, AxisTaps
 from lmf_cli.models.mlp import FusedMLP
 
@@ -64,21 +64,6 @@ def status() -> str:
     return "PyTorch (the render kernel could not be built: no working C compiler)"
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on, so a shared cache never hands a build to another CPU."""
-    text = " ".join(platform.uname()) + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            text += "".join(sorted({line for line in f if line.startswith(
-                ("flags", "model name", "Features", "CPU implementer", "CPU part"))}))
-    except OSError:
-        pass
-    if platform.system() == "Darwin":
-        text += subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "hw.optional"],
-                               capture_output=True, text=True).stdout
-    return text
-
-
 def _cache_dir() -> Path:
     import platformdirs
 
@@ -94,7 +79,7 @@ def _library(hidden: int) -> ctypes.CDLL | None:
         return None
     try:
         source = SOURCE.read_bytes()
-        signature = _cpu_signature()
+        signature = cpu_signature()
     except (OSError, subprocess.SubprocessError):
         return None
     for flags in FLAG_SETS:

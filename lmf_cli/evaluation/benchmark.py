@@ -21,6 +21,7 @@ from lmf_cli.engine.cmsr import Schedule, schedule_for
 from lmf_cli.engine.render import encode_image, render_region
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method
+from lmf_cli.hardware import cpu_name
 from lmf_cli.imaging.resample import bicubic_resize_uint8
 from lmf_cli.io.images import load_rgb
 from lmf_cli.models.base import ImplicitSR
@@ -229,22 +230,11 @@ def benchmark_bicubic(images: list[np.ndarray], scale: float, repeats: int, warm
 def machine_info(device: torch.device) -> dict[str, str | int]:
     info: dict[str, str | int] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                   "device": str(device), "python": platform.python_version(),
-                                  "cpu": _cpu_name()}
+                                  "cpu": cpu_name()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     info["renderer"] = native.status() if device.type == "cpu" else "PyTorch"
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def test_image(height: int, width: int) -> np.ndarray:
