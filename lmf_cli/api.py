@@ -20,6 +20,7 @@ from lmf_cli.engine.cmsr import resolve_threshold, schedule_for, supports_cmsr
 from lmf_cli.engine.sizes import Plan, Scale, plan_size
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError
+from lmf_cli.hardware import fast_bf16
 from lmf_cli.imaging.resample import bicubic_resize_float
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.zoo import DEFAULT_MODEL, resolve
@@ -42,11 +43,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The encoder's compute dtype (None = float32). The MLPs always run in float32: their
     inputs are sub-pixel coordinates, which half precision would round away.
-    auto: fp16 on CUDA, float32 elsewhere."""
+    auto: fp16 on CUDA; bf16 on CPUs with native bf16 (AMX, AVX-512 BF16), where it costs
+    lmf-edsr 0.001 dB and lmf-lite 0.003 dB on Set5 x2..x4; float32 elsewhere (emulated bf16
+    is several times slower)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = "fp16" if device.type == "cuda" else "bf16" if fast_bf16(device) else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise InputError("fp16 is for GPUs; on a CPU use bf16 (fast where the CPU has AMX/AVX-512 BF16) or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -68,7 +71,7 @@ class Upscaler:
              precision: str = "auto") -> Upscaler:
         """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`.
 
-        precision: auto (fp16 encoder on CUDA, fp32 elsewhere), fp32, bf16 or fp16.
+        precision: auto (fp16 encoder on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16.
         """
         return cls(load_weights(resolve(name_or_path)), device, precision)
 

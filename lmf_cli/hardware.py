@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 
@@ -58,6 +59,8 @@ def fast_bf16(device: torch.device | str) -> bool:
     kind = torch.device(device).type
     if kind == "cuda":
         return True
+    if kind == "cpu" and os.environ.get("LMF_CPU_BF16") in ("0", "1"):  # a fixed answer for reproducible runs
+        return os.environ["LMF_CPU_BF16"] == "1"
     if kind != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})

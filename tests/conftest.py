@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Exactness tests compare float32 results; `precision="auto"` would pick a bf16 encoder on CPUs
+# with AMX or AVX-512 BF16 (CI gets whatever CPU it gets). Set here, so subprocesses inherit it;
+# tests of the automatic choice set it themselves.
+os.environ["LMF_CPU_BF16"] = "0"
 
 
 RESIDUAL_GAIN = 0.1

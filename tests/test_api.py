@@ -120,3 +120,20 @@ def test_a_batch_needs_one_shape(official_files, butterfly):
         up.upscale_batch([butterfly, butterfly[:20]], scale=2)
     with pytest.raises(InputError, match="no images"):
         up.upscale_batch([], scale=2)
+
+
+def test_auto_precision_follows_the_cpu(official_files, butterfly, monkeypatch):
+    """auto: a bf16 encoder only where the CPU has native bf16 (forced here both ways), fp16 on CUDA;
+    the bf16 result stays close to fp32 (it costs lmf-edsr 0.001 dB on Set5)."""
+    import torch
+
+    from lmf_cli.api import encoder_dtype
+
+    monkeypatch.setenv("LMF_CPU_BF16", "1")
+    fast = Upscaler.load(official_files["lmliif"], device="cpu")
+    assert fast.precision == "bf16" and encoder_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setenv("LMF_CPU_BF16", "0")
+    exact = Upscaler.load(official_files["lmliif"], device="cpu")
+    assert exact.precision == "fp32"
+    image = butterfly.astype(np.float32) / 255
+    assert np.abs(fast.upscale(image, scale=2) - exact.upscale(image, scale=2)).mean() < 0.01

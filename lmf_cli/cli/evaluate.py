@@ -89,7 +89,8 @@ def benchmark(
     scales: str = typer.Option("2,3,4,8,12,30", "--scales", help="Comma-separated factors."),
     model: str = typer.Option("lmf-edsr", "--model", "-m"),
     device: str = typer.Option("auto", "--device"),
-    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16, auto."),
+    precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (as lmf upscale: fp16 on "
+                                  "CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per measurement (median and spread)."),
     warmup: int = typer.Option(1, "--warmup"),
     liif: bool = typer.Option(True, "--liif/--no-liif", help="Time LIIF on the same encoder."),
@@ -135,9 +136,9 @@ def benchmark(
         fail(f"--image: {exc}")
     inputs = [torch.tensor(p).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device) for p in pictures]
     diif_up = _optional_model(diif, device, precision) if diif else None
-    info = bench.machine_info(up.device)
+    info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"input {in_w} x {in_h}", highlight=False)
+                  f"encoder in {up.precision}, input {in_w} x {in_h}", highlight=False)
     tables = up.loaded.cmsr_tables or {}
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []
