@@ -128,11 +128,17 @@ class ImplicitSR(nn.Module):
     def render(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
         """Render an output window as (B, 3, H', W') in normalised units."""
         rows, cols = window.rows, window.cols
-        if window.pairs is not None:
-            return self._render_pairs(inp, latents, window)
-        pred = self.decode_slots(latents, window)  # (B, nr, nc, Kr, Kc, 3)
+        pred = self.decode_slots(latents, window)
+        if window.pairs is None:  # (B, nr, nc, Kr, Kc, 3)
+            pred = pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)
+        else:  # (B, P, 1, Kr, Kc, 3) for the chosen latents: into a zero window, as whole slot blocks
+            r, c = window.pairs // cols.n_latents, window.pairs % cols.n_latents
+            weighted = pred[:, :, 0] * _pair_weights(rows, cols, r, c, self.local_ensemble).unsqueeze(-1)
+            dense = pred.new_zeros(pred.shape[0], rows.n_latents * cols.n_latents, *weighted.shape[2:])
+            dense[:, window.pairs] = weighted
+            pred = dense.view(pred.shape[0], rows.n_latents, cols.n_latents, *weighted.shape[2:])
         b, nr, nc, kr, kc, _ = pred.shape
-        pred = (pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)).permute(0, 1, 3, 2, 4, 5)
+        pred = pred.permute(0, 1, 3, 2, 4, 5)
         n_out_r = int(rows.out.max()) + 1
         n_out_c = int(cols.out.max()) + 1
         by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
@@ -144,24 +150,7 @@ class ImplicitSR(nn.Module):
             out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
         return out
 
-
     renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs
-
-    def _render_pairs(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
-        """Only the slots of window.pairs, scattered into the window (zero elsewhere, before the skip)."""
-        rows, cols, pairs = window.rows, window.cols, window.pairs
-        pred = self.decode_slots(latents, window)  # (B, P, 1, Kr, Kc, 3)
-        b = pred.shape[0]
-        r, c = pairs // cols.n_latents, pairs % cols.n_latents
-        weight = _pair_weights(rows, cols, r, c, self.local_ensemble)
-        n_out_r, n_out_c = int(rows.out.max()) + 1, int(cols.out.max()) + 1
-        flat = (rows.out[r][:, :, None] * n_out_c + cols.out[c][:, None, :]).flatten()
-        out = pred.new_zeros(b, n_out_r * n_out_c, 3)
-        out.index_add_(1, flat, (pred[:, :, 0] * weight.unsqueeze(-1)).reshape(b, -1, 3))
-        out = out.view(b, n_out_r, n_out_c, 3).permute(0, 3, 1, 2)
-        if self.bilinear_skip:
-            out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
-        return out
 
 
 def _pair_weights(rows: AxisSlots, cols: AxisSlots, r: torch.Tensor, c: torch.Tensor,
