@@ -102,9 +102,10 @@ def test_formats_say_what_they_cannot_keep(tmp_path, deep_rgb):
     assert any("alpha" in n for n in notes) and any("8-bit" in n for n in notes)
     with Image.open(tmp_path / "flat.jpg") as img:
         assert img.mode == "RGB" and img.info["icc_profile"] == ICC
-    notes = write_image(tmp_path / "deep.tiff", ImageFile(deep_rgb, ICC))
-    assert any("ICC" in n for n in notes)
+    assert write_image(tmp_path / "deep.tiff", ImageFile(deep_rgb, ICC, camera_exif(1, (20, 30)))) == []
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "deep.tiff"), cv2.IMREAD_UNCHANGED)[..., ::-1], deep_rgb)
+    with Image.open(tmp_path / "deep.tiff") as img:  # 16-bit colour TIFF keeps them too (tests/test_formats.py)
+        assert img.info["icc_profile"] == ICC and img.getexif()[0x010F] == "LMF Camera"
     flat = ImageFile((deep_rgb >> 8).astype(np.uint8), ICC, camera_exif(1, (20, 30)))
     assert write_image(tmp_path / "flat.tiff", flat) == []
     with Image.open(tmp_path / "flat.tiff") as img:

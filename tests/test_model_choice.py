@@ -38,6 +38,12 @@ def test_input_quality_by_format(photo, tmp_path):
         found = input_quality(tmp_path / name)
         assert found.kind == kind, (name, found)
     assert input_quality(tmp_path / "q75.jpg").reason == "JPEG quality ~75"
+    photo.save(tmp_path / "a.avif", quality=90)
+    assert input_quality(tmp_path / "a.avif").kind == "compressed"
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.from_pillow(photo).save(tmp_path / "a.heic", quality=90)
+    assert input_quality(tmp_path / "a.heic").reason == "HEIF"
+    assert input_quality(tmp_path / "a.heic").kind == "compressed"
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
     assert input_quality(tmp_path / "junk.jpg").kind == "clean"
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lmf_cli.io.codecs import sniff
+
 # The IJG (libjpeg) luminance table at quality 50, in natural (row-major) order: every common
 # encoder scales it by quality, so the stored table gives the quality back.
 _IJG_LUMA = np.array([
@@ -23,7 +25,7 @@ _IJG_LUMA = np.array([
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
 # At quality 90 and above a JPEG's artefacts sit below what the models resolve: treat it as clean.
 CLEAN_JPEG_QUALITY = 90
-_LOSSY_ONLY = {"HEIF", "HEIC", "AVIF"}
+_LOSSY_ONLY = {"HEIF", "AVIF"}  # as phones and browsers write them
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ def jpeg_quality(luma_table: list[int] | np.ndarray) -> int:
 def input_quality(path: str | Path) -> InputQuality:
     """Whether the image at `path` is compressed, from its own headers (no pixels decoded)."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        codec = sniff(head)  # HEIF/AVIF/JPEG XL without loading their codec packages
+        if codec in _LOSSY_ONLY:
+            return InputQuality("compressed", codec)
+        if codec == "JXL":  # often lossless (a JPEG recompressed, or an export): no reliable tell
+            return InputQuality("clean", "JPEG XL")
         with Image.open(path) as img:
             fmt = img.format or "?"
             if fmt in ("JPEG", "MPO"):
@@ -58,13 +67,9 @@ def input_quality(path: str | Path) -> InputQuality:
                 kind = "clean" if quality >= CLEAN_JPEG_QUALITY else "compressed"
                 return InputQuality(kind, f"JPEG quality ~{quality}")
             if fmt == "WEBP":
-                with open(path, "rb") as f:
-                    head = f.read(64)
                 lossless = b"VP8L" in head
                 return InputQuality("clean" if lossless else "compressed",
                                     "lossless WebP" if lossless else "lossy WebP")
-            if fmt in _LOSSY_ONLY:
-                return InputQuality("compressed", fmt)
             return InputQuality("clean", fmt)
     except (OSError, ValueError, SyntaxError):
         return InputQuality("clean", "unrecognised file")

@@ -6,6 +6,10 @@ keeps the 16-bit samples that Pillow reduces to 8 bits. Writes are atomic: the e
 goes to a temp file in the target folder, renamed over the final name only once complete,
 so an interrupted run never leaves a partial output.
 
+HEIC/HEIF, AVIF and JPEG XL go through their own codecs (`codecs`: pillow-heif, Pillow and OpenCV's
+libavif, pyjpegxl) at 8, 10, 12 or 16 bits; 16-bit colour TIFF, which OpenCV encodes, gets its ICC
+profile and EXIF from `tiffmeta`.
+
 Multi-frame files (animated GIF, APNG and WebP; multi-page TIFF) are read one frame at a time
 with `read_frames` and written with `write_frames`: every frame keeps its duration and disposal,
 the file its loop count; TIFF pages keep their bit depth. `read_image` is the first frame alone.
@@ -27,13 +31,16 @@ from PIL import GifImagePlugin, Image, UnidentifiedImageError
 
 from lmf_cli.errors import InputError
 from lmf_cli.files import atomic_write
+from lmf_cli.io import codecs
+from lmf_cli.io.tiffmeta import TIFF_LAYOUT_TAGS, add_metadata
 
 Image.MAX_IMAGE_PIXELS = None  # our own pixel limit applies (see probe_image)
 DEFAULT_MAX_PIXELS = 400_000_000
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif", "tiff": ".tiff",
-           "tif": ".tiff"}
-WRITABLE = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff"})
-IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+           "tif": ".tiff", "avif": ".avif", "heic": ".heic", "heif": ".heif", "jxl": ".jxl"}
+OUTPUT_FORMATS = ("png", "jpg", "webp", "gif", "tiff", "avif", "heic", "jxl")  # --format; FORMATS has aliases
+WRITABLE = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", *codecs.SUFFIX_FORMATS})
+IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", *codecs.SUFFIX_FORMATS}
 # Formats whose extra frames are part of the picture (other kinds, e.g. a camera's MPO preview, keep frame 1).
 MULTI_FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 ANIMATED_SUFFIXES = {".png": "PNG", ".webp": "WEBP", ".gif": "GIF"}  # what each animated output is written as
@@ -41,10 +48,7 @@ PAGED_SUFFIXES = frozenset({".tif", ".tiff"})
 GIF_TRANSPARENT = 255  # the palette index of transparent GIF pixels; the other 255 hold the frame's colours
 ORIENTATION, EXIF_IFD, PIXEL_X, PIXEL_Y = 0x0112, 0x8769, 0xA002, 0xA003
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# How a TIFF stores its pixels (sizes, strips, tiles, samples, resolution, ICC): not facts to carry.
-TIFF_LAYOUT_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 282, 283,
-                              284, 290, 291, 296, 317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532,
-                              34675})
+HEAD = 64  # bytes enough to tell a format: signatures, PNG's IHDR, an ISOBMFF file's brands
 # What Pillow raises on damaged files (its TIFF reader also raises TypeError, KeyError, IndexError).
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, TypeError, KeyError,
                   IndexError)
@@ -60,6 +64,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge)."""
+    codecs.prepare(_head(Path(path)))
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
@@ -68,13 +73,19 @@ def load_rgb(path: str | Path) -> np.ndarray:
 class ImageFile:
     """Upright pixels plus what must survive into the output.
 
-    pixels: uint8 or uint16, H x W (gray), H x W x 2 (gray + alpha), x 3 (RGB) or x 4 (RGBA).
+    pixels: uint8 or uint16, H x W (gray), H x W x 2 (gray + alpha), x 3 (RGB) or x 4 (RGBA);
+    uint16 spans 0..65535 whatever the file held.
     exif: EXIF bytes describing the upright pixels (orientation 1).
+    bits: the source file's bits per sample (e.g. 10 for a 10-bit HEIC), so that a format of 10 or
+    12 bits is written back at that depth; None: all the bits of the dtype.
+    notes: what reading could not carry (a HEIC's depth map, say), reported with the write's own.
     """
 
     pixels: np.ndarray
     icc_profile: bytes | None = None
     exif: bytes | None = None
+    bits: int | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def size_wh(self) -> tuple[int, int]:
@@ -90,7 +101,7 @@ class ImageInfo:
     be small: nothing here is sized by it.
     """
 
-    format: str  # Pillow's name: PNG, JPEG, GIF, WEBP, TIFF, ...
+    format: str  # Pillow's name: PNG, JPEG, GIF, WEBP, TIFF, HEIF, AVIF, JXL, ...
     size_wh: tuple[int, int]  # of the first frame
     frames: int = 1
     page_sizes: tuple[tuple[int, int], ...] = ()
@@ -151,6 +162,7 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     """
     path = Path(path)
     _check_regular(path)
+    codecs.prepare(_head(path))
     try:
         with Image.open(path) as img:
             return _frames_info(img, _check_header(img, max_pixels)[0], max_pixels)
@@ -194,21 +206,33 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageF
 
     Of a multi-frame file this is the first frame; `read_frames` reads them all.
     """
-    path = Path(path)
-    data = _read_bytes(path)
+    data = _read_bytes(Path(path))
+    return _decode_image(data, codecs.prepare(data[:HEAD]), max_pixels)
+
+
+def _decode_image(data: bytes, codec: str | None, max_pixels: int) -> ImageFile:
+    """`read_image` of a file's bytes; `codec` is its HEIF, AVIF or JXL format (see `codecs.prepare`), or None."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             _, orientation = _check_header(img, max_pixels)
             icc = img.info.get("icc_profile") if img.mode != "CMYK" else None  # a CMYK profile would lie
             gray_alpha = img.mode in ("LA", "La") or _png_colour_type(data) == 4
-            img.load()  # a truncated or damaged stream fails here (OpenCV would fill it with grey)
+            if codec is None:
+                img.load()  # a truncated or damaged stream fails here (OpenCV would fill it with grey)
             exif = img.getexif()
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()  # PNG chunk CRCs
+        if codec is None:
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()  # PNG chunk CRCs
     except InputError:
         raise
     except _PILLOW_ERRORS as exc:
-        raise InputError(_unreadable(exc, data[:32])) from exc
+        raise InputError(_unreadable(exc, data[:HEAD])) from exc
+    if codec is not None:  # decoded once, at full depth; damage is found here
+        decoded = codecs.decode(data, codec)
+        pixels, bits = decoded.pixels, decoded.bits
+        if pixels.dtype not in (np.uint8, np.uint16):  # a float JPEG XL
+            pixels, bits = _to_supported(pixels), None
+        return ImageFile(_orient(pixels, orientation), icc, _carried_exif(exif, data), bits, decoded.notes)
     if orientation != 1 and data[:2] in (b"II", b"MM"):
         data = _stored_tiff(data)
     try:
@@ -282,6 +306,11 @@ def read_frames(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     """
     path = Path(path)
     data = _read_bytes(path)
+    codec = codecs.prepare(data[:HEAD])
+    if codec is not None:  # one still image (HEIF, AVIF, JPEG XL), at the full depth read_image reads
+        image = _decode_image(data, codec, max_pixels)
+        anim = Animation(ImageInfo(codec, image.size_wh), None, False, image.icc_profile, image.exif, image.notes)
+        return anim, iter([Frame(image.pixels)])
     try:
         img = Image.open(io.BytesIO(data))
         size_wh, orientation = _check_header(img, max_pixels)
@@ -296,7 +325,7 @@ def read_frames(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     except InputError:
         raise
     except _PILLOW_ERRORS as exc:
-        raise InputError(_unreadable(exc, data[:32])) from exc
+        raise InputError(_unreadable(exc, data[:HEAD])) from exc
     return anim, _frames(img, data, anim, orientation)
 
 
@@ -323,7 +352,7 @@ def _frames(img: Image.Image, data: bytes, anim: Animation, orientation: int) ->
             except InputError as exc:
                 raise InputError(f"frame {index + 1} of {anim.frames}: {exc}") from exc
             except _PILLOW_ERRORS as exc:
-                raise InputError(f"frame {index + 1} of {anim.frames}: {_unreadable(exc, data[:32])}") from exc
+                raise InputError(f"frame {index + 1} of {anim.frames}: {_unreadable(exc, data[:HEAD])}") from exc
             expected = anim.info.frame_size(index)
             if frame.pixels.shape[1::-1] != expected:
                 raise InputError(f"frame {index + 1} of {anim.frames} is {frame.pixels.shape[1]} x "
@@ -404,7 +433,7 @@ def _unturned_tiff(data: bytes, pages: int) -> tuple[bytes, list[int]]:
 def _head(path: Path) -> bytes:
     try:
         with path.open("rb") as f:
-            return f.read(32)
+            return f.read(HEAD)
     except OSError:
         return b""
 
@@ -414,6 +443,9 @@ def _unreadable(exc: BaseException, head: bytes) -> str:
         if head.startswith(PNG_SIGNATURE) and len(head) >= 24 and 0 in struct.unpack(">II", head[16:24]):
             width, height = struct.unpack(">II", head[16:24])
             return f"the image has no pixels ({width} x {height})"
+        codec = codecs.sniff(head)
+        if codec:  # a HEIF, AVIF or JPEG XL signature whose boxes or header do not parse
+            return f"truncated or damaged {codecs.NAMES[codec]} image (its header cannot be read)"
         return "not an image, or a format lmf cannot read"
     if isinstance(exc, FileNotFoundError):
         return "no such file"
@@ -434,7 +466,7 @@ def _pillow_pixels(data: bytes) -> np.ndarray:
                 img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
             return np.asarray(img)
     except _PILLOW_ERRORS as exc:
-        raise InputError(_unreadable(exc, data[:32])) from exc
+        raise InputError(_unreadable(exc, data[:HEAD])) from exc
 
 
 def _to_supported(data: np.ndarray) -> np.ndarray:
@@ -457,22 +489,27 @@ def write_image(path: str | Path, image: ImageFile, quality: int = 95, keep_meta
     """Write atomically in the format of the file name; returns what that format could not keep.
 
     PNG and TIFF keep 8/16-bit samples, grayscale and alpha; JPEG and WebP are 8-bit
-    (`quality` 1..100) and JPEG has no alpha. ICC profile and EXIF (orientation 1, pixel
-    dimensions updated) go into every format except 16-bit colour TIFF, which is written by
-    OpenCV and cannot carry them, and GIF, which holds a palette of 255 colours and 1-bit
-    transparency (see `_gif_frame`).
+    (`quality` 1..100) and JPEG has no alpha. HEIC and AVIF keep 8, 10 and 12 bits (the
+    source's own depth, `image.bits`) and JPEG XL 8 and 16, with alpha; for them `quality`
+    100 is lossless (see `codecs.encode`). ICC profile and EXIF (orientation 1, pixel
+    dimensions updated) go into every format except GIF, which holds a palette of 255
+    colours and 1-bit transparency (see `_gif_frame`). What reading could not carry
+    (`image.notes`) comes first.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in WRITABLE:
-        raise InputError(f"cannot write {suffix or 'a file without an extension'}; use .png, .jpg, .webp or .tiff")
+        raise InputError(f"cannot write {suffix or 'a file without an extension'}; use "
+                         f"{', '.join('.' + f for f in OUTPUT_FORMATS)}")
     pixels, notes = image.pixels, []
     icc = image.icc_profile if keep_metadata else None
     exif = _exif_for(image.exif, image.size_wh) if keep_metadata and image.exif else None
-    if suffix == ".png":
+    if suffix in codecs.SUFFIX_FORMATS:
+        data, notes = codecs.encode(pixels, suffix, image.bits, icc, exif, quality)
+    elif suffix == ".png":
         data = _encode_png(pixels, icc, exif)
     elif suffix == ".gif":
-        frame, notes = _eight_bit(pixels, "GIF")
+        frame, notes = _eight_bit(pixels, "GIF", image.bits)
         data = _encode_gif([_gif_frame(frame)], [None], [None], None)
         notes += _dropped_by_gif(icc, exif)
     elif suffix in (".tif", ".tiff") and (pixels.dtype == np.uint8 or pixels.ndim == 2):
@@ -481,20 +518,24 @@ def write_image(path: str | Path, image: ImageFile, quality: int = 95, keep_meta
         if pixels.shape[2] == 2:
             pixels = pixels[..., [0, 0, 0, 1]]
             notes.append("16-bit gray + alpha TIFF is written as RGBA")
-        if icc or exif:
-            notes.append("16-bit colour TIFF cannot carry the ICC profile and EXIF here; they were dropped "
-                         "(use PNG to keep them)")
-        data = _encode_cv2(pixels, ".tiff")
+        data, notes = _tiff_metadata(_encode_cv2(pixels, ".tiff"), icc, exif, notes)
     else:
-        if pixels.dtype == np.uint16:
-            pixels = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-            notes.append(f"{suffix[1:].upper()} is 8-bit: 16-bit samples were reduced")
+        pixels, notes = _eight_bit(pixels, suffix[1:].upper(), image.bits)
         if suffix != ".webp" and pixels.ndim == 3 and pixels.shape[2] in (2, 4):
             pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
-            notes.append("JPEG has no alpha channel: alpha was dropped (use PNG, WebP or TIFF to keep it)")
+            notes.append("JPEG has no alpha channel: alpha was dropped (use PNG, WebP, TIFF, AVIF, HEIC or JPEG XL "
+                         "to keep it)")
         data = _encode_pillow(pixels, "WEBP" if suffix == ".webp" else "JPEG", icc, exif, quality=quality)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
-    return notes
+    return [*image.notes, *notes]
+
+
+def _tiff_metadata(tiff: bytes, icc: bytes | None, exif: bytes | None, notes: list[str]) -> tuple[bytes, list[str]]:
+    """OpenCV's 16-bit TIFF with the ICC profile and EXIF added (see `tiffmeta`); a BigTIFF keeps neither."""
+    try:
+        return add_metadata(tiff, icc, exif), notes
+    except ValueError as exc:
+        return tiff, [*notes, f"the ICC profile and EXIF could not be added to this TIFF ({exc}); use PNG to keep them"]
 
 
 def _exif_for(exif_bytes: bytes, size_wh: tuple[int, int]) -> bytes:
@@ -621,10 +662,11 @@ def write_frames(path: str | Path, frames: Iterable[Frame], anim: Animation, qua
     return [*anim.notes, *notes]
 
 
-def _eight_bit(pixels: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
+def _eight_bit(pixels: np.ndarray, name: str, bits: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """uint16 samples rounded to 8 bits, and the note saying so (`bits`: the source's depth, None: 16)."""
     if pixels.dtype == np.uint16:
         return (((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8),
-                [f"{name} is 8-bit: 16-bit samples were reduced"])
+                [f"{name} is 8-bit: {bits or 16}-bit samples were reduced"])
     return pixels, []
 
 
@@ -760,7 +802,8 @@ def _save_all(images: list[Image.Image], target: str, options: dict, icc: bytes 
 
 
 def _encode_pages(frames: Iterable[Frame], icc: bytes | None, exif: bytes | None) -> tuple[bytes, list[str]]:
-    """A multi-page TIFF: Pillow keeps 8-bit pages, 16-bit gray, ICC and EXIF; 16-bit colour goes through OpenCV."""
+    """A multi-page TIFF: Pillow writes 8-bit pages and 16-bit gray; 16-bit colour goes through OpenCV and
+    `tiffmeta` (ICC profile and EXIF on the first page)."""
     pages = [frame.pixels for frame in frames]
     if not pages:
         raise InputError("no pages to write")
@@ -771,9 +814,6 @@ def _encode_pages(frames: Iterable[Frame], icc: bytes | None, exif: bytes | None
         return _save_all(images, "TIFF", options, icc, exif, "the TIFF pages"), notes
     if any(p.ndim == 3 and p.shape[2] == 2 for p in pages):
         notes.append("16-bit gray + alpha TIFF is written as RGBA")
-    if icc or exif:
-        notes.append("16-bit colour TIFF cannot carry the ICC profile and EXIF here; they were dropped "
-                     "(use PNG to keep them)")
     mats = []
     for p in pages:
         if p.dtype == np.uint8:
@@ -788,4 +828,4 @@ def _encode_pages(frames: Iterable[Frame], icc: bytes | None, exif: bytes | None
         raise InputError(f"could not encode the TIFF pages ({' '.join(str(exc).split())})") from exc
     if not ok:
         raise InputError("could not encode the TIFF pages")
-    return buf.tobytes(), notes
+    return _tiff_metadata(buf.tobytes(), icc, _exif_for(exif, pages[0].shape[1::-1]) if exif else None, notes)
