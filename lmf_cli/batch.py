@@ -1,6 +1,7 @@
-"""From a command line's files, folders and patterns to upscale jobs: sizes, names, refusals.
+"""From a command line's files, folders and patterns to upscale jobs: sizes, names, refusals;
+then the work of one job (read, upscale, write), shared by a local run and a cluster's workers.
 
-Everything here is decided from file headers before any pixel is decoded, so a batch
+Everything in planning is decided from file headers before any pixel is decoded, so a batch
 reports what it will do (or why it won't) up front. Errors are InputError, one line each.
 """
 
@@ -11,15 +12,34 @@ import glob
 import json
 import math
 import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmf_cli.engine.sizes import TRAINED_MAX_SCALE, plan_size, round_size
 from lmf_cli.errors import InputError, LmfError
-from lmf_cli.io.images import FORMATS, IMAGE_SUFFIXES, WRITABLE, frames_refusal, inspect_image
+from lmf_cli.files import atomic_write
+from lmf_cli.io.images import (
+    DEFAULT_MAX_PIXELS,
+    FORMATS,
+    IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
+    WRITABLE,
+    ImageFile,
+    frames_refusal,
+    inspect_image,
+    read_frames,
+    read_image,
+    write_frames,
+    write_image,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
-OUTPUT_FORMATS = ("png", "jpg", "webp", "gif", "tiff")
 
 
 def parse_wxh(text: str, option: str) -> tuple[int, int]:
@@ -317,3 +337,124 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
             job.drop("skipped", f"{job.target} exists (--overwrite replaces it)")
         else:
             claimed[key] = job
+
+
+# The work of one job ---------------------------------------------------------------------------------------
+
+class ImageUpscaler(Protocol):
+    """What a file job needs of an upscaler (`lmf_cli.Upscaler` is one); a protocol, so batch never imports the API."""
+
+    def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None,
+                **options: Any) -> np.ndarray: ...
+
+
+class TileProgress(Protocol):
+    """The current image's tiles: `start(passes)` once per image (alpha is a second pass), then per-tile calls."""
+
+    def start(self, passes: int) -> None: ...
+
+    def __call__(self, done: int, total: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """What every file of a batch shares: the engine's options and the writer's. Small and picklable, so
+    a cluster's workers get the very settings of a local run."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_quality: int = 95
+    keep_metadata: bool = True
+    tile: int | None = None
+    max_memory: int | None = None
+    alpha: str = "model"
+    cmsr: bool | str = False
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        return {"tile": self.tile, "max_memory": self.max_memory, "alpha": self.alpha, "cmsr": self.cmsr}
+
+
+def upscale_pixels(up: ImageUpscaler, pixels: np.ndarray, out_hw: tuple[int, int], **engine: Any) -> np.ndarray:
+    """Upscaler.upscale, plus gray + alpha (which the API takes as RGBA)."""
+    import numpy as np
+
+    if pixels.ndim == 3 and pixels.shape[2] == 2:  # in float, to round once as the API does for gray
+        peak = float(np.iinfo(pixels.dtype).max)
+        rgba = up.upscale(pixels[..., [0, 0, 0, 1]].astype(np.float32) / peak, size=out_hw, **engine)
+        gray_alpha = np.stack([rgba[..., :3].mean(axis=2), rgba[..., 3]], axis=2)
+        return np.round(gray_alpha * peak).astype(pixels.dtype)
+    return up.upscale(pixels, size=out_hw, **engine)
+
+
+def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: Path | None = None,
+                 target: Path | None = None, tiles: TileProgress | None = None,
+                 frames: Callable[[int, int], None] | None = None) -> list[str]:
+    """Read, upscale and write one planned job atomically; returns what the output format could not keep.
+
+    A file of several frames (animation, TIFF pages) is read, upscaled and encoded one frame at a time.
+    `source` and `target` stand in for the job's own paths where a worker works on copies; messages
+    still name the job's files, so a worker reports a file exactly as a local run does.
+    """
+    import torch
+
+    source, target = source or job.source, target or job.target
+
+    def one(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+        alpha_pass = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and options.alpha == "model"
+        if tiles is not None:
+            tiles.start(2 if alpha_pass else 1)
+        return upscale_pixels(up, pixels, out_hw, progress=tiles, **options.engine)
+
+    def write(encode: Callable[..., list[str]], *args: Any) -> list[str]:
+        try:
+            return encode(target, *args, options.jpeg_quality, options.keep_metadata)
+        except OSError as exc:  # reading and upscaling report their own errors
+            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
+
+    try:
+        if job.frames > 1:  # read, upscaled and encoded one frame at a time, as write_frames asks for them
+            anim, decoded = read_frames(source, options.max_pixels)
+
+            def upscaled() -> Iterator:
+                for index, frame in enumerate(decoded):
+                    frame.pixels = one(frame.pixels, job.frame_out_hw(frame.pixels.shape[:2]))
+                    if frames is not None:
+                        frames(index + 1, anim.frames)
+                    yield frame
+
+            return write(write_frames, upscaled(), anim)
+        src = read_image(source, options.max_pixels)
+        return write(write_image, ImageFile(one(src.pixels, job.out_hw), src.icc_profile, src.exif, src.bits,
+                                            src.notes))
+    except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
+        raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
+
+
+def read_input(job: Job) -> bytes:
+    """A job's input bytes, for a worker that does not see this file system; the reader's message on failure."""
+    try:
+        return job.source.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror or exc})") from exc
+
+
+def upscale_bytes(job: Job, data: bytes, up: ImageUpscaler, options: FileOptions) -> tuple[bytes, list[str]]:
+    """`upscale_file` on a file's bytes, returning the output's bytes: what a cluster's worker runs.
+
+    The bytes pass through a private temp folder, so the very readers and writers of a local run
+    decode and encode them, and the output bytes are the ones a local run writes.
+    """
+    with tempfile.TemporaryDirectory(prefix="lmf-job-") as folder:
+        source = Path(folder) / f"input{job.source.suffix}"
+        target = Path(folder) / f"output{job.target.suffix}"
+        source.write_bytes(data)
+        notes = upscale_file(job, up, options, source=source, target=target)
+        return target.read_bytes(), notes
+
+
+def write_output(job: Job, data: bytes) -> None:
+    """Write a worker's output bytes to the job's target, atomically, as a local run's writer does."""
+    try:
+        atomic_write(job.target, lambda tmp: tmp.write_bytes(data))
+    except OSError as exc:
+        raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc

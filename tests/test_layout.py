@@ -1,4 +1,4 @@
-"""The package's imports run one way along the flow: models <- engine <- api <- cli, with io,
+"""The package's imports run one way along the flow: models <- engine <- api <- cluster <- cli, with io,
 evaluation and training beside, and no cycles. A lower layer importing a higher one fails here."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ RANKS = {
     "io": 3,                                  # image and video files
     "evaluation": 4, "training": 4,           # beside each other: neither imports the other
     "api": 5, "batch": 5,                     # the Upscaler and batch planning
-    "cli": 6, "video": 6, "__init__": 6,      # the command line; the old video import path; the package
-    "__main__": 7,                            # `python -m lmf_cli` runs the command line
+    "cluster": 6,                             # Ray: actors holding Upscalers, running batch jobs and segments
+    "cli": 7, "video": 7, "__init__": 7,      # the command line; the old video import path; the package
+    "__main__": 8,                            # `python -m lmf_cli` runs the command line
 }
 
 

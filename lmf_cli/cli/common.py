@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -18,8 +19,8 @@ from lmf_cli.errors import InputError, LmfError
 
 if TYPE_CHECKING:
     from lmf_cli.api import Upscaler
+    from lmf_cli.cluster import WorkerPool
 
-console = Console(stderr=True, soft_wrap=True)
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs and pipes
 DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -35,6 +36,13 @@ Width = Annotated[int | None, typer.Option("--width", help="Output width; the he
 Height = Annotated[int | None, typer.Option("--height", help="Output height; the width keeps the aspect.")]
 SizeWxH = Annotated[str | None, typer.Option("--size", help="Exact output size WxH, e.g. 1920x1080.")]
 FitWxH = Annotated[str | None, typer.Option("--fit", help="Largest size inside the box WxH, aspect kept.")]
+# Running on a Ray cluster (`upscale` and `video`).
+RayAddress = Annotated[str | None, typer.Option("--ray", metavar="ADDRESS",
+                                                help="Run on Ray: local (this machine, every core and GPU), auto "
+                                                     "(the cluster this machine is in), ray://HOST:PORT or the "
+                                                     "head's HOST:PORT.")]
+Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Model actors on Ray (default: one per GPU, "
+                                             "else one per 1-4 cores).")]
 
 
 def fail(message: str) -> NoReturn:
@@ -65,25 +73,48 @@ def parse_amount(text: str, option: str, base: int) -> int:
     return int(value)
 
 
-def load_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
-    """The Upscaler, with --device and --quality checked once instead of failing on every file."""
+def open_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
+    """The Upscaler, with --device and --quality checked once instead of failing on every file.
+
+    Raises LmfError with the line to print: a Ray worker runs this too (see `start_pool`), and its
+    error reaches the driver as it is.
+    """
     from lmf_cli.api import Upscaler
     from lmf_cli.engine.cmsr import resolve_threshold, supports_cmsr
 
     try:
         up = Upscaler.load(model, device, precision)
-    except LmfError as exc:
-        fail(str(exc))
     except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or one this build lacks
-        fail(f"--device {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        raise InputError(f"--device {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from exc
     if quality != "exact":
         if not supports_cmsr(up.model):
-            fail(f"--quality {quality}: {up.name} is not an LMF model; CMSR levels need LM-LIIF or LM-LTE")
+            raise InputError(f"--quality {quality}: {up.name} is not an LMF model; CMSR levels need LM-LIIF or LM-LTE")
         try:
             resolve_threshold(up.loaded.cmsr_tables, quality)
         except InputError as exc:
-            fail(f"--quality {quality}: {exc}")
+            raise InputError(f"--quality {quality}: {exc}") from exc
     return up
+
+
+def load_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
+    """`open_upscaler`, its error printed as one line (exit 1)."""
+    try:
+        return open_upscaler(model, device, precision, quality)
+    except LmfError as exc:
+        fail(str(exc))
+
+
+def start_pool(address: str, workers: int | None, load: Callable[[], Upscaler], device: str) -> WorkerPool:
+    """Model actors on Ray for --ray, each building its model with `load` (a module-level function or a
+    partial of one: it is pickled to the workers); one-line errors. GPUs are used where the cluster has
+    them unless --device names the CPU (or MPS)."""
+    from lmf_cli.cluster import WorkerPool
+
+    try:
+        return WorkerPool.start(address, load, workers=workers, gpus=device.split(":")[0] not in ("cpu", "mps"))
+    except LmfError as exc:
+        fail(str(exc))
 
 
 def require_matplotlib(option: str) -> None:

@@ -3,39 +3,49 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
-from lmf_cli.batch import OUTPUT_FORMATS, Job, expand_inputs, fmt_size, output_place, parse_sizing, plan_jobs
+from lmf_cli.batch import (
+    OUTPUT_FORMATS,
+    FileOptions,
+    Job,
+    expand_inputs,
+    fmt_size,
+    output_place,
+    parse_sizing,
+    plan_jobs,
+    upscale_file,
+)
 from lmf_cli.cli.common import (
     ALPHA_MODES,
     CMSR_LEVELS,
     FitWxH,
     Height,
+    RayAddress,
     Scale,
     ScaleX,
     ScaleY,
     SizeWxH,
     Width,
+    Workers,
     checked,
     console,
     fail,
     load_upscaler,
+    open_upscaler,
     parse_amount,
     report,
+    start_pool,
 )
-from lmf_cli.errors import InputError, LmfError
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from lmf_cli.api import Upscaler
+from lmf_cli.errors import LmfError
 
 
 class TileBar:
@@ -60,6 +70,13 @@ class TileBar:
                          completed=min(self.offset + done, total * self.passes))
 
 
+class RateColumn(ProgressColumn):
+    """Megapixels written per second, on the files bar (the tiles and frames bars have none)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.fields.get("rate", ""))
+
+
 class FrameBar:
     """The frames of an animation (or pages of a TIFF); shown only for files of more than one."""
 
@@ -69,57 +86,6 @@ class FrameBar:
 
     def __call__(self, done: int, total: int) -> None:
         self.bars.update(self.task, total=total, completed=done, visible=total > 1)
-
-
-def upscale_pixels(up: Upscaler, pixels: np.ndarray, out_hw: tuple[int, int], **engine) -> np.ndarray:
-    """Upscaler.upscale, plus gray + alpha (which the API takes as RGBA)."""
-    import numpy as np
-
-    if pixels.ndim == 3 and pixels.shape[2] == 2:  # in float, to round once as the API does for gray
-        peak = float(np.iinfo(pixels.dtype).max)
-        rgba = up.upscale(pixels[..., [0, 0, 0, 1]].astype(np.float32) / peak, size=out_hw, **engine)
-        gray_alpha = np.stack([rgba[..., :3].mean(axis=2), rgba[..., 3]], axis=2)
-        return np.round(gray_alpha * peak).astype(pixels.dtype)
-    return up.upscale(pixels, size=out_hw, **engine)
-
-
-def run_job(job: Job, up: Upscaler, engine: dict, tiles: TileBar, max_pixels: int, jpeg_quality: int,
-            keep_metadata: bool, frames: FrameBar | None = None) -> list[str]:
-    """Read, upscale, write atomically; returns what the output format could not keep.
-
-    A file of several frames (animation, TIFF pages) is read, upscaled and encoded one frame at a time.
-    """
-    import torch
-
-    from lmf_cli.io.images import ImageFile, read_frames, read_image, write_frames, write_image
-
-    def one(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-        alpha_pass = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and engine["alpha"] == "model"
-        tiles.start(2 if alpha_pass else 1)
-        return upscale_pixels(up, pixels, out_hw, progress=tiles, **engine)
-
-    def write(encode, *args) -> list[str]:
-        try:
-            return encode(job.target, *args, jpeg_quality, keep_metadata)
-        except OSError as exc:  # reading and upscaling report their own errors
-            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
-
-    try:
-        if job.frames > 1:  # read, upscaled and encoded one frame at a time, as write_frames asks for them
-            anim, source = read_frames(job.source, max_pixels)
-
-            def upscaled() -> Iterator:
-                for index, frame in enumerate(source):
-                    frame.pixels = one(frame.pixels, job.frame_out_hw(frame.pixels.shape[:2]))
-                    if frames is not None:
-                        frames(index + 1, anim.frames)
-                    yield frame
-
-            return write(write_frames, upscaled(), anim)
-        src = read_image(job.source, max_pixels)
-        return write(write_image, ImageFile(one(src.pixels, job.out_hw), src.icc_profile, src.exif))
-    except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
-        raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
 
 
 def quiet_decoder_warnings() -> None:
@@ -162,8 +128,10 @@ def upscale(
     recursive: bool = typer.Option(False, "--recursive", "-r",
                                    help="Include subfolders and mirror the tree under the output folder."),
     fmt: str | None = typer.Option(None, "--format", "-f",
-                                   help="png, jpg, webp, gif or tiff (default: as the input)."),
-    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG/WebP file quality, 1..100."),
+                                   help="png, jpg, webp, gif, tiff, avif, heic or jxl (default: as the input)."),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality",
+                                     help="JPEG, WebP, AVIF, HEIC and JPEG XL file quality, 1..100 "
+                                          "(100: lossless AVIF and JXL, 4:4:4 HEIC)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (never an input)."),
     strip_metadata: bool = typer.Option(False, "--strip-metadata", help="Drop the ICC profile and EXIF."),
     alpha: str = typer.Option("model", "--alpha", help="Upscale alpha with the model or bicubic."),
@@ -180,6 +148,8 @@ def upscale(
                                 help="CMSR level: fast, balanced, fine or exact. Not the file quality "
                                      "(that is --jpeg-quality)."),
     precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
+    ray: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """Upscale images to any size with the model.
 
@@ -192,6 +162,7 @@ def upscale(
 
     --quality is the CMSR level: fast, balanced or fine render calm regions coarser above x4; exact (default) does not.
     --jpeg-quality is the file quality of JPEG and WebP outputs.
+    --ray runs the batch on a Ray cluster (the same files, byte for byte); see the README.
     """
     from lmf_cli.api import PRECISIONS
     from lmf_cli.io.images import FORMATS
@@ -208,6 +179,8 @@ def upscale(
         fail(f"--tile {tile} must be at least 1 input pixel")
     if not 1 <= jpeg_quality <= 100:
         fail(f"--jpeg-quality {jpeg_quality} must be between 1 and 100")
+    if workers is not None and ray is None:
+        fail("--workers sizes the Ray pool: give --ray too")
     fmt = FORMATS[fmt][1:] if fmt else None
     max_pixels = parse_amount(max_pixels_text, "--max-pixels", 1000)
     memory = parse_amount(max_memory, "--max-memory", 1024) if max_memory else None
@@ -247,31 +220,59 @@ def upscale(
             finish(job)
     else:
         quiet_decoder_warnings()
-        up = load_upscaler(model, device, precision, quality) if pending else None
-        if up is not None:
-            say(f"model {up.name} on {up.device} ({up.precision})")
-        engine = dict(tile=tile, max_memory=memory, alpha=alpha, cmsr=False if quality == "exact" else quality)
-        bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal)
+        options = FileOptions(max_pixels, jpeg_quality, not strip_metadata, tile, memory, alpha,
+                              False if quality == "exact" else quality)
+        bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                        disable=quiet or not console.is_terminal)
         with bars, terminated_cleanly():
-            files = bars.add_task("files", total=len(pending))
-            tiles, frames = TileBar(bars), FrameBar(bars)
-            for job in jobs:
-                notes: list[str] = []
-                if job.status == "pending":
+            files = bars.add_task("files", total=len(pending), rate="")
+            pixels = 0.0
+
+            def ended(job: Job, notes: list[str]) -> None:
+                nonlocal pixels
+                bars.advance(files)
+                if job.status == "done":
+                    pixels += job.frames * job.out_hw[0] * job.out_hw[1] / 1e6
+                    say(f"wrote {job.target} in {job.seconds:.2f} s")
+                elapsed = bars.tasks[files].elapsed
+                bars.update(files, rate=f"{pixels / elapsed:.2f} MP/s" if elapsed else "")
+                finish(job, notes)
+
+            if ray is not None:  # the planner's refusals first, then each file as a worker finishes it
+                load = functools.partial(open_upscaler, model, device, precision, quality)
+                pool = start_pool(ray, workers, load, device) if pending else None
+                if pool is not None:
+                    say(pool.describe())
+                for job in jobs:
+                    if job.status != "pending":
+                        finish(job)
+                if pool is not None:
+                    from lmf_cli.cluster import upscale_files
+
+                    try:
+                        upscale_files(pool, pending, options, on_start=announce, on_done=ended)
+                    finally:
+                        pool.close()
+            else:
+                up = load_upscaler(model, device, precision, quality) if pending else None
+                if up is not None:
+                    say(f"model {up.name} on {up.device} ({up.precision})")
+                tiles, frames = TileBar(bars), FrameBar(bars)
+                for job in jobs:
+                    if job.status != "pending":
+                        finish(job)
+                        continue
                     announce(job)
+                    notes: list[str] = []
                     t0 = time.perf_counter()
                     try:
-                        notes = run_job(job, up, engine, tiles, max_pixels, jpeg_quality, not strip_metadata,
-                                        frames)
+                        notes = upscale_file(job, up, options, tiles=tiles, frames=frames)
                         job.status = "done"
                     except LmfError as exc:
                         job.drop("failed", str(exc))
                     job.seconds = time.perf_counter() - t0
-                    bars.advance(files)
-                    if job.status == "done":
-                        say(f"wrote {job.target} in {job.seconds:.2f} s")
-                finish(job, notes)
+                    ended(job, notes)
     counts = {s: sum(j.status == s for j in jobs) for s in ("done", "dry-run", "skipped", "failed")}
     first = f"would write {counts['dry-run']}" if dry_run else f"done {counts['done']}"
     say(f"{first}, skipped {counts['skipped']}, failed {counts['failed']} in {time.perf_counter() - start:.1f} s")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -12,22 +14,42 @@ from lmf_cli.batch import fmt_size, parse_sizing
 from lmf_cli.cli.common import (
     FitWxH,
     Height,
+    RayAddress,
     Scale,
     ScaleX,
     ScaleY,
     SizeWxH,
     Width,
+    Workers,
     checked,
     console,
     fail,
-    load_upscaler,
+    open_upscaler,
     report,
+    start_pool,
 )
-from lmf_cli.errors import LmfError
+from lmf_cli.errors import InputError, LmfError
+
+if TYPE_CHECKING:
+    from lmf_cli.api import Upscaler
+    from lmf_cli.io.video import VideoProgress
 
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def video_upscaler(model: str | None, device: str, precision: str) -> Upscaler:
+    """The model for video on the machine this runs on (a Ray worker's too): by default lmf-lite on a
+    CPU, lmf-edsr on a GPU."""
+    from lmf_cli.api import pick_device
+
+    if model is None:
+        try:
+            model = "lmf-lite" if pick_device(device).type == "cpu" else "lmf-edsr"
+        except RuntimeError as exc:
+            raise InputError(f"--device {device}: {str(exc).splitlines()[0]}") from exc
+    return open_upscaler(model, device, precision, "exact")
 
 
 def video(
@@ -64,16 +86,20 @@ def video(
     batch: int | None = typer.Option(None, "--batch", min=1, help="Frames per model call (default: 1 on a CPU, "
                                      "from free memory on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    ray: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """Upscale every frame of a video; audio, subtitles, timestamps, rotation and colour tags are kept.
 
     The output is written to a temp file and renamed when complete; Ctrl-C keeps the finished
-    segments so that --resume continues the job.
+    segments so that --resume continues the job. --ray encodes the segments on a Ray cluster
+    (the same frames); --resume continues a local or a cluster run either way.
     """
-    from lmf_cli.api import pick_device
     from lmf_cli.io.video import default_suffix, parse_time, plan_video, run_video, work_dir
 
     sizing = checked(parse_sizing, scale, scale_x, scale_y, width, height, size, fit)
+    if workers is not None and ray is None:
+        fail("--workers sizes the Ray pool: give --ray too")
     try:
         start_s = parse_time(start) if start is not None else None
         end_s = parse_time(end) if end is not None else None
@@ -84,12 +110,17 @@ def video(
         fail(str(exc))
     target = output or source.with_name(f"{source.stem}_{sizing.label(plan.display_out)}"
                                         f"{default_suffix(source)}")
-    if model is None:
+    load = functools.partial(video_upscaler, model, device, precision)
+    pool = up = None
+    if ray is not None:
+        pool = start_pool(ray, workers, load, device)
+        engine = pool.describe()
+    else:
         try:
-            model = "lmf-lite" if pick_device(device).type == "cpu" else "lmf-edsr"
-        except RuntimeError as exc:
-            fail(f"--device {device}: {str(exc).splitlines()[0]}")
-    up = load_upscaler(model, device, precision, "exact")
+            up = load()
+        except LmfError as exc:
+            fail(str(exc))
+        engine = f"model {up.name} on {up.device} ({up.precision})"
 
     def say(message: str) -> None:
         if not quiet:
@@ -97,7 +128,7 @@ def video(
 
     frames = f", ~{plan.total} frames" if plan.total else ""
     say(f"{source} -> {target}: {fmt_size(plan.display_in)} -> {fmt_size(plan.display_out)}, {plan.codec} "
-        f"{plan.pix_fmt}{frames}; model {up.name} on {up.device} ({up.precision})")
+        f"{plan.pix_fmt}{frames}; {engine}")
     for note in plan.notes:
         report("note", note)
     work = work_dir(target)
@@ -109,15 +140,27 @@ def video(
     try:
         with bars:
             task = bars.add_task("video", total=plan.total, fps=0.0, size=_megabytes(0))
-            result = run_video(plan, target, up, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
-                               progress=lambda p: bars.update(task, completed=p.done, total=p.total, fps=p.fps,
-                                                              size=_megabytes(p.out_bytes)))
+
+            def shown(p: VideoProgress) -> None:
+                bars.update(task, completed=p.done, total=p.total, fps=p.fps, size=_megabytes(p.out_bytes))
+
+            if pool is not None:
+                from lmf_cli.cluster import upscale_video
+
+                result = upscale_video(pool, plan, target, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
+                                       progress=shown)
+            else:
+                result = run_video(plan, target, up, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
+                                   progress=shown)
     except LmfError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         report("interrupted", f"no output written; finished segments are kept in {work}; run the same command "
                               "with --resume to continue")
         raise typer.Exit(130) from None
+    finally:
+        if pool is not None:
+            pool.close()
     resumed = f" ({result.resumed_frames} resumed)" if result.resumed_frames else ""
     say(f"wrote {target}: {result.frames} frames{resumed} in {result.seconds:.1f} s ({result.fps:.2f} fps), "
         f"{_megabytes(result.out_bytes)}")

@@ -17,10 +17,11 @@ frame rate needs kept exactly.
 
 from __future__ import annotations
 
-import base64
+import io
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,19 @@ from lmf_cli.errors import InputError
 from lmf_cli.files import atomic_write
 from lmf_cli.io.video.mux import mux
 from lmf_cli.io.video.plan import SEGMENT_FRAMES, FrameUpscaler, Size, VideoPlan, plan_video, short_error, work_dir
-from lmf_cli.io.video.segments import MANIFEST, Manifest, SegmentWriter
+from lmf_cli.io.video.segments import (
+    MANIFEST,
+    Manifest,
+    SegmentMismatch,
+    SegmentWork,
+    SegmentWriter,
+    cut,
+    disagreeing,
+    headers,
+    segment_name,
+)
+
+Source = bytes | bytearray | memoryview | io.IOBase | None  # the input where it is not at plan.source
 
 _END = object()
 
@@ -176,28 +189,9 @@ class _Pipeline:
 
     def _decode(self, out: queue.Queue) -> None:
         """Frames in the range not yet in a finished segment, as arrays, in presentation order."""
-        plan = self.plan
         segments = self.manifest.segments
-        after = segments[-1]["last_pts"] if segments else None
-        start = plan.shift if plan.start else None
-        end = round(plan.end / plan.time_base) if plan.end is not None else None
-        target = after if after is not None else start
-        seek = target is not None and plan.first_pts is not None and target > plan.first_pts
-        reformatter = VideoReformatter()
-        for attempt in ((True, False) if seek else (False,)):
-            overshot = False
-            for i, (pts, duration, frame) in enumerate(_decoded(plan, target if attempt else None)):
-                if i == 0 and attempt and pts > target:  # no index: the seek landed past the target
-                    overshot = True
-                    break
-                if (start is not None and pts < start) or (after is not None and pts <= after):
-                    continue
-                if end is not None and pts >= end:
-                    break
-                pixels = reformatter.reformat(frame, format=plan.rgb_format).to_ndarray()
-                self._put(out, (pts, duration, pixels))
-            if not overshot:
-                break
+        for item in frames_after(self.plan, segments[-1]["last_pts"] if segments else None):
+            self._put(out, item)
         self._put(out, _END)
 
     def _encode(self, source: queue.Queue) -> None:
@@ -205,8 +199,7 @@ class _Pipeline:
         try:
             while (item := self._get(source)) is not _END:
                 if self.writer is None:
-                    path = manifest.path.parent / f"segment-{len(manifest.segments):05d}.bin"
-                    self.writer = SegmentWriter(path, self.plan)
+                    self.writer = SegmentWriter(manifest.path.parent / segment_name(len(manifest.segments)), self.plan)
                 self.writer.add(*item)
                 if self.writer.frames == self.plan.segment_frames:
                     self._close_segment()
@@ -221,22 +214,61 @@ class _Pipeline:
 
     def _close_segment(self) -> None:
         writer, manifest = self.writer, self.manifest
-        record = writer.close()
-        extradata = base64.b64encode(writer.encoder.extradata or b"").decode()
-        if manifest.extradata is None:
-            manifest.extradata = extradata
-        elif manifest.extradata != extradata:
-            raise RuntimeError(f"{self.plan.codec} wrote different stream headers for two segments")
-        manifest.segments.append(record)
+        record = {**writer.close(), "index": len(manifest.segments)}
+        manifest.add(record, headers(writer), self.plan.codec)
         manifest.save()
         self.writer = None
         self.segments += 1
 
 
-def _decoded(plan: VideoPlan, seek_to: int | None) -> Iterator[tuple[int, int, av.VideoFrame]]:
+def frames_after(plan: VideoPlan, after: int | None, source: Source = None,
+                 pixels: bool = True) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """(pts, duration, pixels) of the range's frames after the frame at `after` (None: from the range's
+    start), in presentation order: what a resumed job and a segment decoded on its own both start from.
+    `source`: the input's bytes where it is not at plan.source; pixels=False only lists the frames."""
+    start = plan.shift if plan.start else None
+    end = round(plan.end / plan.time_base) if plan.end is not None else None
+    target = after if after is not None else start
+    seek = target is not None and plan.first_pts is not None and target > plan.first_pts
+    reformatter = VideoReformatter()
+    for attempt in ((True, False) if seek else (False,)):
+        overshot = False
+        for i, (pts, duration, frame) in enumerate(_decoded(plan, target if attempt else None, source)):
+            if i == 0 and attempt and pts > target:  # no index: the seek landed past the target
+                overshot = True
+                break
+            if (start is not None and pts < start) or (after is not None and pts <= after):
+                continue
+            if end is not None and pts >= end:
+                break
+            yield pts, duration, reformatter.reformat(frame, format=plan.rgb_format).to_ndarray() if pixels else None
+        if not overshot:
+            break
+
+
+def segment_frames(plan: VideoPlan, decode: bool = False, source: Source = None) -> list[int]:
+    """The timestamps of the range's frames in presentation order, which cut a job into segments of
+    plan.segment_frames. From the packets' timestamps (seconds for hours of video), or, with `decode`
+    or where a packet has none, from decoded frames exactly as `frames_after` sees them."""
+    if not decode:
+        start = plan.shift if plan.start else None
+        end = round(plan.end / plan.time_base) if plan.end is not None else None
+        if isinstance(source, bytes | bytearray | memoryview):
+            source = io.BytesIO(source)
+        with av.open(source if source is not None else str(plan.source)) as inp:
+            stream = inp.streams[plan.video_index]
+            stamps = [p.pts for p in inp.demux(stream) if p.size or p.pts is not None]
+        if None not in stamps:
+            return [pts for pts in sorted(stamps) if (start is None or pts >= start) and (end is None or pts < end)]
+    return [pts for pts, _, _ in frames_after(plan, None, source, pixels=False)]
+
+
+def _decoded(plan: VideoPlan, seek_to: int | None, source: Source = None) -> Iterator[tuple[int, int, av.VideoFrame]]:
     """(pts, duration, frame) of the video stream; a packet that does not decode is skipped,
     as players do. Frames without a timestamp continue from the previous one."""
-    with av.open(str(plan.source)) as inp:
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
+    with av.open(source if source is not None else str(plan.source)) as inp:
         stream = inp.streams[plan.video_index]
         stream.thread_type = "AUTO"
         if seek_to is not None:
@@ -254,33 +286,85 @@ def _decoded(plan: VideoPlan, seek_to: int | None) -> Iterator[tuple[int, int, a
                 yield pts, frame.duration or step, frame
 
 
-def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
-              resume: bool = False, tile: int | None = None, batch: int | None = None,
-              progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
-    """Upscale the planned video into `dst`. The output appears only when complete; an
-    interruption keeps the finished segments for `resume=True`. `batch`: frames per model
-    call (None: from the device and its memory; 1 on a CPU, where batching does not pay)."""
-    if batch is None:
-        batch = video_batch(upscaler.model, upscaler.device, plan.in_hw, plan.out_hw)
-    dst = Path(dst)
+def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, *, tile: int | None = None,
+                   batch: int = 1, source: Source = None) -> tuple[dict[str, Any], bytes, str]:
+    """Decode, upscale and encode one segment on its own, the unit of work of a cluster's workers.
+
+    Returns its manifest record, its bytes (the packet framing of `segments`) and its stream
+    headers. The frames are those a job resumed after `work.after` would encode, so a segment
+    made here is the segment of an uninterrupted local run; SegmentMismatch if the frames decoded
+    are not the ones `work` names (the index was built from packets that do not all decode).
+    """
+    with tempfile.TemporaryDirectory(prefix="lmf-segment-") as folder:
+        writer = SegmentWriter(Path(folder) / segment_name(work.index), plan)
+        try:
+            frames = frames_after(plan, work.after, source)
+            seen: list[int] = []
+            while len(seen) < len(work.pts):
+                items = [item for _, item in zip(range(min(batch, len(work.pts) - len(seen))), frames, strict=False)]
+                if not items:
+                    break
+                bigs = upscaler.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=plan.out_hw,
+                                              tile=tile)
+                for (pts, duration, _), big in zip(items, bigs, strict=True):
+                    writer.add(pts, duration, big)
+                    seen.append(pts)
+            frames.close()
+            if tuple(seen) != work.pts:
+                raise SegmentMismatch(f"segment {work.index} holds frames {seen[:3]}... where the index says "
+                                      f"{list(work.pts[:3])}...")
+            record = {**writer.close(), "index": work.index}
+        except BaseException:
+            writer.abort()
+            raise
+        return record, writer.path.read_bytes(), headers(writer)
+
+
+def store_segment(manifest: Manifest, plan: VideoPlan, record: dict[str, Any], data: bytes, extradata: str) -> None:
+    """Write a segment made elsewhere into the work folder (atomically) and record it."""
+    atomic_write(manifest.path.parent / record["file"], lambda tmp: tmp.write_bytes(data))
+    manifest.add(record, extradata, plan.codec)
+    manifest.save()
+
+
+def segment_plan(plan: VideoPlan, manifest: Manifest, source: Source = None, exact: bool = False) -> list[SegmentWork]:
+    """The job cut into segments: by the index kept in the work folder, else by a new one (saved there)
+    from the packets' timestamps, or from decoded frames where those disagree with the finished
+    segments or where `exact` asks for it; finished segments the final index disagrees with are dropped."""
+    stamps = None if exact else manifest.load_index()
+    if stamps is None or disagreeing(manifest, cut(stamps, plan.segment_frames)):
+        stamps = None if exact else segment_frames(plan, source=source)
+        if stamps is None or disagreeing(manifest, cut(stamps, plan.segment_frames)):
+            stamps = segment_frames(plan, decode=True, source=source)
+        manifest.save_index(stamps)
+    work = cut(stamps, plan.segment_frames)
+    wrong = disagreeing(manifest, work)
+    if wrong:
+        manifest.drop(wrong)
+        manifest.save()
+    return work
+
+
+def open_job(plan: VideoPlan, dst: Path, job: dict[str, Any], *, overwrite: bool, resume: bool) -> Manifest:
+    """Refuse what must not be written over; the manifest of the job to resume, or of a new one."""
     if dst.exists():
         if os.path.samefile(dst, plan.source):
             raise InputError(f"refusing to write over the input {dst}")
         if not overwrite:
             raise InputError(f"{dst} exists (--overwrite replaces it)")
     work = work_dir(dst)
-    job = plan.key(upscaler, tile, batch)
     manifest = Manifest.load(work, job) if resume else None
     if manifest is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         manifest = Manifest(work / MANIFEST, job)
         manifest.save()
-    resumed = manifest.frames
-    t0 = time.perf_counter()
-    if not manifest.complete:
-        _Pipeline(plan, upscaler, manifest, tile, progress, batch).run()
-    seconds = time.perf_counter() - t0
+    return manifest
+
+
+def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, seconds: float) -> VideoResult:
+    """Mux the finished segments with the input's other streams into `dst` (atomically); drop the work folder."""
+    work = manifest.path.parent
     if not manifest.frames:
         shutil.rmtree(work)
         raise InputError(f"{plan.source}: no video frames in the requested range")
@@ -290,6 +374,28 @@ def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, over
         raise InputError(f"cannot write {dst} ({short_error(exc)})") from exc
     shutil.rmtree(work)
     return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size)
+
+
+def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
+              resume: bool = False, tile: int | None = None, batch: int | None = None,
+              progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
+    """Upscale the planned video into `dst`. The output appears only when complete; an
+    interruption keeps the finished segments for `resume=True`. `batch`: frames per model
+    call (None: from the device and its memory; 1 on a CPU, where batching does not pay).
+    A job a cluster left with gaps (segments finished out of order) has them filled first."""
+    if batch is None:
+        batch = video_batch(upscaler.model, upscaler.device, plan.in_hw, plan.out_hw)
+    dst = Path(dst)
+    manifest = open_job(plan, dst, plan.key(upscaler, tile, batch), overwrite=overwrite, resume=resume)
+    resumed = manifest.frames
+    t0 = time.perf_counter()
+    if not manifest.contiguous:
+        for work in segment_plan(plan, manifest):
+            if work.index < max(manifest.done) and work.index not in manifest.done:
+                store_segment(manifest, plan, *encode_segment(plan, upscaler, work, tile=tile, batch=batch))
+    if not manifest.complete:
+        _Pipeline(plan, upscaler, manifest, tile, progress, batch).run()
+    return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0)
 
 
 def upscale_video(src: str | Path, dst: str | Path, upscaler: FrameUpscaler, size: Size, *, codec: str | None = None,
