@@ -76,3 +76,34 @@ def test_every_choice_names_a_shipped_model_of_this_build():
     for inputs in ("clean", "compressed"):
         for light in (False, True):
             assert zoo.shipped_path(zoo.choose_model(inputs, light).name) is not None
+
+
+def test_lmf_upscale_picks_the_model_per_file_and_says_so(photo, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmf_cli.cli import app
+
+    small = photo.resize((28, 20))
+    small.save(tmp_path / "web.jpg", quality=60)
+    small.save(tmp_path / "scan.png")
+    runner = CliRunner()
+    result = runner.invoke(app, ["upscale", str(tmp_path / "web.jpg"), str(tmp_path / "scan.png"), "--scale", "2",
+                                 "-o", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    assert "lmf-real: JPEG quality ~60: compressed input" in result.output
+    assert "lmf-edsr: PNG: clean input" in result.output
+    assert (tmp_path / "auto" / "web_x2.jpg").is_file() and (tmp_path / "auto" / "scan_x2.png").is_file()
+    result = runner.invoke(app, ["upscale", str(tmp_path / "web.jpg"), "--scale", "2", "--input-quality", "clean",
+                                 "-o", str(tmp_path / "clean.jpg")])
+    assert result.exit_code == 0 and "lmf-edsr: --input-quality clean" in result.output
+    result = runner.invoke(app, ["upscale", str(tmp_path / "web.jpg"), "--scale", "2", "--input-quality", "raw"])
+    assert result.exit_code == 1 and "choose one of auto, clean, compressed" in result.output
+
+
+def test_video_defaults_to_the_robust_model_for_the_device():
+    from lmf_cli.cli.video import video_model
+
+    name, why = video_model(None, "cpu")
+    assert name == zoo.choose_model("compressed", light=True).name and "video is compressed" in why
+    assert zoo.SHIPPED[name].inputs == "compressed"
+    assert video_model("lmf-edsr", "cpu") == ("lmf-edsr", "--model")

@@ -7,6 +7,7 @@ import functools
 import signal
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -46,6 +47,9 @@ from lmf_cli.cli.common import (
     start_pool,
 )
 from lmf_cli.errors import LmfError
+
+if TYPE_CHECKING:
+    from lmf_cli.api import Upscaler
 
 
 class TileBar:
@@ -114,6 +118,34 @@ def terminated_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class ModelChoice:
+    """--model, or the shipped model for what each file is (--input-quality), with the reason to print."""
+
+    def __init__(self, model: str | None, input_quality: str) -> None:
+        self.model, self.input_quality = model, input_quality
+
+    def for_job(self, job: Job) -> tuple[str, str]:
+        """(model, why); why is empty when --model decided."""
+        from lmf_cli.io.compression import input_quality
+        from lmf_cli.models.zoo import choose_model
+
+        if self.model is not None:
+            return self.model, ""
+        if self.input_quality != "auto":
+            choice = choose_model(self.input_quality, light=False)
+            return choice.name, f"--input-quality {self.input_quality}"
+        found = input_quality(job.source)
+        return choose_model(found.kind, light=False).name, f"{found.reason}: {found.kind} input"
+
+    def for_batch(self, jobs: list[Job]) -> tuple[str, str]:
+        """One model for a whole Ray batch (each actor holds one): what most of the files need."""
+        if self.model is not None or not jobs:
+            return self.model or "lmf-edsr", ""
+        picks = [self.for_job(job)[0] for job in jobs]
+        chosen = max(set(picks), key=picks.count)
+        return chosen, f"chosen for {picks.count(chosen)} of {len(picks)} files by --input-quality {self.input_quality}"
+
+
 def upscale(
     inputs: list[str] = typer.Argument(..., help="Image files, folders and glob patterns ('shots/*.jpg')."),
     scale: Scale = None,
@@ -140,14 +172,20 @@ def upscale(
     json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout, for scripts."),
     max_pixels_text: str = typer.Option("400M", "--max-pixels",
                                         help="Largest input or output, in pixels (400M = 400 megapixels)."),
-    model: str = typer.Option("lmf-edsr", "--model", "-m", help="Shipped model name or weights file."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Shipped model name or weights file (default: "
+                                     "chosen per file by --input-quality; see lmf models)."),
+    input_quality: str = typer.Option("auto", "--input-quality",
+                                      help="Without --model: auto (per file: JPEG under quality 90, lossy WebP, "
+                                           "HEIC and AVIF are compressed), clean (lmf-edsr) or compressed "
+                                           "(lmf-real, trained on JPEG, noise and video artefacts)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in input pixels (default: from memory)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget for tiles, e.g. 2G or 512M."),
     quality: str = typer.Option("exact", "--quality",
                                 help="CMSR level: fast, balanced, fine or exact. Not the file quality "
                                      "(that is --jpeg-quality)."),
-    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
+    precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (fp16 on CUDA, bf16 on "
+                                  "CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
     ray: RayAddress = None,
     workers: Workers = None,
 ) -> None:
@@ -156,23 +194,26 @@ def upscale(
     Output size per axis = round(input x scale), halves rounded up; sizes are written W x H.
     Outputs are named <stem>_x<scale>.<ext> (--scale) or <stem>_<W>x<H>.<ext> (other sizes), beside the input.
     Existing outputs are skipped (--overwrite), inputs are never written over, and every write is atomic.
-    Bit depth (8/16), grayscale, alpha, ICC profile and EXIF are kept; EXIF orientation is applied.
+    Bit depth (8/10/12/16), grayscale, alpha, ICC profile and EXIF are kept; EXIF orientation is applied.
     Animated GIF, PNG and WebP keep every frame, its duration and disposal, and the loop count.
     Every page of a multi-page TIFF is kept. A format that holds one image (JPEG) is refused for them.
 
+    Without --model, each file gets the model for what it is: compressed files (JPEG under quality 90, lossy WebP,
+    HEIC, AVIF) the robust lmf-real, clean ones lmf-edsr (--input-quality clean|compressed decides for all).
     --quality is the CMSR level: fast, balanced or fine render calm regions coarser above x4; exact (default) does not.
-    --jpeg-quality is the file quality of JPEG and WebP outputs.
+    --jpeg-quality is the file quality of JPEG, WebP, AVIF, HEIC and JPEG XL outputs.
     --ray runs the batch on a Ray cluster (the same files, byte for byte); see the README.
     """
     from lmf_cli.api import PRECISIONS
     from lmf_cli.io.images import FORMATS
-    from lmf_cli.models.zoo import resolve
+    from lmf_cli.models.zoo import INPUT_QUALITIES, resolve
 
     start = time.perf_counter()
     sizing = checked(parse_sizing, scale, scale_x, scale_y, width, height, size, fit)
     for option, value, choices in (("--format", fmt, (*OUTPUT_FORMATS, "jpeg", "tif")),
                                    ("--quality", quality, CMSR_LEVELS), ("--alpha", alpha, ALPHA_MODES),
-                                   ("--precision", precision, PRECISIONS)):
+                                   ("--precision", precision, PRECISIONS),
+                                   ("--input-quality", input_quality, INPUT_QUALITIES)):
         if value is not None and value not in choices:
             fail(f"{option} {value}: choose one of {', '.join(choices)}")
     if tile is not None and tile < 1:
@@ -208,15 +249,19 @@ def upscale(
         for message in job.warnings:
             report("warning", f"{job.source}: {message}")
 
+    models = ModelChoice(model, input_quality)
     if dry_run:
         try:
-            resolve(model)
+            resolve(model or "lmf-edsr")
         except LmfError as exc:
             fail(str(exc))
         for job in jobs:
             if job.status == "pending":
                 job.status = "dry-run"
                 announce(job)
+                chosen, why = models.for_job(job)
+                if why:
+                    say(f"  {chosen}: {why}")
             finish(job)
     else:
         quiet_decoder_warnings()
@@ -240,7 +285,10 @@ def upscale(
                 finish(job, notes)
 
             if ray is not None:  # the planner's refusals first, then each file as a worker finishes it
-                load = functools.partial(open_upscaler, model, device, precision, quality)
+                chosen, why = models.for_batch(pending)
+                load = functools.partial(open_upscaler, chosen, device, precision, quality)
+                if why:
+                    say(f"model {chosen}: {why}")
                 pool = start_pool(ray, workers, load, device) if pending else None
                 if pool is not None:
                     say(pool.describe())
@@ -255,15 +303,20 @@ def upscale(
                     finally:
                         pool.close()
             else:
-                up = load_upscaler(model, device, precision, quality) if pending else None
-                if up is not None:
-                    say(f"model {up.name} on {up.device} ({up.precision})")
+                loaded: dict[str, Upscaler] = {}
                 tiles, frames = TileBar(bars), FrameBar(bars)
                 for job in jobs:
                     if job.status != "pending":
                         finish(job)
                         continue
+                    chosen, why = models.for_job(job)
+                    if chosen not in loaded:
+                        up = loaded[chosen] = load_upscaler(chosen, device, precision, quality)
+                        say(f"model {up.name} on {up.device} ({up.precision})")
+                    up = loaded[chosen]
                     announce(job)
+                    if why:
+                        say(f"  {up.name}: {why}")
                     notes: list[str] = []
                     t0 = time.perf_counter()
                     try:

@@ -39,17 +39,25 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def video_upscaler(model: str | None, device: str, precision: str) -> Upscaler:
-    """The model for video on the machine this runs on (a Ray worker's too): by default lmf-lite on a
-    CPU, lmf-edsr on a GPU."""
+def video_model(model: str | None, device: str) -> tuple[str, str]:
+    """The model for video on the machine this runs on (a Ray worker's too), and why: by default the
+    robust model that fits the device (video is always compressed): lmf-real-lite on a CPU, lmf-real
+    on a GPU."""
     from lmf_cli.api import pick_device
+    from lmf_cli.models.zoo import choose_model
 
-    if model is None:
-        try:
-            model = "lmf-lite" if pick_device(device).type == "cpu" else "lmf-edsr"
-        except RuntimeError as exc:
-            raise InputError(f"--device {device}: {str(exc).splitlines()[0]}") from exc
-    return open_upscaler(model, device, precision, "exact")
+    if model is not None:
+        return model, "--model"
+    try:
+        on_cpu = pick_device(device).type == "cpu"
+    except RuntimeError as exc:
+        raise InputError(f"--device {device}: {str(exc).splitlines()[0]}") from exc
+    choice = choose_model("compressed", light=on_cpu)
+    return choice.name, f"video is compressed; {choice.reason}"
+
+
+def video_upscaler(model: str | None, device: str, precision: str) -> Upscaler:
+    return open_upscaler(video_model(model, device)[0], device, precision, "exact")
 
 
 def video(
@@ -78,10 +86,11 @@ def video(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job from its last finished segment."),
     segment_frames: int = typer.Option(240, "--segment-frames", help="Frames per resumable segment."),
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help="Shipped model name or weights file (default: lmf-lite on CPU, "
-                                          "lmf-edsr on a GPU)."),
+                                     help="Shipped model name or weights file (default: the robust model for "
+                                          "the device, lmf-real-lite on a CPU, lmf-real on a GPU; see lmf models)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option("fp32", "--precision", help="Encoder precision: fp32, bf16, fp16 or auto."),
+    precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (fp16 on CUDA, bf16 on "
+                                  "CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in input pixels (default: from memory)."),
     batch: int | None = typer.Option(None, "--batch", min=1, help="Frames per model call (default: 1 on a CPU, "
                                      "from free memory on a GPU)."),
@@ -118,9 +127,10 @@ def video(
     else:
         try:
             up = load()
+            why = video_model(model, device)[1]
         except LmfError as exc:
             fail(str(exc))
-        engine = f"model {up.name} on {up.device} ({up.precision})"
+        engine = f"model {up.name} on {up.device} ({up.precision}; {why})"
 
     def say(message: str) -> None:
         if not quiet:
