@@ -124,20 +124,12 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
         rel_cell = g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)])
         pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.renders_pairs else None
-        if pairs is not None and pairs.numel() > DENSE_SHARE * rows.n_latents * cols.n_latents:
-            pairs = None  # nearly every latent is wanted: decoding them all is cheaper than picking
         out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
         drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
         if into is not None:
             out = into.copy_(out if mask is None else torch.where(mask, out, into))
     g.counts["rendered"] = g.counts.get("rendered", 0) + drawn
     return out
-
-
-# Above this share of a window's latents, the PyTorch renderer decodes the whole window rather
-# than gathering the wanted latents and scattering their slots back (measured: the gather and
-# scatter cost about a fifth of the decode).
-DENSE_SHARE = 0.8
 
 
 def wanted_pairs(rows: AxisSlots, cols: AxisSlots, mask: torch.Tensor) -> torch.Tensor:
