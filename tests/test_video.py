@@ -301,7 +301,7 @@ def test_cli_default_model_on_cpu_and_ctrl_c(official_files, clips, tmp_path, mo
     monkeypatch.setattr(zoo, "shipped_path", lambda name: None)
     missing = runner.invoke(app, ["video", str(clips["cfr"]), "-o", str(tmp_path / "a.mkv"), "--scale", "2",
                                   "--device", "cpu"])
-    assert missing.exit_code == 1 and "model 'lmf-lite' has no trained weights" in missing.output
+    assert missing.exit_code == 1 and "model 'lmf-real-lite' has no trained weights" in missing.output
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -66,7 +66,7 @@ def choose_model(inputs: str, light: bool) -> Choice:
             size = "light, for speed" if entry.light else "full size"
             reason = f"{kind}, {size}" if rank == 0 else f"{kind}; the better fit is missing from this build"
             return Choice(entry.name, reason)
-    return Choice(DEFAULT_MODEL, "no shipped model found; the default")
+    return Choice(ranked[0].name, "the best fit (this build has no shipped weights)")
 
 
 # What `lmf upscale --input-quality auto` and `lmf video` pick without --model: situation -> (inputs, light).
