@@ -347,6 +347,9 @@ class ImageUpscaler(Protocol):
     def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None,
                 **options: Any) -> np.ndarray: ...
 
+    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None,
+                      **options: Any) -> np.ndarray: ...
+
 
 class TileProgress(Protocol):
     """The current image's tiles: `start(passes)` once per image (alpha is a second pass), then per-tile calls."""
@@ -428,6 +431,58 @@ def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: P
                                             src.notes))
     except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
         raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
+
+
+def same_size_batch(up: ImageUpscaler, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Still images of one size to upscale per model call: 1 on a CPU (the cores are busy with one
+    image; measured, a batch only adds latency), else as many as half the free GPU memory holds."""
+    from lmf_cli.engine.budget import video_batch
+
+    device = getattr(up, "device", None)
+    if device is None or device.type != "cuda":
+        return 1
+    return video_batch(up.model, device, in_hw, out_hw)
+
+
+def upscale_same_size(jobs: list[Job], up: ImageUpscaler, options: FileOptions) -> list[list[str] | LmfError]:
+    """`upscale_file` for still images of one input and output size, with one model call per batch of
+    the images that share a layout (one encoder call covers them all: what a GPU wants); the results
+    equal `upscale_file` of each to float rounding. Per job: the notes, or the error to report."""
+    import numpy as np
+    import torch
+
+    results: list[list[str] | LmfError] = []
+    read: dict[int, ImageFile] = {}
+    for index, job in enumerate(jobs):
+        try:
+            read[index] = read_image(job.source, options.max_pixels)
+        except LmfError as exc:
+            results.append(exc)
+            continue
+        results.append([])
+    layouts: dict[tuple, list[int]] = {}
+    for index, src in read.items():
+        layouts.setdefault((src.pixels.shape, src.pixels.dtype.str), []).append(index)
+    for (shape, _), members in layouts.items():
+        try:
+            pixels = [read[i].pixels for i in members]
+            if len(members) > 1 and not (len(shape) == 3 and shape[2] == 2):
+                outputs = list(up.upscale_batch(np.stack(pixels), size=jobs[members[0]].out_hw, **options.engine))
+            else:  # one image, or gray + alpha (the API takes it as RGBA): one at a time
+                outputs = [upscale_pixels(up, p, jobs[i].out_hw, **options.engine) for p, i in zip(pixels, members,
+                                                                                                    strict=True)]
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            for i in members:
+                results[i] = InputError("out of memory; try a smaller --tile or --max-memory")
+            continue
+        for i, out in zip(members, outputs, strict=True):
+            src, job = read[i], jobs[i]
+            try:
+                results[i] = write_image(job.target, ImageFile(out, src.icc_profile, src.exif, src.bits, src.notes),
+                                         options.jpeg_quality, options.keep_metadata)
+            except OSError as exc:
+                results[i] = InputError(f"cannot write {job.target} ({exc.strerror or exc})")
+    return results
 
 
 def read_input(job: Job) -> bytes:

@@ -444,3 +444,32 @@ def test_models_lists_cards(weights, tmp_path, monkeypatch):
     result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
     lite = next(line for line in result.output.splitlines() if "lmf-lite" in line)
     assert "ready" in lite and "0 steps" in lite and "not evaluated" in lite
+
+
+def test_same_size_files_batched_as_on_a_gpu_equal_one_at_a_time(weights, butterfly, tmp_path, monkeypatch):
+    """On a GPU lmf upscale sends same-size files through one model call; forced here on the CPU, the
+    outputs equal a one-by-one run, other layouts and sizes go on their own, a bad file fails alone."""
+    upscale_command = sys.modules["lmf_cli.cli.upscale"]  # the package exports the command under that name
+    folder = tmp_path / "in"
+    folder.mkdir()
+    crop = butterfly[:24, :32]
+    for k in range(3):
+        Image.fromarray(np.roll(crop, 5 * k, axis=1)).save(folder / f"rgb{k}.png")
+    Image.fromarray(np.dstack([crop, crop[..., :1]])).save(folder / "rgba.png")
+    Image.fromarray(butterfly[:20, :30]).save(folder / "other.png")
+    good = (folder / "rgb0.png").read_bytes()
+    (folder / "rgb1b.png").write_bytes(good[: len(good) // 2])  # truncated, in the middle of the group
+    args = ["upscale", str(folder), "--scale", "2", "--model", str(weights), "--device", "cpu"]
+    alone = runner.invoke(app, [*args, "-o", str(tmp_path / "alone")])
+    calls = []
+    monkeypatch.setattr(upscale_command, "same_size_batch", lambda up, in_hw, out_hw: calls.append(in_hw) or 8)
+    batched = runner.invoke(app, [*args, "-o", str(tmp_path / "batched")])
+    assert alone.exit_code == batched.exit_code == 1
+    assert "failed: " in batched.output and "rgb1b.png" in batched.output and "done 5" in batched.output
+    failures = [[line for line in run.output.splitlines() if "failed:" in line] for run in (alone, batched)]
+    assert failures[0] == failures[1] and len(failures[0]) == 1
+    for name in ("rgb0", "rgb1", "rgb2", "rgba", "other"):
+        a = np.asarray(Image.open(tmp_path / "alone" / f"{name}_x2.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "batched" / f"{name}_x2.png")).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+    assert len(calls) == 2  # one group of the 20x30 file, one of the five 24x32 files (in name order)

@@ -23,7 +23,9 @@ from lmf_cli.batch import (
     output_place,
     parse_sizing,
     plan_jobs,
+    same_size_batch,
     upscale_file,
+    upscale_same_size,
 )
 from lmf_cli.cli.common import (
     ALPHA_MODES,
@@ -116,6 +118,21 @@ def terminated_cleanly() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def same_size_run(jobs: list[Job], start: int, limit: int, models: ModelChoice) -> list[Job]:
+    """jobs[start] and the pending still images right after it with its sizes and model, up to `limit`."""
+    first = jobs[start]
+    group = [first]
+    if first.frames > 1:
+        return group
+    model = models.for_job(first)[0]
+    for job in jobs[start + 1:]:
+        if len(group) >= limit or job.status != "pending" or job.frames > 1 or job.in_hw != first.in_hw \
+                or job.out_hw != first.out_hw or models.for_job(job)[0] != model:
+            break
+        group.append(job)
+    return group
 
 
 class ModelChoice:
@@ -305,27 +322,40 @@ def upscale(
             else:
                 loaded: dict[str, Upscaler] = {}
                 tiles, frames = TileBar(bars), FrameBar(bars)
-                for job in jobs:
+                index = 0
+                while index < len(jobs):
+                    job = jobs[index]
                     if job.status != "pending":
                         finish(job)
+                        index += 1
                         continue
                     chosen, why = models.for_job(job)
                     if chosen not in loaded:
                         up = loaded[chosen] = load_upscaler(chosen, device, precision, quality)
                         say(f"model {up.name} on {up.device} ({up.precision})")
                     up = loaded[chosen]
-                    announce(job)
-                    if why:
-                        say(f"  {up.name}: {why}")
-                    notes: list[str] = []
+                    group = same_size_run(jobs, index, same_size_batch(up, job.in_hw, job.out_hw), models)
+                    index += len(group)
+                    for member in group:
+                        announce(member)
+                        if why:
+                            say(f"  {up.name}: {models.for_job(member)[1]}")
                     t0 = time.perf_counter()
-                    try:
-                        notes = upscale_file(job, up, options, tiles=tiles, frames=frames)
-                        job.status = "done"
-                    except LmfError as exc:
-                        job.drop("failed", str(exc))
-                    job.seconds = time.perf_counter() - t0
-                    ended(job, notes)
+                    if len(group) == 1:
+                        try:
+                            outcomes: list[list[str] | LmfError] = [upscale_file(job, up, options, tiles=tiles,
+                                                                                 frames=frames)]
+                        except LmfError as exc:
+                            outcomes = [exc]
+                    else:  # same-size files on a GPU: one model call for the group
+                        outcomes = upscale_same_size(group, up, options)
+                    for member, outcome in zip(group, outcomes, strict=True):
+                        if isinstance(outcome, LmfError):
+                            member.drop("failed", str(outcome))
+                        else:
+                            member.status = "done"
+                        member.seconds = (time.perf_counter() - t0) / len(group)
+                        ended(member, [] if isinstance(outcome, LmfError) else outcome)
     counts = {s: sum(j.status == s for j in jobs) for s in ("done", "dry-run", "skipped", "failed")}
     first = f"would write {counts['dry-run']}" if dry_run else f"done {counts['done']}"
     say(f"{first}, skipped {counts['skipped']}, failed {counts['failed']} in {time.perf_counter() - start:.1f} s")
