@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import cv2
 import numpy as np
@@ -383,17 +384,21 @@ def _encode_avif_pillow(pixels: np.ndarray, bits: int | None, icc: bytes | None,
         pixels = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         notes.append(f"this OpenCV cannot encode AVIF, and Pillow's AVIF is 8-bit: {bits or 16}-bit samples were "
                      "reduced (pip install -U opencv-python-headless)")
-    options: dict = {"quality": quality}
+    return encode_pillow(pixels, "AVIF", icc, exif, quality=quality), notes
+
+
+def encode_pillow(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, **options: Any) -> bytes:
+    """`pixels` encoded by Pillow as `fmt`, with the ICC profile and EXIF where given; a one-line error."""
     if icc:
         options["icc_profile"] = icc
     if exif:
         options["exif"] = exif
     buf = io.BytesIO()
     try:
-        Image.fromarray(pixels).save(buf, format="AVIF", **options)
+        Image.fromarray(pixels).save(buf, format=fmt, **options)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(f"could not encode AVIF ({' '.join(str(exc).split())})") from exc
-    return buf.getvalue(), notes
+        raise InputError(f"could not encode {fmt} ({' '.join(str(exc).split())})") from exc
+    return buf.getvalue()
 
 
 def jxl_distance(quality: int) -> float:

@@ -513,7 +513,7 @@ def write_image(path: str | Path, image: ImageFile, quality: int = 95, keep_meta
         data = _encode_gif([_gif_frame(frame)], [None], [None], None)
         notes += _dropped_by_gif(icc, exif)
     elif suffix in (".tif", ".tiff") and (pixels.dtype == np.uint8 or pixels.ndim == 2):
-        data = _encode_pillow(pixels, "TIFF", icc, exif)
+        data = codecs.encode_pillow(pixels, "TIFF", icc, exif)
     elif suffix in (".tif", ".tiff"):
         if pixels.shape[2] == 2:
             pixels = pixels[..., [0, 0, 0, 1]]
@@ -525,7 +525,7 @@ def write_image(path: str | Path, image: ImageFile, quality: int = 95, keep_meta
             pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
             notes.append("JPEG has no alpha channel: alpha was dropped (use PNG, WebP, TIFF, AVIF, HEIC or JPEG XL "
                          "to keep it)")
-        data = _encode_pillow(pixels, "WEBP" if suffix == ".webp" else "JPEG", icc, exif, quality=quality)
+        data = codecs.encode_pillow(pixels, "WEBP" if suffix == ".webp" else "JPEG", icc, exif, quality=quality)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return [*image.notes, *notes]
 
@@ -549,20 +549,6 @@ def _exif_for(exif_bytes: bytes, size_wh: tuple[int, int]) -> bytes:
         if tag in sub:
             sub[tag] = value
     return exif.tobytes()
-
-
-def _encode_pillow(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, **options) -> bytes:
-    kwargs = dict(options)
-    if icc:
-        kwargs["icc_profile"] = icc
-    if exif:
-        kwargs["exif"] = exif
-    buf = io.BytesIO()
-    try:
-        Image.fromarray(pixels).save(buf, format=fmt, **kwargs)
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"could not encode {fmt} ({' '.join(str(exc).split())})") from exc
-    return buf.getvalue()
 
 
 def _encode_cv2(pixels: np.ndarray, suffix: str, params: list[int] | None = None) -> bytes:
