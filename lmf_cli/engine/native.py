@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -253,8 +254,14 @@ def mark_taps(hidden: int, mask: torch.Tensor, rows: AxisBilinear, cols: AxisBil
     _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]), "mask has the wrong shape")
     mask_u8 = _bytes(mask)
     coarse = torch.zeros(coarse_hw, dtype=torch.bool)  # one byte of 0 or 1 each, as the kernel writes
-    lib.lmf_mark_taps(mask_u8.data_ptr(), *mask.shape, rows.lo.data_ptr(), rows.hi.data_ptr(),
-                      cols.lo.data_ptr(), cols.hi.data_ptr(), coarse.data_ptr(), coarse_hw[1])
+    lo_y, hi_y = rows.lo.contiguous(), rows.hi.contiguous()
+
+    def mark(r0: int, r1: int) -> None:  # bands may mark the same coarse byte: both write 1
+        lib.lmf_mark_taps(mask_u8[r0:r1].data_ptr(), r1 - r0, mask.shape[1], lo_y[r0:r1].data_ptr(),
+                          hi_y[r0:r1].data_ptr(), cols.lo.data_ptr(), cols.hi.data_ptr(), coarse.data_ptr(),
+                          coarse_hw[1])
+
+    _in_row_bands(mask.shape[0], mark)
     return coarse
 
 
@@ -269,6 +276,26 @@ def blend(hidden: int, into: torch.Tensor, mask: torch.Tensor, coarse: torch.Ten
     mask_u8 = _bytes(mask)
     coarse = coarse[0].float().contiguous()
     fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()
-    lib.lmf_blend(mask_u8.data_ptr(), *mask.shape, coarse.data_ptr(), *coarse.shape[1:],
-                  rows.lo.data_ptr(), rows.hi.data_ptr(), fy.data_ptr(), cols.lo.data_ptr(), cols.hi.data_ptr(),
-                  fx.data_ptr(), into.data_ptr(), *_strides(into))
+    lo_y, hi_y = rows.lo.contiguous(), rows.hi.contiguous()
+    strides = _strides(into)
+
+    def draw(r0: int, r1: int) -> None:
+        lib.lmf_blend(mask_u8[r0:r1].data_ptr(), r1 - r0, mask.shape[1], coarse.data_ptr(), *coarse.shape[1:],
+                      lo_y[r0:r1].data_ptr(), hi_y[r0:r1].data_ptr(), fy[r0:r1].data_ptr(), cols.lo.data_ptr(),
+                      cols.hi.data_ptr(), fx.data_ptr(), into[:, :, r0:r1].data_ptr(), *strides)
+
+    _in_row_bands(mask.shape[0], draw)
+
+
+def _in_row_bands(n_rows: int, work: Callable[[int, int], None]) -> None:
+    """work(r0, r1) on contiguous bands of rows, one per thread (ctypes releases the GIL): CMSR's
+    marking and blending touch most output pixels, and on one thread they cost what they save."""
+    threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
+    bounds = [n_rows * t // threads for t in range(threads + 1)]
+    jobs = [_pool().submit(work, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+    try:
+        work(bounds[0], bounds[1])
+    finally:  # the bands use tensors that must outlive every thread
+        wait(jobs)
+    for job in jobs:
+        job.result()
