@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -408,12 +408,6 @@ def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: P
             tiles.start(2 if alpha_pass else 1)
         return upscale_pixels(up, pixels, out_hw, progress=tiles, **options.engine)
 
-    def write(encode: Callable[..., list[str]], *args: Any) -> list[str]:
-        try:
-            return encode(target, *args, options.jpeg_quality, options.keep_metadata)
-        except OSError as exc:  # reading and upscaling report their own errors
-            raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
-
     try:
         if job.frames > 1:  # read, upscaled and encoded one frame at a time, as write_frames asks for them
             anim, decoded = read_frames(source, options.max_pixels)
@@ -425,12 +419,23 @@ def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: P
                         frames(index + 1, anim.frames)
                     yield frame
 
-            return write(write_frames, upscaled(), anim)
+            return _written(job, target, options, write_frames, upscaled(), anim)
         src = read_image(source, options.max_pixels)
-        return write(write_image, ImageFile(one(src.pixels, job.out_hw), src.icc_profile, src.exif, src.bits,
-                                            src.notes))
+        return _written(job, target, options, write_image, replace(src, pixels=one(src.pixels, job.out_hw)))
     except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
-        raise InputError("out of memory; try a smaller --tile or --max-memory") from exc
+        raise InputError(OUT_OF_MEMORY) from exc
+
+
+OUT_OF_MEMORY = "out of memory; try a smaller --tile or --max-memory"
+
+
+def _written(job: Job, target: Path, options: FileOptions, encode: Callable[..., list[str]], *args: Any) -> list[str]:
+    """encode(target, *args, quality, keep_metadata); a failed write named by the job's own target
+    (reading and upscaling report their own errors)."""
+    try:
+        return encode(target, *args, options.jpeg_quality, options.keep_metadata)
+    except OSError as exc:
+        raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
 
 
 def same_size_batch(up: ImageUpscaler, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
@@ -473,15 +478,13 @@ def upscale_same_size(jobs: list[Job], up: ImageUpscaler, options: FileOptions) 
                                                                                                     strict=True)]
         except (MemoryError, torch.cuda.OutOfMemoryError):
             for i in members:
-                results[i] = InputError("out of memory; try a smaller --tile or --max-memory")
+                results[i] = InputError(OUT_OF_MEMORY)
             continue
         for i, out in zip(members, outputs, strict=True):
-            src, job = read[i], jobs[i]
             try:
-                results[i] = write_image(job.target, ImageFile(out, src.icc_profile, src.exif, src.bits, src.notes),
-                                         options.jpeg_quality, options.keep_metadata)
-            except OSError as exc:
-                results[i] = InputError(f"cannot write {job.target} ({exc.strerror or exc})")
+                results[i] = _written(jobs[i], jobs[i].target, options, write_image, replace(read[i], pixels=out))
+            except InputError as exc:
+                results[i] = exc
     return results
 
 
