@@ -7,6 +7,7 @@ import functools
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -140,6 +141,7 @@ class ModelChoice:
 
     def __init__(self, model: str | None, input_quality: str) -> None:
         self.model, self.input_quality = model, input_quality
+        self.decided: dict[Path, tuple[str, str]] = {}  # grouping asks again: each file's headers are read once
 
     def for_job(self, job: Job) -> tuple[str, str]:
         """(model, why); why is empty when --model decided."""
@@ -151,13 +153,18 @@ class ModelChoice:
         if self.input_quality != "auto":
             choice = choose_model(self.input_quality, light=False)
             return choice.name, f"--input-quality {self.input_quality}"
-        found = input_quality(job.source)
-        return choose_model(found.kind, light=False).name, f"{found.reason}: {found.kind} input"
+        if job.source not in self.decided:
+            found = input_quality(job.source)
+            self.decided[job.source] = (choose_model(found.kind, light=False).name,
+                                        f"{found.reason}: {found.kind} input")
+        return self.decided[job.source]
 
     def for_batch(self, jobs: list[Job]) -> tuple[str, str]:
         """One model for a whole Ray batch (each actor holds one): what most of the files need."""
+        from lmf_cli.models.zoo import DEFAULT_MODEL
+
         if self.model is not None or not jobs:
-            return self.model or "lmf-edsr", ""
+            return self.model or DEFAULT_MODEL, ""
         picks = [self.for_job(job)[0] for job in jobs]
         chosen = max(set(picks), key=picks.count)
         return chosen, f"chosen for {picks.count(chosen)} of {len(picks)} files by --input-quality {self.input_quality}"
@@ -223,7 +230,7 @@ def upscale(
     """
     from lmf_cli.api import PRECISIONS
     from lmf_cli.io.images import FORMATS
-    from lmf_cli.models.zoo import INPUT_QUALITIES, resolve
+    from lmf_cli.models.zoo import DEFAULT_MODEL, INPUT_QUALITIES, resolve
 
     start = time.perf_counter()
     sizing = checked(parse_sizing, scale, scale_x, scale_y, width, height, size, fit)
@@ -269,7 +276,7 @@ def upscale(
     models = ModelChoice(model, input_quality)
     if dry_run:
         try:
-            resolve(model or "lmf-edsr")
+            resolve(model or DEFAULT_MODEL)
         except LmfError as exc:
             fail(str(exc))
         for job in jobs:
