@@ -129,11 +129,12 @@ class ImplicitSR(nn.Module):
         """Render an output window as (B, 3, H', W') in normalised units."""
         rows, cols = window.rows, window.cols
         pred = self.decode_slots(latents, window)
+        weights = ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)  # (nr, nc, Kr, Kc, 1)
         if window.pairs is None:  # (B, nr, nc, Kr, Kc, 3)
-            pred = pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)
+            pred = pred * weights
         else:  # (B, P, 1, Kr, Kc, 3) for the chosen latents: into a zero window, as whole slot blocks
             r, c = window.pairs // cols.n_latents, window.pairs % cols.n_latents
-            weighted = pred[:, :, 0] * _pair_weights(rows, cols, r, c, self.local_ensemble).unsqueeze(-1)
+            weighted = pred[:, :, 0] * weights[r, c]
             dense = pred.new_zeros(pred.shape[0], rows.n_latents * cols.n_latents, *weighted.shape[2:])
             dense[:, window.pairs] = weighted
             pred = dense.view(pred.shape[0], rows.n_latents, cols.n_latents, *weighted.shape[2:])
@@ -151,17 +152,6 @@ class ImplicitSR(nn.Module):
         return out
 
     renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs
-
-
-def _pair_weights(rows: AxisSlots, cols: AxisSlots, r: torch.Tensor, c: torch.Tensor,
-                  local_ensemble: bool) -> torch.Tensor:
-    """(P, Kr, Kc) ensemble weights of the slots of latent pairs (r, c); see ensemble_weights."""
-    if not local_ensemble:
-        return rows.weight[r][:, :, None] * cols.weight[c][:, None, :]
-    oy, ox = rows.other[r][:, :, None], cols.other[c][:, None, :]
-    ty, tx = rows.taps[r][:, :, None], cols.taps[c][:, None, :]
-    sy, sx = rows.total[r][:, :, None], cols.total[c][:, None, :]
-    return ((oy * ox + ty * tx * AREA_EPS) / (sy * sx + 4 * AREA_EPS)).float()
 
 
 def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
