@@ -306,3 +306,21 @@ def test_state_moves_between_cuda_and_cpu(tiny_data, tmp_path):
     weights = train(back, resume=True, log=lambda _: None)
     assert load_weights(weights).info["steps"] == 6
     assert all(t.device.type == "cpu" for t in load_file(str(tmp_path / "g" / "state.safetensors")).values())
+
+
+def test_the_best_validated_weights_are_kept_beside_the_run(tiny_data, tmp_path):
+    """best.safetensors holds the weights of the validation that beat every earlier one on every score."""
+    cfg = _config(tiny_data, tmp_path / "v", steps=6)
+    cfg.val_every = 2
+    scripted = iter([{"x2": 30.0, "x4": 25.0}, {"x2": 31.0, "x4": 24.0}, {"x2": 30.5, "x4": 26.0}])
+    saved = []
+
+    def validate(model):
+        scores = next(scripted)
+        saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return scores
+
+    train(cfg, log=lambda _: None, validate=validate)
+    best = load_file(str(tmp_path / "v" / "best.safetensors"))
+    first = saved[0]  # step 4 was better at x2 but worse at x4, step 6 worse at x2: the first stays the best
+    assert all(torch.allclose(best[k], first[k].float()) for k in best)
