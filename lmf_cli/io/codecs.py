@@ -15,12 +15,13 @@ Each package is imported on first use, so `import lmf_cli` stays fast; a missing
 says what to install. Deep samples are uint16 over the full 0..65535 range whatever the file's depth
 (a 10-bit 1023 is 65535), so the model sees them on the scale of 16-bit PNG; `bits` says how many
 the file held, so that a 10-bit HEIC is written back as 10 bits.
+
+What each format is (extensions, signatures, depths, the package it needs) is its record in `formats`;
+this module holds how each is decoded and encoded.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import io
 import struct
 from collections.abc import Callable, Iterator
@@ -33,12 +34,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from lmf_cli.errors import InputError
+from lmf_cli.io.formats import BY_PILLOW, CODEC_FORMATS, CODEC_NAMES, CODEC_SUFFIXES, JXL, opencv_avif
 
-SUFFIX_FORMATS = {".heic": "HEIF", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JXL"}
-NAMES = {"HEIF": "HEIC", "AVIF": "AVIF", "JXL": "JPEG XL"}
-PACKAGES = {"HEIF": ("pillow_heif", "pillow-heif"), "JXL": ("pyjpegxl", "pyjpegxl")}
-JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+SUFFIX_FORMATS = CODEC_SUFFIXES  # .heic -> HEIF, ...: the extensions of the formats read and written here
+NAMES = CODEC_NAMES  # HEIF -> HEIC, ...: their names in messages
 # CICP values a viewer shows like sRGB: primaries BT.709 (or unspecified), SDR gamma-like transfers.
 _SRGB_LIKE = ({1, 2}, {1, 2, 6, 13, 14, 15})
 # What decoders raise on damaged data (pillow-heif: ValueError, EOFError, SyntaxError; pyjpegxl: RuntimeError).
@@ -56,16 +55,16 @@ class Decoded:
 
 
 def sniff(head: bytes) -> str | None:
-    """HEIF, AVIF or JXL from a file's first bytes (its ISOBMFF brands or JPEG XL signature), else None."""
-    if head.startswith((b"\xff\x0a", JXL_CONTAINER)):
-        return "JXL"
+    """HEIF, AVIF or JXL from a file's first bytes (its records' signatures or ISOBMFF brands), else None."""
+    for fmt in CODEC_FORMATS:
+        if fmt.magic and head.startswith(fmt.magic):
+            return fmt.pillow[0]
     if head[4:8] != b"ftyp":
         return None
     end = min(len(head), struct.unpack(">I", head[:4])[0])
     brands = {head[8:12]} | {head[i:i + 4] for i in range(16, end - 3, 4)}
-    if brands & {b"avif", b"avis"}:
-        return "AVIF"
-    return "HEIF" if brands & _HEIF_BRANDS else None
+    # In record order: an AVIF carries HEIF's mif1 brand too, so AVIF is asked first.
+    return next((fmt.pillow[0] for fmt in CODEC_FORMATS if brands & fmt.brands), None)
 
 
 def prepare(head: bytes) -> str | None:
@@ -76,37 +75,22 @@ def prepare(head: bytes) -> str | None:
     fmt = sniff(head)
     if fmt is None or fmt in _registered:
         return fmt
+    module = _require(fmt, "reading")  # AVIF: Pillow's own plugin, when its build has libavif
     if fmt == "HEIF":
-        _require("HEIF", "reading").register_heif_opener()
+        module.register_heif_opener()
     elif fmt == "JXL":
-        _require("JXL", "reading")
         Image.register_open(_JxlImageFile.format, _JxlImageFile, _jxl_accept)
-    elif not _pillow_avif():
-        raise InputError("reading AVIF needs a Pillow with AVIF (pip install -U pillow)")
     _registered.add(fmt)
     return fmt
 
 
 def _require(fmt: str, doing: str) -> ModuleType:
-    """The codec module of `fmt`, or InputError saying which package to install."""
-    module, package = PACKAGES[fmt]
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise InputError(f"{doing} {NAMES[fmt]} needs the {package} package (pip install {package})") from exc
-
-
-def _pillow_avif() -> bool:
-    from PIL import features
-
-    return bool(features.check("avif"))
-
-
-@functools.cache
-def opencv_avif() -> bool:
-    """Whether this OpenCV reads and writes 10/12-bit AVIF with metadata (libavif and the 4.12+ metadata API)."""
-    return (hasattr(cv2, "imencodeWithMetadata") and hasattr(cv2, "IMWRITE_AVIF_DEPTH")
-            and bool(cv2.haveImageWriter("x.avif")))
+    """The module that provides `fmt` (its record's provider), or InputError saying what to install."""
+    record = BY_PILLOW[fmt]
+    module = record.provider.load()
+    if module is None:
+        raise InputError(record.provider.missing(doing, record.name))
+    return module
 
 
 def widen(raw: np.ndarray, bits: int) -> np.ndarray:
@@ -239,7 +223,7 @@ def _av1_depth(av1c: bytes) -> int:
 
 
 def _jxl_accept(prefix: bytes) -> bool:
-    return prefix.startswith((b"\xff\x0a", JXL_CONTAINER))
+    return prefix.startswith(JXL.magic)
 
 
 def _jxl_exif(box: bytes | None) -> bytes | None:

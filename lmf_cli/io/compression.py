@@ -3,7 +3,8 @@
 A model trained on clean bicubic inputs sharpens JPEG blocking; one trained on degraded inputs
 removes it but gives up detail on clean inputs. The file itself says which it is closely enough:
 a JPEG's quantisation tables give its quality, a WebP says whether it is lossless (VP8L), and
-formats that are only ever lossy in practice (HEIC, AVIF from phones) are compressed.
+formats that are only ever lossy in practice (HEIC, AVIF from phones) are compressed. Which tell
+a format has is its record's `compression` (see `formats`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from lmf_cli.io.codecs import sniff
+from lmf_cli.io.formats import BY_PILLOW, Compression
 
 # The IJG (libjpeg) luminance table at quality 50, in natural (row-major) order: every common
 # encoder scales it by quality, so the stored table gives the quality back.
@@ -25,7 +27,6 @@ _IJG_LUMA = np.array([
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
 # At quality 90 and above a JPEG's artefacts sit below what the models resolve: treat it as clean.
 CLEAN_JPEG_QUALITY = 90
-_LOSSY_ONLY = {"HEIF", "AVIF"}  # as phones and browsers write them
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,31 @@ def input_quality(path: str | Path) -> InputQuality:
     try:
         with open(path, "rb") as f:
             head = f.read(64)
-        codec = sniff(head)  # HEIF/AVIF/JPEG XL without loading their codec packages
-        if codec in _LOSSY_ONLY:
-            return InputQuality("compressed", codec)
-        if codec == "JXL":  # often lossless (a JPEG recompressed, or an export): no reliable tell
-            return InputQuality("clean", "JPEG XL")
+        codec = sniff(head)  # HEIF/AVIF/JPEG XL: told by their kind, without loading their codec packages
+        if codec is not None:
+            return _told(codec, None, head)
         with Image.open(path) as img:
-            fmt = img.format or "?"
-            if fmt in ("JPEG", "MPO"):
-                tables = getattr(img, "quantization", None) or {}
-                if 0 not in tables:
-                    return InputQuality("compressed", "JPEG")
-                quality = jpeg_quality(list(tables[0])[:64])  # natural order (Pillow >= 8.3)
-                kind = "clean" if quality >= CLEAN_JPEG_QUALITY else "compressed"
-                return InputQuality(kind, f"JPEG quality ~{quality}")
-            if fmt == "WEBP":
-                lossless = b"VP8L" in head
-                return InputQuality("clean" if lossless else "compressed",
-                                    "lossless WebP" if lossless else "lossy WebP")
-            return InputQuality("clean", fmt)
+            return _told(img.format or "?", img, head)
     except (OSError, ValueError, SyntaxError):
         return InputQuality("clean", "unrecognised file")
+
+
+def _told(fmt: str, img: Image.Image | None, head: bytes) -> InputQuality:
+    """What the format's tell (its record's `compression`; none known: clean) says of this file."""
+    record = BY_PILLOW.get(fmt)
+    tell = record.compression if record is not None else Compression.NEVER
+    if tell is Compression.ALWAYS:
+        return InputQuality("compressed", fmt)
+    if tell is Compression.UNTOLD:  # often lossless (a JPEG XL of a recompressed JPEG, or an export)
+        return InputQuality("clean", record.name)
+    if tell is Compression.JPEG_TABLES:
+        tables = getattr(img, "quantization", None) or {}
+        if 0 not in tables:
+            return InputQuality("compressed", "JPEG")
+        quality = jpeg_quality(list(tables[0])[:64])  # natural order (Pillow >= 8.3)
+        kind = "clean" if quality >= CLEAN_JPEG_QUALITY else "compressed"
+        return InputQuality(kind, f"JPEG quality ~{quality}")
+    if tell is Compression.WEBP_CHUNK:
+        lossless = b"VP8L" in head
+        return InputQuality("clean" if lossless else "compressed", "lossless WebP" if lossless else "lossy WebP")
+    return InputQuality("clean", fmt)
