@@ -1,8 +1,20 @@
-"""lmf: upscale images and videos to any size with Latent Modulated Functions."""
+"""lmf: upscale images and videos to any size with Latent Modulated Functions.
 
-from lmf_cli.api import Upscaler, plan_size
+`Upscaler` and `plan_size` are imported on first use, so `import lmf_cli` (and `lmf --help`)
+does not load PyTorch.
+"""
+
 from lmf_cli.errors import CheckpointError, InputError, LmfError, UnsupportedModelError
+from lmf_cli.options import EngineOptions
 
 __version__ = "0.1.0"
-__all__ = ["Upscaler", "plan_size", "LmfError", "CheckpointError", "InputError", "UnsupportedModelError",
-           "__version__"]
+__all__ = ["Upscaler", "EngineOptions", "plan_size", "LmfError", "CheckpointError", "InputError",
+           "UnsupportedModelError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("Upscaler", "plan_size"):
+        from lmf_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lmf_cli' has no attribute {name!r}")

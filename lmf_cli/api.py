@@ -1,4 +1,4 @@
-"""The Python API: `Upscaler.load(...)` then `up.upscale(image, scale=... | size=...)`.
+"""The Python API: `Upscaler.load(name, EngineOptions(...))` then `up.upscale(image, scale=... | size=...)`.
 
 Arrays in, arrays out, same dtype: uint8 and uint16 are scaled to [0, 1] and rounded back;
 float32 stays float32, clamped to [0, 1]. Grayscale (H x W or H x W x 1) comes back
@@ -11,69 +11,81 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from lmf_cli.engine.cmsr import resolve_threshold, schedule_for, supports_cmsr
-from lmf_cli.engine.sizes import Plan, Scale, plan_size
+from lmf_cli.engine.budget import frames_fitting, frames_per_call
+from lmf_cli.engine.cmsr import resolve_threshold, schedule_for
 from lmf_cli.engine.tiling import upscale_tensor
-from lmf_cli.errors import InputError
+from lmf_cli.errors import InputError, OptionError
 from lmf_cli.hardware import fast_bf16
 from lmf_cli.imaging.resample import bicubic_resize_float
+from lmf_cli.models.base import Capabilities
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.zoo import DEFAULT_MODEL, resolve
+from lmf_cli.options import EngineOptions
+from lmf_cli.sizes import Scale, plan_size
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' prefers CUDA, then Apple MPS, then the CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """'auto' prefers CUDA, then Apple MPS, then the CPU; a device this machine lacks is an OptionError."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)  # absent from some builds of torch
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    chosen = torch.device(device)
+    try:
+        torch.empty(0, device=chosen)
+    except (RuntimeError, AssertionError) as exc:  # torch: a device this build or machine lacks
+        raise OptionError("device", str(device), str(exc).splitlines()[0] if str(exc) else type(exc).__name__) \
+            from exc
+    return chosen
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def encoder_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def encoder_dtype(precision: str, device: torch.device, capabilities: Capabilities | None = None) -> torch.dtype | None:
     """The encoder's compute dtype (None = float32). The MLPs always run in float32: their
     inputs are sub-pixel coordinates, which half precision would round away.
     auto: fp16 on CUDA; bf16 on CPUs with native bf16 (AMX, AVX-512 BF16), where it costs
     lmf-edsr 0.001 dB and lmf-lite 0.003 dB on Set5 x2..x4; float32 elsewhere (emulated bf16
-    is several times slower)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    is several times slower). A precision the model does not declare falls back to fp32 on auto."""
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "bf16" if fast_bf16(device) else "fp32"
+        if capabilities is not None and precision not in capabilities.precisions:
+            precision = "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise InputError("fp16 is for GPUs; on a CPU use bf16 (fast where the CPU has AMX/AVX-512 BF16) or fp32")
+        raise OptionError("precision", "fp16", "fp16 is for GPUs; on a CPU use bf16 (fast where the CPU has "
+                                               "AMX/AVX-512 BF16) or fp32")
+    if capabilities is not None and precision not in capabilities.precisions:
+        raise OptionError("precision", precision, f"this model runs in {', '.join(capabilities.precisions)}")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Upscaler:
-    """A loaded model on a device, ready to upscale numpy images."""
+    """A loaded model on a device with its EngineOptions, ready to upscale numpy images.
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", precision: str = "auto") -> None:
+    Device and precision are fixed when the model is loaded; the other options (tile, memory
+    budget, CMSR level, alpha, pixel limit) may be given again per call.
+    """
+
+    def __init__(self, loaded: LoadedModel, options: EngineOptions | None = None) -> None:
         self.loaded = loaded
-        self.device = pick_device(device)
+        self.options = options or EngineOptions()
+        self.capabilities = loaded.capabilities
+        self.device = pick_device(self.options.device)
         self.model = loaded.model.to(self.device).eval()
-        self.model.encoder_dtype = encoder_dtype(precision, self.device)
+        self.model.encoder_dtype = encoder_dtype(self.options.precision, self.device, self.capabilities)
         self.model.use_channels_last()
+        self._schedule_key(self.options)  # a CMSR level the model cannot do is refused now, not per image
         self.last_stats: dict[str, int] = {}
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
-             precision: str = "auto") -> Upscaler:
-        """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`.
-
-        precision: auto (fp16 encoder on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16.
-        """
-        return cls(load_weights(resolve(name_or_path)), device, precision)
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, options: EngineOptions | None = None) -> Upscaler:
+        """A shipped model name (`lmf-edsr`, `lmf-lite`), our `.safetensors`, or an official `.pth`."""
+        return cls(load_weights(resolve(name_or_path)), options)
 
     @property
     def precision(self) -> str:
@@ -83,25 +95,29 @@ class Upscaler:
     def name(self) -> str:
         return Path(self.loaded.source).stem
 
+    def frames_per_call(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+        """Same-size images (video frames, still files) to give `upscale_batch` at once: 1 on a CPU,
+        where the cores are busy with one image, else as many as half the free device memory holds."""
+        return frames_per_call(self.capabilities, self.device, in_hw, out_hw, self.options.max_memory)
+
+    def frames_fitting(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+        """The most same-size images one `upscale_batch` call may take within the memory budget."""
+        return frames_fitting(self.capabilities, self.device, in_hw, out_hw, self.options.max_memory)
+
     def upscale(self, image: np.ndarray, scale: Scale | None = None, size: tuple[int, int] | None = None,
-                *, tile: int | None = None, cmsr: bool | str | float = False, max_memory: int | None = None,
-                alpha: Literal["model", "bicubic"] = "model",
+                *, options: EngineOptions | None = None,
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Upscale an H x W (x C) array to `size` (height, width) or by `scale`.
 
-        tile: tile side in input pixels (None: from `max_memory`, default a share of free
-        memory). cmsr: False, True (the default table), a level ("fast", "balanced", "fine",
-        "exact") or an MSE threshold the model was calibrated for. `last_stats` then holds how
-        many pixels the render MLP drew.
+        options: this call's EngineOptions (default: the Upscaler's), same device and precision.
+        progress(done, total) is called after each tile. `last_stats` then holds how many pixels
+        the render MLP drew (fewer than the output's with CMSR).
         """
         image = np.asarray(image)
-        return self.upscale_batch(image[None], scale, size, tile=tile, cmsr=cmsr, max_memory=max_memory,
-                                  alpha=alpha, progress=progress)[0]
+        return self.upscale_batch(image[None], scale, size, options=options, progress=progress)[0]
 
     def upscale_batch(self, images: np.ndarray | Sequence[np.ndarray], scale: Scale | None = None,
-                      size: tuple[int, int] | None = None, *, tile: int | None = None,
-                      cmsr: bool | str | float = False, max_memory: int | None = None,
-                      alpha: Literal["model", "bicubic"] = "model",
+                      size: tuple[int, int] | None = None, *, options: EngineOptions | None = None,
                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Upscale same-size images (an N x H x W (x C) array or a list) as one batch.
 
@@ -109,6 +125,7 @@ class Upscaler:
         `upscale` of that image alone, to float rounding. Returns N x H' x W' (x C), the dtype
         of the input. Options as `upscale`.
         """
+        options = self._call_options(options)
         batch = [np.asarray(image) for image in images]
         if not batch:
             raise InputError("no images to upscale")
@@ -118,38 +135,43 @@ class Upscaler:
             if image.shape != first.shape or image.dtype != first.dtype:
                 raise InputError(f"a batch needs images of one shape and dtype: {first.shape} {first.dtype} "
                                  f"and {image.shape} {image.dtype}")
-        _check_options(tile, max_memory, alpha)
+        plan = plan_size(first.shape[:2], *_plain_sizes(scale, size))
+        h, w = plan.out_hw
+        if h * w > options.max_pixels:
+            raise InputError(f"the output {w} x {h} is {h * w:,} pixels, over the limit of {options.max_pixels:,} "
+                             "(max_pixels)")
         stack = np.stack(batch)
         dtype = stack.dtype
-        plan = plan_size(first.shape[:2], *_plain_sizes(scale, size))
         peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
         data = stack.astype(np.float32) / peak if peak != 1.0 else np.clip(stack, 0, 1)
         gray = data.ndim == 3 or data.shape[3] == 1
         if gray:
             data = data.reshape(*data.shape[:3], 1)
         colour, extra = (data[..., :3], data[..., 3:]) if data.shape[3] == 4 else (data, None)
-        schedule = None
-        if cmsr is not False and cmsr is not None:
-            if not supports_cmsr(self.model):
-                raise InputError(f"{self.name}: CMSR needs an LMF model (LM-LIIF or LM-LTE)")
-            key = resolve_threshold(self.loaded.cmsr_tables, cmsr)
-            schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
+        key = self._schedule_key(options)
+        schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
         self.last_stats: dict[str, int] = {}
-        run = dict(tile=tile, schedule=schedule, max_memory=max_memory, progress=progress, stats=self.last_stats)
+
+        def run(rgb: np.ndarray) -> np.ndarray:
+            """N x H x W x 3 in [0, 1] -> N x H' x W' x 3."""
+            inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).to(self.device)
+            out = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
+                                 self.last_stats)
+            return out.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
         try:
-            out = self._run(np.repeat(colour, 3, axis=3) if gray else colour, plan, **run)
+            out = run(np.repeat(colour, 3, axis=3) if gray else colour)
             if gray:
                 out = out.mean(axis=3, keepdims=True)
             if extra is not None:
-                if alpha == "bicubic":
+                if options.alpha == "bicubic":
                     a = np.stack([bicubic_resize_float(e, plan.out_hw) for e in extra])
                 else:
-                    a = self._run(np.repeat(extra, 3, axis=3), plan, **run).mean(axis=3, keepdims=True)
+                    a = run(np.repeat(extra, 3, axis=3)).mean(axis=3, keepdims=True)
                 out = np.concatenate([out, a], axis=3)
         except RuntimeError as exc:  # the CPU allocator's "can't allocate memory" (CUDA's goes to the caller)
             if isinstance(exc, torch.cuda.OutOfMemoryError) or "allocate" not in str(exc):
                 raise
-            h, w = plan.out_hw
             raise InputError(f"out of memory for a {w} x {h} output ({len(batch) * h * w * 12 / 2**30:.3g} GiB "
                              "as float32); ask for a smaller size") from exc
         if first.ndim == 2:
@@ -158,12 +180,33 @@ class Upscaler:
             return np.ascontiguousarray(out, dtype=np.float32)
         return np.round(out * peak).astype(dtype)
 
-    def _run(self, rgb: np.ndarray, plan: Plan, **engine) -> np.ndarray:
-        """N x H x W x 3 in [0, 1] -> N x H' x W' x 3."""
-        inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).to(self.device)
-        inp = inp.mul(2).sub(1)
-        out = upscale_tensor(self.model, inp, plan.out_hw, **engine)
-        return out.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    def _call_options(self, options: EngineOptions | None) -> EngineOptions:
+        """This call's options: the Upscaler's, or `options` where its device and precision resolve to
+        the loaded ones (so EngineOptions(tile=256) works with any Upscaler loaded with the defaults)."""
+        if options is None:
+            return self.options
+        if not isinstance(options, EngineOptions):
+            raise InputError(f"options must be an EngineOptions, not {type(options).__name__}")
+        if options.device != self.options.device and pick_device(options.device) != self.device:
+            raise OptionError("device", options.device, f"the model is loaded on {self.device}; load it again "
+                                                        "for another device")
+        if options.precision != self.options.precision and \
+                encoder_dtype(options.precision, self.device, self.capabilities) != self.model.encoder_dtype:
+            raise OptionError("precision", options.precision, f"the model is loaded in {self.precision}; load it "
+                                                              "again for another precision")
+        return options
+
+    def _schedule_key(self, options: EngineOptions) -> str | None:
+        """The CMSR table for options.cmsr (None: exact), or an OptionError saying why there is none."""
+        if not options.uses_cmsr:
+            return None
+        if not self.capabilities.cmsr:
+            raise OptionError("cmsr", options.cmsr, f"{self.name} is not an LMF model; CMSR levels need "
+                                                    "LM-LIIF or LM-LTE")
+        try:
+            return resolve_threshold(self.loaded.cmsr_tables, options.cmsr)
+        except InputError as exc:
+            raise OptionError("cmsr", options.cmsr, str(exc)) from exc
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -179,15 +222,6 @@ def _check_image(image: np.ndarray) -> None:
         raise InputError(f"{bad} value{'s are' if bad != 1 else ' is'} not finite (NaN or inf); "
                          "every value of a float32 image must lie in [0, 1] (replace them, e.g. with "
                          "np.nan_to_num, before upscaling)")
-
-
-def _check_options(tile: int | None, max_memory: int | None, alpha: str) -> None:
-    if tile is not None and (not isinstance(tile, numbers.Integral) or tile < 1):
-        raise InputError(f"tile {tile!r} must be a whole number of input pixels, at least 1 (None: from memory)")
-    if max_memory is not None and (not isinstance(max_memory, numbers.Real) or not max_memory >= 1):
-        raise InputError(f"max_memory {max_memory!r} must be a positive number of bytes")
-    if alpha not in ("model", "bicubic"):
-        raise InputError(f"alpha {alpha!r}: use 'model' or 'bicubic'")
 
 
 def _plain_sizes(scale: Scale | None, size: tuple[int, int] | None) -> tuple[Scale | None, tuple[int, int] | None]:

@@ -12,8 +12,8 @@ import av
 import numpy as np
 import torch
 
-from lmf_cli import Upscaler
-from lmf_cli.io.video import upscale_video
+from lmf_cli import EngineOptions, Upscaler
+from lmf_cli.jobs.video import upscale_video
 
 FRAMES = 48
 
@@ -35,7 +35,7 @@ def main(out: Path) -> None:
     make_clip(clip)
     results = {"gpu": torch.cuda.get_device_name(0), "frames": FRAMES}
     for name in ("lmf-edsr", "lmf-lite"):
-        up = Upscaler.load(name, device="cuda", precision="auto")
+        up = Upscaler.load(name, EngineOptions(device="cuda"))
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = upscale_video(clip, out / f"{name}_4k.mkv", up, (2160, 3840), codec="libx264", overwrite=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("LMF_DATA", str(DATA))  # the CLI finds Set5, B100, T91 ... there (subprocesses too)
 
 # Exactness tests compare float32 results; `precision="auto"` would pick a bf16 encoder on CPUs
 # with AMX or AVX-512 BF16 (CI gets whatever CPU it gets). Set here, so subprocesses inherit it;
@@ -177,9 +178,9 @@ def weights(official_files, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(weights):
-    from lmf_cli import Upscaler
+    from lmf_cli import EngineOptions, Upscaler
 
-    return Upscaler.load(weights, "cpu", "fp32")
+    return Upscaler.load(weights, EngineOptions("cpu", "fp32"))
 
 
 @pytest.fixture

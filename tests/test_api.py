@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmf_cli import InputError, Upscaler, plan_size
+from lmf_cli import EngineOptions, InputError, Upscaler, plan_size
 
 
 @pytest.fixture(scope="module")
 def up(official_files):
-    return Upscaler.load(official_files["lmliif"], device="cpu")
+    return Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
 
 
 def test_dtypes_round_trip(up, butterfly):
@@ -51,7 +51,7 @@ def test_grayscale_and_alpha(up, butterfly):
     assert np.array_equal(out[..., 3], up.upscale(alpha, scale=2))
     assert np.array_equal(out[..., :3], up.upscale(butterfly, scale=2))
     flat = np.dstack([butterfly, np.full(butterfly.shape[:2], 200, np.uint8)])
-    assert (up.upscale(flat, scale=2, alpha="bicubic")[..., 3] == 200).all()
+    assert (up.upscale(flat, scale=2, options=EngineOptions(alpha="bicubic"))[..., 3] == 200).all()
 
 
 def test_model_beats_nothing_but_runs_on_real_photo(up, butterfly):
@@ -88,7 +88,7 @@ def test_model_and_encoder_are_exposed(up):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_floats_are_refused_with_a_count(official_files, butterfly, bad):
-    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
     image = butterfly.astype(np.float32) / 255
     image[3, 4, 1] = bad
     image[10, 20, 0] = bad
@@ -101,9 +101,9 @@ def test_non_finite_floats_are_refused_with_a_count(official_files, butterfly, b
 
 @pytest.mark.parametrize("arch", ["lmliif", "lte"])
 def test_a_batch_equals_each_image_alone(official_files, butterfly, arch, render_path):
-    up = Upscaler.load(official_files[arch], device="cpu")
+    up = Upscaler.load(official_files[arch], EngineOptions("cpu"))
     frames = np.stack([butterfly, butterfly[::-1], butterfly[:, ::-1]]).astype(np.float32) / 255
-    for kwargs in ({"scale": 2.5}, {"size": (97, 61), "tile": 16}):
+    for kwargs in ({"scale": 2.5}, {"size": (97, 61), "options": EngineOptions(tile=16)}):
         together = up.upscale_batch(frames, **kwargs)
         alone = np.stack([up.upscale(f, **kwargs) for f in frames])
         assert together.shape == alone.shape and together.dtype == np.float32
@@ -115,7 +115,7 @@ def test_a_batch_equals_each_image_alone(official_files, butterfly, arch, render
 
 
 def test_a_batch_needs_one_shape(official_files, butterfly):
-    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
     with pytest.raises(InputError, match="one shape and dtype"):
         up.upscale_batch([butterfly, butterfly[:20]], scale=2)
     with pytest.raises(InputError, match="no images"):
@@ -130,10 +130,25 @@ def test_auto_precision_follows_the_cpu(official_files, butterfly, monkeypatch):
     from lmf_cli.api import encoder_dtype
 
     monkeypatch.setenv("LMF_CPU_BF16", "1")
-    fast = Upscaler.load(official_files["lmliif"], device="cpu")
+    fast = Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
     assert fast.precision == "bf16" and encoder_dtype("auto", torch.device("cuda")) == torch.float16
     monkeypatch.setenv("LMF_CPU_BF16", "0")
-    exact = Upscaler.load(official_files["lmliif"], device="cpu")
+    exact = Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
     assert exact.precision == "fp32"
     image = butterfly.astype(np.float32) / 255
     assert np.abs(fast.upscale(image, scale=2) - exact.upscale(image, scale=2)).mean() < 0.01
+
+
+def test_the_readme_python_example_runs_as_written(monkeypatch):
+    """The README's Python block, executed from the repository root with the shipped lmf-lite."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the documentation's own example
+    image, tiled = scope["image"], scope["tiled"]
+    assert tiled.shape == (image.shape[0] * 4, image.shape[1] * 4, 3) and tiled.dtype == np.uint8
+    assert scope["exact"].shape[:2] == (270, 480)

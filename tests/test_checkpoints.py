@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import CheckpointError, UnsupportedModelError, Upscaler
+from lmf_cli import CheckpointError, EngineOptions, UnsupportedModelError, Upscaler
 from lmf_cli import models as registry
 from lmf_cli.models.checkpoints import load_weights, save_weights
 from lmf_cli.models.zoo import resolve
@@ -28,8 +28,8 @@ def test_safetensors_round_trip_keeps_outputs_and_metadata(tmp_path, official_fi
     save_weights(path, official.model, official.spec, {"steps": 12}, {"8": {"1": 0.1}})
     ours = load_weights(path)
     assert ours.info == {"steps": 12} and ours.cmsr_tables == {"8": {"1": 0.1}}
-    a = Upscaler(official, "cpu").upscale(butterfly, scale=3)
-    b = Upscaler(ours, "cpu").upscale(butterfly, scale=3)
+    a = Upscaler(official, EngineOptions("cpu")).upscale(butterfly, scale=3)
+    b = Upscaler(ours, EngineOptions("cpu")).upscale(butterfly, scale=3)
     assert np.array_equal(a, b)
 
 

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageCms
 from typer.testing import CliRunner
 
+from lmf_cli.api import Upscaler
 from lmf_cli.cli import app
 from lmf_cli.imaging.resample import bicubic_resize_float
 from lmf_cli.models import zoo
@@ -449,7 +450,6 @@ def test_models_lists_cards(weights, tmp_path, monkeypatch):
 def test_same_size_files_batched_as_on_a_gpu_equal_one_at_a_time(weights, butterfly, tmp_path, monkeypatch):
     """On a GPU lmf upscale sends same-size files through one model call; forced here on the CPU, the
     outputs equal a one-by-one run, other layouts and sizes go on their own, a bad file fails alone."""
-    upscale_command = sys.modules["lmf_cli.cli.upscale"]  # the package exports the command under that name
     folder = tmp_path / "in"
     folder.mkdir()
     crop = butterfly[:24, :32]
@@ -462,7 +462,7 @@ def test_same_size_files_batched_as_on_a_gpu_equal_one_at_a_time(weights, butter
     args = ["upscale", str(folder), "--scale", "2", "--model", str(weights), "--device", "cpu"]
     alone = runner.invoke(app, [*args, "-o", str(tmp_path / "alone")])
     calls = []
-    monkeypatch.setattr(upscale_command, "same_size_batch", lambda up, in_hw, out_hw: calls.append(in_hw) or 8)
+    monkeypatch.setattr(Upscaler, "frames_per_call", lambda up, in_hw, out_hw: calls.append(in_hw) or 8)
     batched = runner.invoke(app, [*args, "-o", str(tmp_path / "batched")])
     assert alone.exit_code == batched.exit_code == 1
     assert "failed: " in batched.output and "rgb1b.png" in batched.output and "done 5" in batched.output

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import InputError, Upscaler
+from lmf_cli import EngineOptions, InputError, Upscaler
 from lmf_cli.engine import encode_image, render_region
-from lmf_cli.engine.cmsr import Schedule, intensity, resolve_threshold, schedule_for
+from lmf_cli.engine.cmsr import Schedule, resolve_threshold, schedule_for
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
 from lmf_cli.training.calibrate import calibrate, merge_tables
@@ -35,19 +35,19 @@ def kernel():
 
 
 def _with_tables(loaded: LoadedModel, tables) -> Upscaler:
-    return Upscaler(LoadedModel(loaded.model, loaded.spec, loaded.source, {}, tables), "cpu")
+    return Upscaler(LoadedModel(loaded.model, loaded.spec, loaded.source, {}, tables), EngineOptions("cpu"))
 
 
 def _median_intensity(loaded, image, scale):
     inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
     out_hw = (round(image.shape[0] * scale), round(image.shape[1] * scale))
-    return float(intensity(loaded.model, encode_image(loaded.model, inp, out_hw).latents).median())
+    return float(loaded.model.modulation_intensity(encode_image(loaded.model, inp, out_hw).latents).median())
 
 
 def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
     up = _with_tables(lm, {"2e-05": {"8": {"1": 0.0, "2": 0.0, "4": 0.0}}})
     full = up.upscale(butterfly, scale=8)
-    with_cmsr = up.upscale(butterfly, scale=8, cmsr=True)
+    with_cmsr = up.upscale(butterfly, scale=8, options=EngineOptions(cmsr="balanced"))
     assert up.last_stats["rendered"] == up.last_stats["total"]
     assert np.array_equal(full, with_cmsr)
 
@@ -57,11 +57,11 @@ def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
     image = butterfly.copy()
     image[:, :24] = 128  # a flat half: calm latents, as sky or a wall would be
     inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    strength = intensity(lm.model, encode_image(lm.model, inp, (320, 384)).latents)[0]
+    strength = lm.model.modulation_intensity(encode_image(lm.model, inp, (320, 384)).latents)[0]
     threshold = float(strength[:, 4:20].max()) + 1e-6
     calm = float((strength <= threshold).float().mean())
     up = _with_tables(lm, {"2e-05": {"8": {"2": threshold}}})
-    out = up.upscale(image, scale=8, cmsr=True)
+    out = up.upscale(image, scale=8, options=EngineOptions(cmsr="balanced"))
     stats = up.last_stats
     busy = 1 - calm
     assert 0.2 < busy < 0.8
@@ -74,7 +74,7 @@ def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
 
 def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
     up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
-    out = up.upscale(butterfly, scale=8, cmsr=True)
+    out = up.upscale(butterfly, scale=8, options=EngineOptions(cmsr="balanced"))
     assert up.last_stats["rendered"] < 0.1 * up.last_stats["total"]
     # expected: latents for the x8 target, an x2 grid rendered with its own cell, then bilinear
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -89,8 +89,8 @@ def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
 def test_cmsr_with_tiles_equals_untiled(lm, butterfly, render_path):
     median = _median_intensity(lm, butterfly, 6)
     up = _with_tables(lm, {"2e-05": {"6": {"1": median / 2, "3": median}}})
-    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=1000)
-    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=6, cmsr=True, tile=16)
+    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, options=EngineOptions(cmsr="balanced", tile=1000))
+    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=6, options=EngineOptions(cmsr="balanced", tile=16))
     assert np.abs(whole - tiled).max() < 1e-4
 
 
@@ -101,12 +101,12 @@ def test_pytorch_cmsr_equals_the_kernel_and_draws_only_its_share(lm, butterfly, 
     image[:, :24] = 128
     median = _median_intensity(lm, image, 8)
     up = _with_tables(lm, {"2e-05": {"8": {"1": median / 3, "2": median}}})
-    fast = up.upscale(image.astype(np.float32) / 255, scale=8, cmsr=True, tile=16)
+    fast = up.upscale(image.astype(np.float32) / 255, scale=8, options=EngineOptions(cmsr="balanced", tile=16))
     kernel_drawn = up.last_stats["rendered"] / up.last_stats["total"]
     monkeypatch.setenv("LMF_NATIVE", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        slow = up.upscale(image.astype(np.float32) / 255, scale=8, cmsr=True, tile=16)
+        slow = up.upscale(image.astype(np.float32) / 255, scale=8, options=EngineOptions(cmsr="balanced", tile=16))
     torch_drawn = up.last_stats["rendered"] / up.last_stats["total"]
     assert np.abs(fast - slow).max() < 1e-5
     assert torch_drawn < 0.8 and abs(torch_drawn - kernel_drawn) < 0.05
@@ -114,7 +114,8 @@ def test_pytorch_cmsr_equals_the_kernel_and_draws_only_its_share(lm, butterfly, 
 
 def test_not_applied_within_training_range(lm, butterfly):
     up = _with_tables(lm, {"2e-05": {"8": {"2": 1e9}}})
-    assert np.array_equal(up.upscale(butterfly, scale=3, cmsr=True), up.upscale(butterfly, scale=3))
+    balanced = up.upscale(butterfly, scale=3, options=EngineOptions(cmsr="balanced"))
+    assert np.array_equal(balanced, up.upscale(butterfly, scale=3))
 
 
 def test_table_choice_and_levels():
@@ -129,14 +130,14 @@ def test_table_choice_and_levels():
 
 def test_threshold_resolution():
     tables = {"2e-05": {}, "0.0001": {}}
-    assert resolve_threshold(tables, True) == "2e-05"
+    assert resolve_threshold(tables, "balanced") == "2e-05"
     assert resolve_threshold(tables, "fast") == "0.0001"
     assert resolve_threshold(tables, "exact") is None
-    assert resolve_threshold(tables, False) is None
+    assert resolve_threshold(tables, 2e-5) == "2e-05"
     with pytest.raises(InputError):
         resolve_threshold(tables, "fine")
     with pytest.raises(InputError):
-        resolve_threshold(None, True)
+        resolve_threshold(None, "balanced")
 
 
 def test_merge_is_cautious_and_monotone():
@@ -170,6 +171,6 @@ def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
     assert result.exit_code == 0, result.output
     tables = load_weights(weights).cmsr_tables
     assert set(tables) == {"0.001"} and set(tables["0.001"]) == {"6", "8"}
-    up = Upscaler.load(weights, device="cpu")
-    out = up.upscale(butterfly, scale=8, cmsr=1e-3)
+    up = Upscaler.load(weights, EngineOptions("cpu"))
+    out = up.upscale(butterfly, scale=8, options=EngineOptions(cmsr=1e-3))
     assert out.shape == (320, 384, 3)

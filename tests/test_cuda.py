@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import Upscaler
+from lmf_cli import EngineOptions, Upscaler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -16,24 +16,24 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("scale", [2, 3.5, (2.5, 1.5)])
 def test_gpu_equals_cpu(official_files, butterfly, arch, scale):
     image = butterfly.astype(np.float32) / 255
-    cpu = Upscaler.load(official_files[arch], device="cpu", precision="fp32").upscale(image, scale=scale)
-    gpu = Upscaler.load(official_files[arch], device="cuda", precision="fp32").upscale(image, scale=scale)
+    cpu = Upscaler.load(official_files[arch], EngineOptions("cpu", "fp32")).upscale(image, scale=scale)
+    gpu = Upscaler.load(official_files[arch], EngineOptions("cuda", "fp32")).upscale(image, scale=scale)
     assert np.abs(cpu - gpu).max() < 1e-3  # TF32 and other kernels: within 1e-3
 
 
 @pytest.mark.parametrize("arch", ["lmliif", "lmlte"])
 def test_gpu_tiles_and_batches_are_exact(official_files, butterfly, arch):
-    up = Upscaler.load(official_files[arch], device="cuda", precision="fp32")
+    up = Upscaler.load(official_files[arch], EngineOptions("cuda", "fp32"))
     image = butterfly.astype(np.float32) / 255
-    whole = up.upscale(image, scale=3, tile=10_000)
-    assert np.abs(whole - up.upscale(image, scale=3, tile=16)).max() < 1e-4
+    whole = up.upscale(image, scale=3, options=EngineOptions("cuda", "fp32", tile=10_000))
+    assert np.abs(whole - up.upscale(image, scale=3, options=EngineOptions("cuda", "fp32", tile=16))).max() < 1e-4
     frames = np.stack([image, image[::-1]])
     assert np.abs(up.upscale_batch(frames, scale=3)[0] - whole).max() < 1e-4
 
 
 def test_gpu_half_precision_encoder_is_close(official_files, butterfly):
-    fp32 = Upscaler.load(official_files["lmliif"], device="cuda", precision="fp32").upscale(butterfly, scale=2)
-    auto = Upscaler.load(official_files["lmliif"], device="cuda", precision="auto")
+    fp32 = Upscaler.load(official_files["lmliif"], EngineOptions("cuda", "fp32")).upscale(butterfly, scale=2)
+    auto = Upscaler.load(official_files["lmliif"], EngineOptions("cuda", "auto"))
     assert auto.precision == "fp16"
     diff = np.abs(auto.upscale(butterfly, scale=2).astype(int) - fp32.astype(int))
     assert diff.mean() < 2
@@ -41,15 +41,15 @@ def test_gpu_half_precision_encoder_is_close(official_files, butterfly):
 
 def test_gpu_out_of_memory_backs_off(official_files):
     """A real CUDA out-of-memory error from a tiny memory fraction: the tile is split, not the image lost."""
-    up = Upscaler.load(official_files["lmliif"], device="cuda", precision="fp32")
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cuda", "fp32"))
     image = np.random.default_rng(0).random((512, 512, 3), dtype=np.float32)
-    expected = up.upscale(image, scale=2, tile=128)
+    expected = up.upscale(image, scale=2, options=EngineOptions("cuda", "fp32", tile=128))
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + (96 << 20)) / total))
     try:
         with pytest.warns(UserWarning, match="out of memory"):
-            out = up.upscale(image, scale=2, tile=10_000)
+            out = up.upscale(image, scale=2, options=EngineOptions("cuda", "fp32", tile=10_000))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert np.abs(out - expected).max() < 1e-4
@@ -58,7 +58,7 @@ def test_gpu_out_of_memory_backs_off(official_files):
 def test_gpu_tf32_matmuls_would_stay_within_1e3(official_files, butterfly):
     """TF32 matmuls stay off by default (the render MLP's first layer takes sub-pixel offsets);
     this measures what turning them on would change, the bar issue 14 sets for allowing them."""
-    up = Upscaler.load(official_files["lmliif"], device="cuda", precision="fp32")
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cuda", "fp32"))
     image = butterfly.astype(np.float32) / 255
     exact = up.upscale(image, scale=7.5)
     torch.backends.cuda.matmul.allow_tf32 = True

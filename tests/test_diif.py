@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import Upscaler, models
+from lmf_cli import EngineOptions, Upscaler, models
 from lmf_cli.engine import upscale_tensor
 from lmf_cli.models.diif import DIIF, sample_cells
 from lmf_cli.models.geometry import axis_cells, make_coord
@@ -38,7 +38,7 @@ def _lr_tensor(lr: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("scale", list(SIZES))
 def test_matches_formulas(tmp_path, butterfly, scale):
     path, block = _checkpoint(tmp_path)
-    up = Upscaler.load(path, device="cpu")
+    up = Upscaler.load(path, EngineOptions("cpu"))
     lr = butterfly[:12, :14]
     sy, sx = SIZES[scale]
     out_hw = (round(12 * sy), round(14 * sx))
@@ -56,7 +56,7 @@ def test_matches_formulas(tmp_path, butterfly, scale):
 @pytest.mark.parametrize("scale", ["x3.5", "x2.5/x1.5"])
 def test_variants_match_formulas(tmp_path, butterfly, variant, scale):
     path, block = _checkpoint(tmp_path, **variant)
-    up = Upscaler.load(path, device="cpu")
+    up = Upscaler.load(path, EngineOptions("cpu"))
     lr = butterfly[:12, :14]
     sy, sx = SIZES[scale]
     out_hw = (round(12 * sy), round(14 * sx))
@@ -68,7 +68,7 @@ def test_variants_match_formulas(tmp_path, butterfly, variant, scale):
 def test_above_x4_the_cell_is_clipped(tmp_path, butterfly):
     """x12 (the cell is 2/4, not 2/12) and a per-axis x5 / x1.2."""
     path, block = _checkpoint(tmp_path)
-    up = Upscaler.load(path, device="cpu")
+    up = Upscaler.load(path, EngineOptions("cpu"))
     lr = butterfly[:6, :10]
     for out_hw in ((72, 120), (30, 12)):
         ours = up.upscale(lr.astype(np.float32) / 255, size=out_hw)
@@ -81,7 +81,7 @@ def test_window_rendering_equals_point_queries(tmp_path, single_slice):
     """The engine's sliced renderer, whole-grid training render, sampled cells and the
     per-point path agree."""
     path, _ = _checkpoint(tmp_path, single_slice=single_slice)
-    model = Upscaler.load(path, device="cpu").model
+    model = Upscaler.load(path, EngineOptions("cpu")).model
     torch.manual_seed(0)
     inp = torch.rand(1, 3, 9, 11) * 2 - 1
     for big_h, big_w in ((25, 20), (27, 33), (40, 17)):
@@ -105,7 +105,7 @@ def test_decode_slots_holds_every_pixel(tmp_path):
     from lmf_cli.models.base import RenderWindow
 
     path, _ = _checkpoint(tmp_path)
-    model = Upscaler.load(path, device="cpu").model
+    model = Upscaler.load(path, EngineOptions("cpu")).model
     inp = torch.rand(1, 3, 7, 8) * 2 - 1
     out_hw = (19, 23)
     g = encode_image(model, inp, out_hw)
@@ -126,19 +126,19 @@ def test_decode_slots_holds_every_pixel(tmp_path):
 ])
 def test_tiled_equals_untiled(tmp_path, butterfly, image_slice, scale, single_slice):
     path, _ = _checkpoint(tmp_path, single_slice=single_slice)
-    up = Upscaler.load(path, device="cpu")
+    up = Upscaler.load(path, EngineOptions("cpu"))
     lr = butterfly[image_slice].astype(np.float32) / 255
-    tiled = up.upscale(lr, scale=scale, tile=16)
-    whole = up.upscale(lr, scale=scale, tile=10_000)
+    tiled = up.upscale(lr, scale=scale, options=EngineOptions(tile=16))
+    whole = up.upscale(lr, scale=scale, options=EngineOptions(tile=10_000))
     assert tiled.shape == whole.shape
     assert np.abs(tiled - whole).max() < 1e-4
 
 
 def test_chunk_size_changes_nothing(tmp_path, butterfly):
     path, _ = _checkpoint(tmp_path, single_slice=False)
-    model = Upscaler.load(path, device="cpu").model
+    model = Upscaler.load(path, EngineOptions("cpu")).model
     inp = torch.from_numpy(butterfly[:24, :30]).permute(2, 0, 1)[None].float() / 127.5 - 1
-    outs = [upscale_tensor(model, inp, (61, 83), max_memory=m) for m in (1 << 30, 1 << 21, 1 << 19)]
+    outs = [upscale_tensor(model, inp, (61, 83), EngineOptions(max_memory=m)) for m in (1 << 30, 1 << 21, 1 << 19)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

@@ -465,7 +465,7 @@ def test_widen_and_narrow_round_trip_every_sample():
 
 
 def test_importing_lmf_loads_no_codec_package():
-    code = ("import sys, lmf_cli, lmf_cli.io.images, lmf_cli.batch; "
+    code = ("import sys, lmf_cli, lmf_cli.io.images, lmf_cli.jobs.images; "
             "print(sorted(m for m in ('pillow_heif', 'pyjpegxl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -23,8 +23,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lmf_cli.cli import app
-from lmf_cli.errors import InputError
+from lmf_cli.errors import InputError, OptionError
 from lmf_cli.io.images import inspect_image, probe_image, read_frames, read_image
+from lmf_cli.options import EngineOptions
 
 BAD = Path(__file__).parent / "bad_inputs"
 runner = CliRunner()
@@ -235,12 +236,31 @@ def test_numpy_numbers_are_numbers(tiny, butterfly, scale):
     (dict(size=("80", "96")), "whole pixels"),  # was ValueError
     (dict(size=80), "whole pixels"),  # was TypeError
     (dict(scale=(2, "x")), "positive number or a \\(y, x\\) pair"),  # was TypeError from numpy
-    (dict(scale=2, tile=0), "at least 1"),  # was one-pixel tiles, hundreds of times slower
-    (dict(scale=2, tile=-5), "at least 1"),
-    (dict(scale=2, max_memory=0), "positive number of bytes"),
-    (dict(scale=2, alpha="bicubc"), "use 'model' or 'bicubic'"),  # was silently the model
-    (dict(scale=1e7), "out of memory for a 480000000 x 400000000 output"),  # was RuntimeError from the allocator
+    (dict(scale=1e7), "over the limit of 400,000,000"),  # the pixel limit speaks before the allocator
 ])
 def test_api_refuses_with_a_reason(tiny, butterfly, options, message):
     with pytest.raises(InputError, match=message):
         tiny.upscale(butterfly, **options)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(tile=0), "tile 0: must be a whole number of input pixels, at least 1"),  # was one-pixel tiles
+    (dict(tile=-5), "at least 1"),
+    (dict(tile=2.5), "whole number"),
+    (dict(max_memory=0), "positive number of bytes"),
+    (dict(alpha="bicubc"), "use 'model' or 'bicubic'"),  # was silently the model
+    (dict(cmsr="balancd"), "choose one of fast, balanced, fine, exact"),
+    (dict(cmsr=-1e-5), "MSE threshold"),
+    (dict(device="gpu"), "use auto, cpu, cuda, cuda:N or mps"),
+    (dict(precision="fp8"), "choose one of auto, fp32, bf16, fp16"),
+    (dict(max_pixels=0), "positive whole number of pixels"),
+])
+def test_engine_options_refuse_with_a_reason_at_construction(fields, message):
+    with pytest.raises(OptionError, match=message) as caught:
+        EngineOptions(**fields)
+    assert caught.value.option == next(iter(fields))  # the CLI names the flag from it
+
+
+def test_out_of_memory_is_one_line(tiny, butterfly):
+    with pytest.raises(InputError, match="out of memory for a 480000000 x 400000000 output"):  # was RuntimeError
+        tiny.upscale(butterfly, scale=1e7, options=EngineOptions(max_pixels=10**18))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import Upscaler
+from lmf_cli import EngineOptions, Upscaler
 from lmf_cli.engine import upscale_tensor
 from lmf_cli.models.geometry import make_coord
 from tests.conftest import official_checkpoint
@@ -20,7 +20,7 @@ SIZES = {"x2": (2, 2), "x3": (3, 3), "x3.5": (3.5, 3.5), "x8": (8, 8), "x12": (1
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scale", list(SIZES))
 def test_official_checkpoint_matches_formulas(official_files, butterfly, arch, scale, render_path):
-    up = Upscaler.load(official_files[arch], device="cpu")
+    up = Upscaler.load(official_files[arch], EngineOptions("cpu"))
     lr = butterfly[:12, :14]
     sy, sx = SIZES[scale]
     out_hw = (round(12 * sy), round(14 * sx))
@@ -37,7 +37,7 @@ def test_lmliif_with_bilinear_skip_matches_formulas(tmp_path, butterfly, render_
     ckpt = official_checkpoint("lmliif", {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16}})
     ckpt["model"]["args"]["bilinear_skip"] = True
     torch.save(ckpt, tmp_path / "skip.pth")
-    up = Upscaler.load(tmp_path / "skip.pth", device="cpu")
+    up = Upscaler.load(tmp_path / "skip.pth", EngineOptions("cpu"))
     lr = butterfly[:12, :14]
     ours = up.upscale(lr.astype(np.float32) / 255, size=(41, 30))
     ref = predict("lmliif", ckpt["model"]["sd"], ckpt["model"]["args"],
@@ -49,7 +49,7 @@ def test_rdn_encoder_matches_formulas(tmp_path, butterfly):
     rdn = {"name": "rdn", "args": {"G0": 16, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
     path = tmp_path / "rdn-lmliif.pth"
     torch.save(official_checkpoint("lmliif", rdn), path)
-    up = Upscaler.load(path, device="cpu")
+    up = Upscaler.load(path, EngineOptions("cpu"))
     lr = butterfly[:10, :9]
     ours = up.upscale(lr.astype(np.float32) / 255, size=(23, 31))
     block = torch.load(path, weights_only=True)["model"]
@@ -61,7 +61,7 @@ def test_rdn_encoder_matches_formulas(tmp_path, butterfly):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_grid_rendering_equals_point_queries(official_files, arch, render_path):
     """The fast grouped renderer and the per-point path (used in training) agree."""
-    model = Upscaler.load(official_files[arch], device="cpu").model
+    model = Upscaler.load(official_files[arch], EngineOptions("cpu")).model
     torch.manual_seed(0)
     inp = torch.rand(1, 3, 9, 11) * 2 - 1
     big_h, big_w = 25, 20
@@ -75,14 +75,14 @@ def test_grid_rendering_equals_point_queries(official_files, arch, render_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunk_size_changes_nothing(official_files, arch, butterfly, render_path):
-    model = Upscaler.load(official_files[arch], device="cpu").model
+    model = Upscaler.load(official_files[arch], EngineOptions("cpu")).model
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
-    outs = [upscale_tensor(model, inp, (97, 131), max_memory=m) for m in (1 << 30, 1 << 21, 1 << 19)]
+    outs = [upscale_tensor(model, inp, (97, 131), EngineOptions(max_memory=m)) for m in (1 << 30, 1 << 21, 1 << 19)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_deterministic(official_files, butterfly):
-    up = Upscaler.load(official_files["lmliif"], device="cpu")
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
     assert np.array_equal(up.upscale(butterfly, scale=2.7), up.upscale(butterfly, scale=2.7))
 
 
@@ -119,7 +119,7 @@ def test_odd_scales_follow_the_official_float32_coordinates(official_files, arch
     with Image.open(DATA / "Set5" / "HR" / "baby.png") as img:
         lr = np.asarray(img.convert("RGB"))[:hw[0], :hw[1]].copy()
     out_hw = (hw[0] * scale, hw[1] * scale)
-    ours = Upscaler.load(official_files[arch], device="cpu").upscale(lr.astype(np.float32) / 255, size=out_hw)
+    ours = Upscaler.load(official_files[arch], EngineOptions("cpu")).upscale(lr.astype(np.float32) / 255, size=out_hw)
     block = torch.load(official_files[arch], weights_only=True)["model"]
     ref = predict(block["name"], block["sd"], block["args"], torch.from_numpy(lr).permute(2, 0, 1)[None] / 255,
                   out_hw).numpy()

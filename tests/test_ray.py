@@ -23,12 +23,13 @@ from test_cli import ICC, chunk, exif_bytes  # noqa: E402
 from test_video import make_clip, read_clip  # noqa: E402
 
 from lmf_cli.api import Upscaler  # noqa: E402
-from lmf_cli.batch import FileOptions, Sizing, expand_inputs, plan_jobs, upscale_file  # noqa: E402
 from lmf_cli.cli import app  # noqa: E402
-from lmf_cli.cluster import WorkerPool, upscale_files, upscale_video  # noqa: E402
+from lmf_cli.cluster import WorkerPool, run_video_on, upscale_files  # noqa: E402
 from lmf_cli.cluster import pool as pool_module  # noqa: E402
 from lmf_cli.cluster.pool import plan_shape  # noqa: E402
 from lmf_cli.io.video import plan_video, work_dir  # noqa: E402
+from lmf_cli.jobs.images import FileOptions, Sizing, expand_inputs, plan_jobs, upscale_file  # noqa: E402
+from lmf_cli.options import EngineOptions  # noqa: E402
 
 runner = CliRunner()
 VFR = [40, 20, 60, 33, 50, 25, 70, 40, 20, 60, 33, 50, 25, 70]
@@ -129,8 +130,8 @@ def poisoned(weights: Path) -> Upscaler:
                 os._exit(1)
             return super().upscale(image, *args, **kwargs)
 
-    loaded = Upscaler.load(weights, "cpu", "fp32")
-    return Poisoned(loaded.loaded, "cpu", "fp32")
+    loaded = Upscaler.load(weights, EngineOptions("cpu", "fp32"))
+    return Poisoned(loaded.loaded, EngineOptions("cpu", "fp32"))
 
 
 def test_workers_that_die_are_replaced_and_their_work_retried(cluster, weights, tmp_path, butterfly, monkeypatch):
@@ -162,7 +163,7 @@ def test_workers_that_die_are_replaced_and_their_work_retried(cluster, weights, 
     by_name = {job.source.name: job for job in jobs}
     assert by_name["poison.png"].status == "failed"
     assert "a Ray worker died 2 times on it" in by_name["poison.png"].reason
-    tiny = Upscaler.load(weights, "cpu", "fp32")
+    tiny = Upscaler.load(weights, EngineOptions("cpu", "fp32"))
     for i in range(8):
         job = by_name[f"f{i}.png"]
         assert job.status == "done", job.reason
@@ -209,10 +210,11 @@ def test_an_interrupted_cluster_run_resumes_on_ray_or_locally(cluster, weights, 
         if progress.segments >= 2:
             raise KeyboardInterrupt
 
-    with WorkerPool.start("local", functools.partial(Upscaler.load, str(weights), "cpu", "fp32")) as pool:
+    load = functools.partial(Upscaler.load, str(weights), EngineOptions("cpu", "fp32"))
+    with WorkerPool.start("local", load) as pool:
         for name in ("on-ray.mkv", "locally.mkv"):
             with pytest.raises(KeyboardInterrupt):  # workers read the input by its path, as over the object store limit
-                upscale_video(pool, plan, tmp_path / name, progress=interrupt, ship_limit=0)
+                run_video_on(pool, plan, tmp_path / name, progress=interrupt, ship_limit=0)
             assert not (tmp_path / name).exists()
             kept = sorted(p.name for p in work_dir(tmp_path / name).iterdir())
             assert kept[:2] == ["frames.json", "manifest.json"] and len(kept) >= 4, kept

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lmf_cli import Upscaler
+from lmf_cli import EngineOptions, Upscaler
 from lmf_cli.cli import app
 from lmf_cli.evaluation.protocol import bicubic_method, psnr
 from lmf_cli.imaging.resample import make_pair
@@ -21,7 +21,7 @@ MIN_GAIN = {"lmf-edsr": (4.0, 2.4), "lmf-lite": (3.5, 2.0), "diif-edsr": (4.0, 2
 @pytest.mark.parametrize("name", list(MIN_GAIN))
 def test_shipped_model_beats_bicubic(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # loading by name does not depend on the working directory
-    up = Upscaler.load(name, device="cpu")
+    up = Upscaler.load(name, EngineOptions("cpu"))
     hr = load_rgb(DATA / "Set5" / "HR" / "bird.png")
     for scale, gain in zip((2, 4), MIN_GAIN[name], strict=True):
         hr_crop, lr = make_pair(hr, scale)
@@ -37,7 +37,7 @@ def test_lmf_real_undoes_jpeg_where_lmf_edsr_sharpens_it():
     from lmf_cli.imaging.degradations import parse_degradation
 
     hr = load_rgb(DATA / "Set5" / "HR" / "bird.png")
-    real, clean = Upscaler.load("lmf-real", device="cpu"), Upscaler.load("lmf-edsr", device="cpu")
+    real, clean = Upscaler.load("lmf-real", EngineOptions("cpu")), Upscaler.load("lmf-edsr", EngineOptions("cpu"))
     for scale, gain in ((2, 0.3), (4, 0.2)):
         hr_crop, lr = make_pair(hr, scale)
         lr = parse_degradation("jpeg:40")(lr, seed=1)

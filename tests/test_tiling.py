@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmf_cli import Upscaler
+from lmf_cli import EngineOptions, Upscaler
 from lmf_cli.models.checkpoints import load_weights
 from tests.conftest import official_checkpoint
 
@@ -26,7 +26,7 @@ def deep_models(tmp_path_factory):
     out = {}
     for arch in ("liif", "lte", "lmliif", "lmlte"):
         torch.save(official_checkpoint(arch, DEEP_EDSR, seed=3), folder / f"{arch}.pth")
-        out[arch] = Upscaler(load_weights(folder / f"{arch}.pth"), "cpu")
+        out[arch] = Upscaler(load_weights(folder / f"{arch}.pth"), EngineOptions("cpu"))
     return out
 
 
@@ -35,29 +35,31 @@ def deep_models(tmp_path_factory):
 def test_tiled_equals_untiled(deep_models, butterfly, arch, scale, tile, render_path):
     up = deep_models[arch]
     image = butterfly.astype(np.float32) / 255  # 48 x 40: tiles of 16 make a 3 x 3 grid
-    whole = up.upscale(image, scale=scale, tile=10_000)
-    tiled = up.upscale(image, scale=scale, tile=tile)
+    whole = up.upscale(image, scale=scale, options=EngineOptions(tile=10_000))
+    tiled = up.upscale(image, scale=scale, options=EngineOptions(tile=tile))
     assert whole.shape == tiled.shape
     assert np.abs(whole - tiled).max() < 1e-4
 
 
 def test_tiles_report_progress(deep_models, butterfly):
     seen = []
-    deep_models["lmliif"].upscale(butterfly, scale=2, tile=16, progress=lambda done, total: seen.append((done, total)))
+    deep_models["lmliif"].upscale(butterfly, scale=2, options=EngineOptions(tile=16),
+                                  progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (9, 9)
 
 
 def test_rdn_tiles(tmp_path, butterfly):
     rdn = {"name": "rdn", "args": {"G0": 8, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
     torch.save(official_checkpoint("lmliif", rdn), tmp_path / "rdn.pth")
-    up = Upscaler.load(tmp_path / "rdn.pth", device="cpu")
+    up = Upscaler.load(tmp_path / "rdn.pth", EngineOptions("cpu"))
     image = butterfly[:30, :30]
-    assert np.array_equal(up.upscale(image, scale=2.5, tile=10_000), up.upscale(image, scale=2.5, tile=16))
+    whole = up.upscale(image, scale=2.5, options=EngineOptions(tile=10_000))
+    assert np.array_equal(whole, up.upscale(image, scale=2.5, options=EngineOptions(tile=16)))
 
 
 def test_out_of_memory_tile_is_split_and_retried(deep_models, butterfly, monkeypatch):
     up = deep_models["lmliif"]
-    expected = up.upscale(butterfly, scale=2, tile=10_000)
+    expected = up.upscale(butterfly, scale=2, options=EngineOptions(tile=10_000))
     real_encode = up.model.encode
     calls = []
 
@@ -69,7 +71,7 @@ def test_out_of_memory_tile_is_split_and_retried(deep_models, butterfly, monkeyp
 
     monkeypatch.setattr(up.model, "encode", encode)
     with pytest.warns(UserWarning, match="out of memory"):
-        out = up.upscale(butterfly, scale=2, tile=10_000)
+        out = up.upscale(butterfly, scale=2, options=EngineOptions(tile=10_000))
     assert len(calls) == 5  # one failure, then four quarter tiles
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
 
@@ -91,8 +93,8 @@ def test_reduced_precision_nan_falls_back_to_float32(deep_models, butterfly, mon
 
 
 def test_bf16_encoder_is_close_to_fp32(official_files, butterfly):
-    fp32 = Upscaler.load(official_files["lmliif"], device="cpu", precision="fp32").upscale(butterfly, scale=2)
-    bf16 = Upscaler.load(official_files["lmliif"], device="cpu", precision="bf16")
+    fp32 = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "fp32")).upscale(butterfly, scale=2)
+    bf16 = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "bf16"))
     assert bf16.precision == "bf16"
     diff = np.abs(bf16.upscale(butterfly, scale=2).astype(int) - fp32.astype(int))
     assert diff.mean() < 2 and diff.max() < 40
@@ -121,9 +123,9 @@ def test_gpu_blocks_are_sized_from_the_memory_budget(deep_models):
 
     model = deep_models["lmliif"].model
     cuda = torch.device("cuda")
-    cpu_side = render_block(model, None, fused=False, device=torch.device("cpu"))[0]
-    big = render_block(model, 64 << 30, fused=False, device=cuda)[0]
-    small = render_block(model, 64 << 20, fused=False, device=cuda)[0]
+    cpu_side = render_block(model.capabilities, None, fused=False, device=torch.device("cpu"))[0]
+    big = render_block(model.capabilities, 64 << 30, fused=False, device=cuda)[0]
+    small = render_block(model.capabilities, 64 << 20, fused=False, device=cuda)[0]
     assert cpu_side < 200 and big ** 2 <= MAX_GPU_BLOCK and big >= 3840
     assert cpu_side < small < big
 

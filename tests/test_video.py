@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 from lmf_cli.api import Upscaler
 from lmf_cli.cli import app
 from lmf_cli.errors import InputError
-from lmf_cli.io import video as video_module
-from lmf_cli.io.video import plan_video, upscale_video, work_dir
+from lmf_cli.io.video import plan_video, work_dir
+from lmf_cli.jobs import video as video_job
+from lmf_cli.jobs.video import upscale_video
 from lmf_cli.models import zoo
+from lmf_cli.options import EngineOptions
 
 W, H, FRAMES = 48, 32, 14
 SRT = "1\n00:00:00,100 --> 00:00:00,300\nhello\n\n2\n00:00:00,400 --> 00:00:00,500\nworld\n"
@@ -118,7 +120,7 @@ def read_clip(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(official_files) -> Upscaler:
-    return Upscaler.load(official_files["lmliif"], "cpu", "fp32")
+    return Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_start_end_cut_every_stream_and_start_at_zero(tiny, clips, tmp_path):
     assert out["size"] == (72, 48)
     lo, hi = out["span"]["audio"]
     assert lo == pytest.approx(0, abs=0.03) and hi == pytest.approx(0.25, abs=0.03)
-    assert out["span"]["subtitle"] == pytest.approx((0.0, 0.3))  # "hello" was on screen at the cut
+    assert out["span"]["subtitle"] == pytest.approx((0.0, 0.25))  # "hello" was on screen at the cut; cut at --end
     assert out["chapters"] == [(0.0, 0.1, "one"), (0.1, 0.25, "two")]
 
 
@@ -306,11 +308,12 @@ def test_cli_default_model_on_cpu_and_ctrl_c(official_files, clips, tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(video_module, "run_video", interrupted)
+    monkeypatch.setattr(video_job, "run_video", interrupted)
     result = runner.invoke(app, ["video", str(clips["cfr"]), "-o", str(tmp_path / "b.mkv"), "--scale", "2",
                                  "--model", str(official_files["lmliif"]), "--device", "cpu"])
     assert result.exit_code == 130
-    assert "interrupted: no output written" in result.output and "--resume" in result.output
+    assert "interrupted: no output written" in result.output  # and nothing to resume: no segment was finished
+    assert "no segment was finished" in result.output and "--resume" not in result.output
 
 
 def test_batched_frames_equal_single_frames(tiny, clips, tmp_path):

@@ -5,6 +5,7 @@ Errors that users can act on (LmfError) print one line and exit 1, never a trace
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -15,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lmf_cli.errors import InputError, LmfError
+from lmf_cli.errors import OPTION_NAMES, InputError, LmfError
+from lmf_cli.options import ALPHA_MODES, CMSR_LEVELS, PRECISIONS, EngineOptions
 
 if TYPE_CHECKING:
     from lmf_cli.api import Upscaler
@@ -23,9 +25,15 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs and pipes
-DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
-CMSR_LEVELS = ("fast", "balanced", "fine", "exact")
-ALPHA_MODES = ("model", "bicubic")
+# The flag of each option the layers below name in their messages (lmf_cli.errors.option_name): in any
+# process that runs the command line (a Ray worker built from it too), errors name what the user typed.
+FLAGS = {"device": "--device", "precision": "--precision", "tile": "--tile", "max_memory": "--max-memory",
+         "cmsr": "--quality", "alpha": "--alpha", "max_pixels": "--max-pixels", "jpeg_quality": "--jpeg-quality",
+         "overwrite": "--overwrite", "recursive": "--recursive", "format": "--format", "output": "-o",
+         "resume": "--resume", "ray": "--ray", "codec": "--codec", "crf": "--crf", "preset": "--preset",
+         "pix_fmt": "--pix-fmt", "start": "--start", "end": "--end", "record": "--record", "degrade": "--degrade",
+         "ema": "--ema", "fit_schedule": "--fit-schedule", "input_quality": "--input-quality"}
+OPTION_NAMES.update(FLAGS)
 
 
 # The size options `upscale` and `video` share (one rule: round(input x scale) per axis).
@@ -43,6 +51,19 @@ RayAddress = Annotated[str | None, typer.Option("--ray", metavar="ADDRESS",
                                                      "head's HOST:PORT.")]
 Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Model actors on Ray (default: one per GPU, "
                                              "else one per 1-4 cores).")]
+# The engine options `upscale` and `video` share: one EngineOptions value made by `engine_options`.
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
+Precision = Annotated[str, typer.Option("--precision", help="Encoder precision: auto (fp16 on CUDA, bf16 on CPUs "
+                                        "with native bf16, else fp32), fp32, bf16 or fp16.")]
+Tile = Annotated[int | None, typer.Option("--tile", help="Tile side in input pixels (default: from memory); "
+                                          "tiling never changes the result.")]
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help="Memory budget for tiles, e.g. 2G or 512M "
+                                               "(default: a share of free memory).")]
+Quality = Annotated[str, typer.Option("--quality", help="CMSR level: fast, balanced, fine or exact (calm regions "
+                                      "rendered coarser above x4). Not the file quality (that is --jpeg-quality).")]
+MaxPixels = Annotated[str, typer.Option("--max-pixels", help="Largest input or output, in pixels "
+                                        "(400M = 400 megapixels).")]
+Alpha = Annotated[str, typer.Option("--alpha", help="Upscale alpha with the model or bicubic.")]
 
 
 def fail(message: str) -> NoReturn:
@@ -51,7 +72,7 @@ def fail(message: str) -> NoReturn:
 
 
 def checked(parse, *args):
-    """Run an argument parser from lmf_cli.batch; its InputError becomes `error: ...`, exit 1."""
+    """Run a parser or a constructor of checked values; its InputError becomes `error: ...`, exit 1."""
     try:
         return parse(*args)
     except InputError as exc:
@@ -73,34 +94,36 @@ def parse_amount(text: str, option: str, base: int) -> int:
     return int(value)
 
 
-def open_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
-    """The Upscaler, with --device and --quality checked once instead of failing on every file.
+def engine_options(device: str, precision: str, tile: int | None, max_memory: str | None, quality: str,
+                   max_pixels: str, alpha: str = "model") -> EngineOptions:
+    """The one EngineOptions value of a command, from its flags; a refusal is `error: --flag ...`, exit 1."""
+    for option, value, choices in (("--quality", quality, CMSR_LEVELS), ("--alpha", alpha, ALPHA_MODES),
+                                   ("--precision", precision, PRECISIONS)):
+        if value not in choices:
+            fail(f"{option} {value}: choose one of {', '.join(choices)}")
+    try:
+        return EngineOptions(device=device, precision=precision, tile=tile,
+                             max_memory=parse_amount(max_memory, "--max-memory", 1024) if max_memory else None,
+                             cmsr=quality, alpha=alpha, max_pixels=parse_amount(max_pixels, "--max-pixels", 1000))
+    except InputError as exc:
+        fail(str(exc))
+
+
+def open_upscaler(model: str, options: EngineOptions) -> Upscaler:
+    """The Upscaler, with the device and the CMSR level checked once instead of failing on every file.
 
     Raises LmfError with the line to print: a Ray worker runs this too (see `start_pool`), and its
     error reaches the driver as it is.
     """
     from lmf_cli.api import Upscaler
-    from lmf_cli.engine.cmsr import resolve_threshold, supports_cmsr
 
-    try:
-        up = Upscaler.load(model, device, precision)
-    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or one this build lacks
-        raise InputError(f"--device {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from exc
-    if quality != "exact":
-        if not supports_cmsr(up.model):
-            raise InputError(f"--quality {quality}: {up.name} is not an LMF model; CMSR levels need LM-LIIF or LM-LTE")
-        try:
-            resolve_threshold(up.loaded.cmsr_tables, quality)
-        except InputError as exc:
-            raise InputError(f"--quality {quality}: {exc}") from exc
-    return up
+    return Upscaler.load(model, options)
 
 
-def load_upscaler(model: str, device: str, precision: str, quality: str) -> Upscaler:
+def load_upscaler(model: str, options: EngineOptions) -> Upscaler:
     """`open_upscaler`, its error printed as one line (exit 1)."""
     try:
-        return open_upscaler(model, device, precision, quality)
+        return open_upscaler(model, options)
     except LmfError as exc:
         fail(str(exc))
 
@@ -115,6 +138,19 @@ def start_pool(address: str, workers: int | None, load: Callable[[], Upscaler], 
         return WorkerPool.start(address, load, workers=workers, gpus=device.split(":")[0] not in ("cpu", "mps"))
     except LmfError as exc:
         fail(str(exc))
+
+
+def data_sets(*names: str, option: str) -> list[Path]:
+    """The HR folders of standard image sets (`Set5`, `T91`, ...) under $LMF_DATA, for commands run
+    without `option`; a one-line error when LMF_DATA is unset or lacks one of them."""
+    root = os.environ.get("LMF_DATA")
+    if not root:
+        fail(f"give {option}, or set LMF_DATA to the folder that holds {', '.join(f'{n}/HR' for n in names)}")
+    folders = [Path(root) / name / "HR" for name in names]
+    for folder in folders:
+        if not folder.is_dir():
+            fail(f"LMF_DATA={root} has no {folder.relative_to(root)}; give {option} or fix LMF_DATA")
+    return folders
 
 
 def require_matplotlib(option: str) -> None:

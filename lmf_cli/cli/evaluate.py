@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from lmf_cli.batch import parse_wxh
-from lmf_cli.cli.common import DATA_ROOT, checked, console, fail, require_matplotlib, stdout
+from lmf_cli.cli.arguments import parse_wxh
+from lmf_cli.cli.common import checked, console, fail, open_upscaler, require_matplotlib, stdout
 from lmf_cli.errors import LmfError
+from lmf_cli.options import EngineOptions
 
 
 def evaluate_cmd(
@@ -29,7 +31,6 @@ def evaluate_cmd(
 
     With --degrade, the model and bicubic get the same degraded LR and are scored against the clean HR.
     """
-    from lmf_cli.api import Upscaler
     from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method, record_results
     from lmf_cli.imaging.degradations import parse_degradation
     from lmf_cli.io.images import list_images
@@ -42,7 +43,7 @@ def evaluate_cmd(
         fail(f"--degrade {exc}")
     try:
         scale_list = [float(s) for s in scales.split(",")]
-        up = Upscaler.load(model, device)
+        up = open_upscaler(model, checked(EngineOptions, device))
     except ValueError:
         fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
@@ -84,6 +85,9 @@ def evaluate_cmd(
             json_out.write_text(text)
 
 
+DEFAULT_DIIF = "diif-edsr"
+
+
 def benchmark(
     size: str = typer.Option("320x180", "--size", help="Input size WxH."),
     scales: str = typer.Option("2,3,4,8,12,30", "--scales", help="Comma-separated factors."),
@@ -95,19 +99,19 @@ def benchmark(
     warmup: int = typer.Option(1, "--warmup"),
     liif: bool = typer.Option(True, "--liif/--no-liif", help="Time LIIF on the same encoder."),
     psnr: bool = typer.Option(False, "--psnr", help="Add Set5 PSNR (standard protocol) beside the time."),
-    quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat: under a minute."),
+    quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat, no DIIF unless "
+                               "--diif names one: a smoke test of a minute or two."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
     plot: Path | None = typer.Option(None, "--plot", help="PNG of time and PSNR against scale."),
     images: list[Path] = typer.Option(None, "--image", help="Time on this photo (repeatable), cropped and "
                                       "downscaled to --size; default: 3 B100 photos, else a synthetic card."),
-    diif: str | None = typer.Option("diif-edsr", "--diif", help="DIIF model timed beside LMF and LIIF "
+    diif: str | None = typer.Option(DEFAULT_DIIF, "--diif", help="DIIF model timed beside LMF and LIIF "
                                     "(a name or file; skipped if it has no weights); --diif '' to leave it out."),
 ) -> None:
     """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
     and bicubic, with MACs from the architecture."""
     import torch
 
-    from lmf_cli.api import Upscaler
     from lmf_cli.engine.cmsr import DEFAULT_THRESHOLD, schedule_for
     from lmf_cli.evaluation import benchmark as bench
     from lmf_cli.io.images import list_images
@@ -116,10 +120,11 @@ def benchmark(
         require_matplotlib("--plot")
     if quick:
         size, scales, repeats, warmup = "96x64", "2,4,8", 1, 1
+        diif = None if diif == DEFAULT_DIIF else diif  # a named one is still timed
     in_h, in_w = checked(parse_wxh, size, "--size")
     try:
         scale_list = [float(s) for s in scales.split(",")]
-        up = Upscaler.load(model, device, precision)
+        up = open_upscaler(model, checked(EngineOptions, device, precision))
     except ValueError:
         fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
@@ -128,8 +133,9 @@ def benchmark(
     for photo in photos:
         if not photo.is_file():
             fail(f"--image {photo}: no such file")
-    if not photos and (DATA_ROOT / "B100" / "HR").is_dir():
-        photos = list_images(DATA_ROOT / "B100" / "HR")[:3]
+    data = Path(os.environ.get("LMF_DATA", "")) if os.environ.get("LMF_DATA") else None
+    if not photos and data is not None and (data / "B100" / "HR").is_dir():
+        photos = list_images(data / "B100" / "HR")[:3]
     try:
         pictures, source = bench.benchmark_inputs(in_h, in_w, photos)
     except OSError as exc:
@@ -138,7 +144,7 @@ def benchmark(
     diif_up = _optional_model(diif, device, precision) if diif else None
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"encoder in {up.precision}, input {in_w} x {in_h}", highlight=False)
+                  f"encoder in {up.precision}, rendering by {info['renderer']}, input {in_w} x {in_h}", highlight=False)
     tables = up.loaded.cmsr_tables or {}
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []
@@ -157,12 +163,13 @@ def benchmark(
         console.print(f"x{scale:g} done", highlight=False)
     scores = {}
     if psnr:
-        set5 = list_images(DATA_ROOT / "Set5" / "HR")
+        set5 = list_images(data / "Set5" / "HR") if data is not None and (data / "Set5" / "HR").is_dir() else []
         if set5:
             others = {"DIIF": diif_up.model} if diif_up is not None else {}
             scores = bench.psnr_by_scale(up.model, up.device, set5, scale_list, tables, key, others)
         else:
-            console.print("no Set5 images found; skipping PSNR", highlight=False)
+            console.print("no Set5 images (set LMF_DATA to the folder holding Set5/HR); skipping PSNR",
+                          highlight=False)
     table = Table("method", "scale", "encoder", "latent", "render", "total", "GMACs enc/lat/rend", "MP/s",
                   "peak MB", "drawn", "PSNR", title=f"lmf benchmark, {in_w} x {in_h} input from {source}, "
                   f"median of {repeats}")
@@ -172,7 +179,7 @@ def benchmark(
         score = scores.get((row.method.split(" (")[0], row.scale))
         table.add_row(row.method, f"x{row.scale:g}", *stages,
                       f"{row.total.median_s * 1e3:.0f} ± {row.total.spread_s * 1e3:.0f} ms", macs,
-                      f"{row.megapixels_per_s:.1f}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
+                      f"{row.megapixels_per_s:.3g}", f"{row.peak_memory_mb:.0f}", f"{row.rendered_fraction:.0%}",
                       f"{score:.2f}" if score else "")
     stdout.print(table)
     for row in rows:
@@ -200,10 +207,8 @@ def benchmark(
 
 def _optional_model(name: str, device: str, precision: str):
     """A second model for the benchmark, or None (with a note) when it has no weights."""
-    from lmf_cli.api import Upscaler
-
     try:
-        return Upscaler.load(name, device, precision)
+        return open_upscaler(name, checked(EngineOptions, device, precision))
     except LmfError as exc:
         console.print(f"DIIF not timed: {exc}", highlight=False)
         return None

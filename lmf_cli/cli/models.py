@@ -6,11 +6,11 @@ from rich.table import Table
 
 from lmf_cli.cli.common import stdout
 from lmf_cli.errors import LmfError
-from lmf_cli.models.checkpoints import card_facts
 
 
 def models() -> None:
     """List the shipped models and the key facts of their cards."""
+    from lmf_cli.models.checkpoints import card_facts
     from lmf_cli.models.zoo import AUTOMATIC, SHIPPED, choose_model, shipped_path
 
     table = Table("name", "status", "model / encoder", "parameters", "training", "Set5 PSNR x2 / x3 / x4", "summary")

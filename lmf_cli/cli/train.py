@@ -11,8 +11,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lmf_cli.cli.common import DATA_ROOT, console, fail, stdout
+from lmf_cli.cli.common import checked, console, data_sets, fail, open_upscaler, stdout
 from lmf_cli.errors import LmfError
+from lmf_cli.options import EngineOptions
 
 
 def _duration(text: str | None) -> float | None:
@@ -116,11 +117,12 @@ def train(
         spec = registry.diif_spec(enc, bilinear_skip=skip)
     else:
         spec = registry.ARCHITECTURES[arch](enc)
-    folders = [str(p) for p in data] if data else [str(DATA_ROOT / s / "HR") for s in DEFAULT_TRAIN_SETS]
-    val_folder = val_data or DATA_ROOT / "Set5" / "HR"
+    folders = [str(p) for p in data] if data else [str(p) for p in data_sets(*DEFAULT_TRAIN_SETS, option="--data")]
+    val_folder = val_data or (data_sets("Set5", option="--val-data")[0] if val_every else None)
     cfg = TrainConfig(spec=spec, data=folders, out_dir=str(out_dir), steps=steps, batch=batch, patch=patch,
                       queries=queries, lr=lr, warmup=warmup, schedule=schedule, seed=seed, bf16=bf16,
-                      val_every=val_every, val_data=str(val_folder), init=init_path, degrade=degrade,
+                      val_every=val_every, val_data=str(val_folder) if val_folder else None, init=init_path,
+                      degrade=degrade,
                       init_encoder=str(_resolved(init_encoder)) if init_encoder else None,
                       save_minutes=save_every, device=str(torch_device), loader_threads=loader_threads,
                       ema=ema)
@@ -182,7 +184,7 @@ def pack_data(
     """Pack training images into one lossless .npz, to carry to a GPU machine (`lmf train --data PACK`)."""
     from lmf_cli.training.data import DEFAULT_PACK_SETS, write_pack
 
-    folders = [str(p) for p in data] if data else [str(DATA_ROOT / s / "HR") for s in DEFAULT_PACK_SETS]
+    folders = [str(p) for p in data] if data else [str(p) for p in data_sets(*DEFAULT_PACK_SETS, option="--data")]
     try:
         manifest = write_pack(out, folders, codec=codec, min_side=min_side,
                               log=lambda m: console.print(m, highlight=False))
@@ -229,13 +231,12 @@ def calibrate(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Build CMSR Scale2Mod tables for a model and store them in its weights file."""
-    from lmf_cli.api import Upscaler
     from lmf_cli.io.images import list_images, load_rgb
     from lmf_cli.models.checkpoints import save_weights
     from lmf_cli.training.calibrate import calibrate as run_calibration
 
     try:
-        up = Upscaler.load(weights, device)
+        up = open_upscaler(weights, checked(EngineOptions, device))
         scales = tuple(float(t) for t in targets.split(","))
     except ValueError:
         fail(f"--targets {targets!r} must be numbers separated by commas")
@@ -244,7 +245,7 @@ def calibrate(
     target = output or Path(up.loaded.source)
     if target.suffix != ".safetensors":
         fail(f"{target}: tables are stored in .safetensors weights; pass --output NAME.safetensors")
-    folders = data or [DATA_ROOT / "T91" / "HR", DATA_ROOT / "BSD200" / "HR"]
+    folders = data or data_sets("T91", "BSD200", option="--data")
     paths = [p for folder in folders for p in list_images(folder)]
     if not paths:
         fail("no calibration images found")

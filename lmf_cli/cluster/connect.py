@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
-from lmf_cli.errors import LmfError
+from lmf_cli.errors import LmfError, option_name
 
 ADDRESSES = "local, auto, ray://HOST:PORT or HOST:PORT"
 REACH_TIMEOUT_S = 5.0
@@ -34,7 +34,7 @@ def import_ray() -> ModuleType:
     try:
         import ray
     except ImportError as exc:
-        raise ClusterError('--ray needs Ray, an optional extra: pip install "lmf-cli[ray]"') from exc
+        raise ClusterError(f'{option_name("ray")} needs Ray, an optional extra: pip install "lmf-cli[ray]"') from exc
     return ray
 
 
@@ -57,7 +57,7 @@ def _host_port(address: str) -> tuple[str, int]:
     host, _, port = rest.rpartition(":") if ":" in rest else (rest, ":", str(default))
     host = host.strip("[]")
     if not host or not port.isdigit():
-        raise ClusterError(f"--ray {address}: use {ADDRESSES}")
+        raise ClusterError(f"{option_name('ray')} {address}: use {ADDRESSES}")
     return host, int(port)
 
 
@@ -127,8 +127,9 @@ def connect(address: str) -> Connection:
         raise ClusterError(f"the Ray cluster at {address} refused the connection: {TOKEN_HELP}") from exc
     except ValueError as exc:
         if "ray[client]" in str(exc):
-            raise ClusterError(f'--ray {address}: ray:// addresses need Ray Client: pip install "ray[client]"') from exc
-        raise ClusterError(f"--ray {address}: {_first_line(exc)}") from exc
+            raise ClusterError(f'{option_name("ray")} {address}: ray:// addresses need Ray Client: '
+                               'pip install "ray[client]"') from exc
+        raise ClusterError(f"{option_name('ray')} {address}: {_first_line(exc)}") from exc
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         if _refused(f"{exc} {''.join(held)}"):
             raise ClusterError(f"the Ray cluster at {address} refused the connection: {TOKEN_HELP}") from exc

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from lmf_cli.batch import FileOptions, Job, read_input, write_output
 from lmf_cli.cluster.connect import import_ray
 from lmf_cli.cluster.pool import WorkerPool
 from lmf_cli.errors import LmfError
+from lmf_cli.jobs.images import FileOptions, Job, read_input, write_output
 
 
 def upscale_files(pool: WorkerPool, jobs: list[Job], options: FileOptions, *,

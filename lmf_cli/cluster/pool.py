@@ -81,32 +81,31 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         """What the driver prints and what a video job's resume key needs; loads the model."""
         up = self.upscaler()
-        return {"name": up.name, "device": str(up.device), "precision": up.precision,
+        return {"name": up.name, "device": str(up.device), "precision": up.precision, "options": up.options,
                 "weights": str(up.loaded.source), "threads": self.threads, "host": socket.gethostname(),
                 "pid": os.getpid(), "node": import_ray().get_runtime_context().get_node_id()}
 
     def image(self, job: Any, data: bytes, options: Any) -> tuple[bytes, list[str], float]:
-        from lmf_cli.batch import upscale_bytes
+        from lmf_cli.jobs.images import upscale_bytes
 
         t0 = time.perf_counter()
         out, notes = upscale_bytes(job, data, self.upscaler(), options)
         return out, notes, time.perf_counter() - t0
 
-    def video_batch(self, plan: Any) -> int:
-        from lmf_cli.engine.budget import video_batch
+    def frames_per_call(self, plan: Any) -> int:
+        return self.upscaler().frames_per_call(plan.in_hw, plan.out_hw)
 
-        up = self.upscaler()
-        return video_batch(up.model, up.device, plan.in_hw, plan.out_hw)
-
-    def segment(self, plan: Any, work: Any, tile: int | None, batch: int, source: bytes | None) -> tuple:
+    def segment(self, plan: Any, work: Any, batch: int, source: bytes | None) -> tuple:
         from lmf_cli.errors import InputError
-        from lmf_cli.io.video.pipeline import encode_segment
+        from lmf_cli.jobs.video import encode_segment
 
         if source is None and not plan.source.is_file():
             raise InputError(f"the Ray workers cannot read {plan.source}: over the object store limit, so the "
                              f"video must be at this path on every node (a shared file system)")
         t0 = time.perf_counter()
-        return (*encode_segment(plan, self.upscaler(), work, tile=tile, batch=batch, source=source),
+        up = self.upscaler()
+        batch = min(batch, up.frames_fitting(plan.in_hw, plan.out_hw))
+        return (*encode_segment(plan, up, work, batch=batch, source=source),
                 time.perf_counter() - t0)
 
 
@@ -240,6 +239,11 @@ class WorkerPool:
             return ray.get(getattr(actor, method).remote(*args))
         except ray.exceptions.RayTaskError as exc:
             raise exc.cause if isinstance(exc.cause, LmfError) else exc from None
+
+    @property
+    def options(self) -> Any:
+        """The EngineOptions the workers' Upscalers hold, as a worker reported them."""
+        return self.facts["options"]
 
     def describe(self) -> str:
         facts, shape = self.facts, self.shape

@@ -9,39 +9,47 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from lmf_cli.cluster.connect import import_ray
 from lmf_cli.cluster.pool import WorkerPool
-from lmf_cli.errors import InputError
-from lmf_cli.io.video.pipeline import (
+from lmf_cli.errors import InputError, option_name
+from lmf_cli.io.video.plan import VideoPlan
+from lmf_cli.io.video.segments import Manifest, SegmentMismatch, SegmentWork
+from lmf_cli.jobs.video import (
     VideoProgress,
     VideoResult,
     finish_job,
+    job_key,
+    job_lock,
     open_job,
     segment_plan,
     store_segment,
 )
-from lmf_cli.io.video.plan import VideoPlan
-from lmf_cli.io.video.segments import SegmentMismatch, SegmentWork
 
 SHIP_LIMIT = 1 << 30  # inputs up to this size travel through the object store; larger ones are read by path
 
 
-def upscale_video(pool: WorkerPool, plan: VideoPlan, dst: str | Path, *, overwrite: bool = False,
-                  resume: bool = False, tile: int | None = None, batch: int | None = None,
-                  progress: Callable[[VideoProgress], None] | None = None,
-                  ship_limit: int = SHIP_LIMIT) -> VideoResult:
-    """`io.video.run_video` on the pool: the same segments, manifest and output, so `resume` continues a
-    local or a cluster run either way. The input goes to the workers through the object store up to
-    `ship_limit` bytes; above, every node must see it at plan.source (a shared file system).
-    A segment that still fails after Ray's retries fails the job; the finished ones are kept."""
-    ray = import_ray()
+def run_video_on(pool: WorkerPool, plan: VideoPlan, dst: str | Path, *, overwrite: bool = False,
+                 resume: bool = False, batch: int | None = None,
+                 progress: Callable[[VideoProgress], None] | None = None,
+                 ship_limit: int = SHIP_LIMIT) -> VideoResult:
+    """`jobs.video.run_video` on the pool (whose workers hold Upscalers with the run's EngineOptions): the
+    same segments, manifest and output, so `resume` continues a local or a cluster run either way. The
+    input goes to the workers through the object store up to `ship_limit` bytes; above, every node must
+    see it at plan.source (a shared file system). A segment that still fails after Ray's retries fails
+    the job; the finished ones are kept."""
     dst = Path(dst)
     if batch is None:
-        batch = pool.call_one("video_batch", plan)
-    facts = SimpleNamespace(loaded=SimpleNamespace(source=pool.facts["weights"]), precision=pool.facts["precision"])
-    manifest = open_job(plan, dst, plan.key(facts, tile, batch), overwrite=overwrite, resume=resume)
+        batch = pool.call_one("frames_per_call", plan)
+    key = job_key(plan, pool.facts["weights"], pool.facts["precision"], pool.options, batch)
+    with job_lock(dst):
+        manifest = open_job(plan, dst, key, overwrite=overwrite, resume=resume)
+        return _segments_on(pool, plan, dst, manifest, batch, progress, ship_limit)
+
+
+def _segments_on(pool: WorkerPool, plan: VideoPlan, dst: Path, manifest: Manifest, batch: int,
+                 progress: Callable[[VideoProgress], None] | None, ship_limit: int) -> VideoResult:
+    ray = import_ray()
     resumed = manifest.frames
     t0 = time.perf_counter()
     data = plan.source.read_bytes() if plan.source.stat().st_size <= ship_limit else None
@@ -60,7 +68,7 @@ def upscale_video(pool: WorkerPool, plan: VideoPlan, dst: str | Path, *, overwri
                 if w.index not in manifest.done:
                     yield w
 
-        calls = pool.map(todo(), lambda actor, w: actor.segment.remote(job, w, tile, batch, source))
+        calls = pool.map(todo(), lambda actor, w: actor.segment.remote(job, w, batch, source))
         with closing(calls):
             for outcome in calls:
                 if isinstance(outcome.exception, SegmentMismatch):
@@ -68,7 +76,8 @@ def upscale_video(pool: WorkerPool, plan: VideoPlan, dst: str | Path, *, overwri
                     continue
                 if outcome.error is not None:
                     raise InputError(f"{plan.source}: segment {outcome.item.index + 1} of {len(work)} failed: "
-                                     f"{outcome.error}; the finished segments are kept (--resume continues)")
+                                     f"{outcome.error}; the finished segments are kept "
+                                     f"({option_name('resume')} continues)")
                 record, segment, extradata, _ = outcome.result
                 store_segment(manifest, plan, record, segment, extradata)
                 fresh += record["frames"]
@@ -79,7 +88,7 @@ def upscale_video(pool: WorkerPool, plan: VideoPlan, dst: str | Path, *, overwri
             break
     else:
         raise InputError(f"{plan.source}: its frames cannot be cut into segments by timestamp (frames without "
-                         "timestamps?); run it without --ray")
+                         f"timestamps?); run it without {option_name('ray')}")
     manifest.complete = True
     manifest.save()
     return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0)

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.base import Capabilities
 
 
-def render_block(model: ImplicitSR, max_memory: int | None, fused: bool = False,
+def render_block(capabilities: Capabilities, max_memory: int | None, fused: bool = False,
                  device: torch.device | None = None) -> tuple[int, int]:
     """Output block (rows, cols) rendered at once. With PyTorch on a CPU, small enough that
     the render MLP's activations (4 neighbours x width floats per pixel) stay in cache: the
@@ -20,8 +20,7 @@ def render_block(model: ImplicitSR, max_memory: int | None, fused: bool = False,
     if fused:
         bytes_per_pixel, pixels = 4 * 3 * 3, 1 << 20
     else:
-        width = max(layer.out_features for layer in model.imnet.linears)
-        bytes_per_pixel = 4 * 4 * width
+        bytes_per_pixel = 4 * 4 * capabilities.render_width
         pixels = (4 << 20) // bytes_per_pixel
     if device is not None and device.type == "cuda":
         budget = default_budget(device) if max_memory is None else max_memory
@@ -38,13 +37,6 @@ MAX_GPU_BLOCK = 4096 * 4096
 GPU_LIVE_COPIES = 6
 
 
-def tile_margin(model: ImplicitSR) -> int:
-    """Input pixels a tile must add on each side so its core sees what the whole image sees:
-    the encoder's receptive field, the 3x3 latent conv/unfold, the ensemble neighbour and
-    the bilinear skip's second tap."""
-    return int(getattr(model.encoder, "receptive_radius", 64)) + 3
-
-
 CPU_DEFAULT_BUDGET = 1 << 30
 
 
@@ -56,14 +48,12 @@ def default_budget(device: torch.device) -> int:
     return min(_free_memory(device) // 4, CPU_DEFAULT_BUDGET)
 
 
-def default_tile(model: ImplicitSR, max_memory: int | None, device: torch.device) -> int:
+def default_tile(capabilities: Capabilities, max_memory: int | None, device: torch.device) -> int:
     """Largest tile side (input pixels, margin included) whose activations fit the budget:
     a few encoder feature maps plus the latent tables, per LR pixel."""
     budget = default_budget(device) if max_memory is None else max_memory
-    width = getattr(model.encoder, "out_dim", 64)
-    latent = model.hypernet.linears[-1].out_features if hasattr(model, "hypernet") else 9 * width
-    bytes_per_pixel = 4 * (4 * width + 3 * latent)
-    side = int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)) - 2 * tile_margin(model)
+    bytes_per_pixel = 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
+    side = int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)) - 2 * capabilities.tile_margin
     return max(16, side)
 
 
@@ -81,15 +71,23 @@ def _free_memory(device: torch.device) -> int:
         return info.get("MemAvailable", 4 << 30)
 
 
-MAX_VIDEO_BATCH = 16
+MAX_FRAMES_PER_CALL = 16
 
 
-def video_batch(model: ImplicitSR, device: torch.device, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """Frames per model call for video: 1 on a CPU (the cores are busy with one frame; a batch
-    only adds latency), else as many as fit half the free device memory (a frame's encoder
-    activations and its output), up to 16."""
+def frames_fitting(capabilities: Capabilities, device: torch.device, in_hw: tuple[int, int],
+                   out_hw: tuple[int, int], max_memory: int | None = None) -> int:
+    """Same-size images whose encoder activations and float outputs fit the memory budget at once (at
+    least 1): the bound on frames per model call, and so on the frames queued around it."""
+    budget = default_budget(torch.device(device)) if max_memory is None else max_memory
+    per_frame = 4 * (in_hw[0] * in_hw[1] * 6 * capabilities.feature_channels + out_hw[0] * out_hw[1] * 3 * 4)
+    return max(1, int(budget // max(per_frame, 1)))
+
+
+def frames_per_call(capabilities: Capabilities, device: torch.device, in_hw: tuple[int, int],
+                    out_hw: tuple[int, int], max_memory: int | None = None) -> int:
+    """Same-size images per model call (video frames, still files): 1 on a CPU (the cores are busy
+    with one image; measured, a batch only adds latency), else as many as fit half the free device
+    memory, up to 16."""
     if torch.device(device).type == "cpu":
         return 1
-    width = getattr(model.encoder, "out_dim", 64)
-    per_frame = 4 * (in_hw[0] * in_hw[1] * 6 * width + out_hw[0] * out_hw[1] * 3 * 4)
-    return max(1, min(MAX_VIDEO_BATCH, default_budget(torch.device(device)) // max(per_frame, 1)))
+    return min(MAX_FRAMES_PER_CALL, frames_fitting(capabilities, device, in_hw, out_hw, max_memory))

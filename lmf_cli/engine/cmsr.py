@@ -24,7 +24,7 @@ import torch
 from lmf_cli.engine import native
 from lmf_cli.engine.render import Geometry, coarse_taps, owners, render_region, span
 from lmf_cli.errors import InputError
-from lmf_cli.models.base import ImplicitSR, Latents
+from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.geometry import bilinear_grid
 
 DECODE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
@@ -34,16 +34,6 @@ QUALITY_LEVELS = {"fast": 1e-4, "balanced": 2e-5, "fine": 5e-6}
 MIN_SCALE = 4.0  # as the official code: CMSR only above the training range
 
 Tables = dict[str, dict[str, dict[str, float]]]  # threshold -> target scale -> decode scale -> intensity
-
-
-def supports_cmsr(model: ImplicitSR) -> bool:
-    return hasattr(model, "imnet") and hasattr(model.imnet, "mod_dim")
-
-
-def intensity(model: ImplicitSR, latents: Latents) -> torch.Tensor:
-    """Mean |shift modulation| of every latent, (B, h, w)."""
-    n, d = model.imnet.hidden_depth, model.imnet.hidden_dim
-    return latents["mod"][..., n * d:2 * n * d].abs().mean(-1)
 
 
 @dataclass(frozen=True)
@@ -73,24 +63,14 @@ def schedule_for(tables: Tables | None, threshold_key: str, scale: float) -> Sch
     return Schedule(tuple(d for d, _ in pairs), tuple(v for _, v in pairs))
 
 
-def resolve_threshold(tables: Tables | None, cmsr: bool | str | float) -> str | None:
-    """Map the user's cmsr= to a table key; False -> None. Raises if the model has no table."""
-    if cmsr is False or cmsr is None:
+def resolve_threshold(tables: Tables | None, cmsr: str | float) -> str | None:
+    """The table key for a CMSR level (EngineOptions.cmsr) or MSE threshold; "exact" -> None.
+    Raises InputError where the model has no such table."""
+    if cmsr == "exact":
         return None
     if not tables:
         raise InputError("this model has no CMSR tables; run `lmf calibrate` on it first")
-    if cmsr is True:
-        wanted = DEFAULT_THRESHOLD
-    elif isinstance(cmsr, str) and cmsr in QUALITY_LEVELS:
-        wanted = QUALITY_LEVELS[cmsr]
-    elif isinstance(cmsr, str) and cmsr == "exact":
-        return None
-    else:
-        try:
-            wanted = float(cmsr)
-        except (TypeError, ValueError):
-            raise InputError(f"cmsr={cmsr!r}: use True, False, a level ({', '.join(QUALITY_LEVELS)}, exact) "
-                             "or an MSE threshold") from None
+    wanted = QUALITY_LEVELS[cmsr] if isinstance(cmsr, str) else float(cmsr)
     key = min(tables, key=lambda k: abs(np.log(float(k)) - np.log(wanted)))
     if not np.isclose(float(key), wanted, rtol=0.01):
         raise InputError(f"no CMSR table for MSE threshold {wanted:g} (calibrated: {', '.join(sorted(tables))})")
@@ -149,7 +129,7 @@ def _draw_fused(model: ImplicitSR, g: Geometry, grid: tuple[int, int], box: tupl
         render_region(model, g, grid, *box, mask=mask, into=region)
         return
     coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, *box)
-    hidden = model.imnet.hidden_dim
+    hidden = model.capabilities.kernel_width
     needed = native.mark_taps(hidden, mask, taps_r, taps_c,
                               (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
     coarse = render_region(model, g, grid, coarse_rows, coarse_cols, mask=needed)

@@ -51,9 +51,10 @@ def enabled() -> bool:
 
 def usable(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether `model` renders through the kernel on `device`."""
-    if device.type != "cpu" or not enabled() or not getattr(model, "can_fuse", lambda: False)():
+    width = model.capabilities.kernel_width
+    if device.type != "cpu" or not enabled() or width is None:
         return False
-    return _library(model.imnet.hidden_dim) is not None
+    return _library(width) is not None
 
 
 def status() -> str:

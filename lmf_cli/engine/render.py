@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from lmf_cli.engine import native
-from lmf_cli.engine.sizes import rel_cell_for
 from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow
 from lmf_cli.models.geometry import (
     AxisBilinear,
@@ -25,6 +24,7 @@ from lmf_cli.models.geometry import (
     bilinear_grid,
 )
 from lmf_cli.models.mlp import FusedMLP
+from lmf_cli.sizes import rel_cell_for
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
     which pixels are wanted: the compiled kernel draws only those; PyTorch decodes only the
-    latents with a slot on them (models with `renders_pairs`), else everything. With
+    latents with a slot on them (models whose capabilities say `renders_pairs`), else everything. With
     `into` (a (1, 3, rows, cols) view), the wanted pixels are written there and it is returned.
     """
     (h, w), device, bil = g.in_hw, g.piece.device, model.bilinear_skip
@@ -123,7 +123,7 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
         rel_cell = g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)])
-        pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.renders_pairs else None
+        pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.capabilities.renders_pairs else None
         out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
         drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
         if into is not None:

@@ -12,32 +12,33 @@ from collections.abc import Callable
 
 import torch
 
-from lmf_cli.engine.budget import default_tile, render_block, tile_margin
-from lmf_cli.engine.cmsr import Schedule, intensity, render_levels
+from lmf_cli.engine.budget import default_tile, render_block
+from lmf_cli.engine.cmsr import Schedule, render_levels
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
-from lmf_cli.engine.sizes import rel_cell_for
 from lmf_cli.models.base import ImplicitSR, Latents
+from lmf_cli.options import EngineOptions
+from lmf_cli.sizes import rel_cell_for
 
 
 @torch.inference_mode()
-def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], tile: int | None = None,
-                   schedule: Schedule | None = None, max_memory: int | None = None,
+def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int],
+                   options: EngineOptions | None = None, schedule: Schedule | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    stats: dict[str, int] | None = None) -> torch.Tensor:
     """Upscale a (B, 3, h, w) tensor in [-1, 1] to a (B, 3, H, W) CPU tensor in [0, 1] units.
 
-    The input is cut into tiles of `tile` x `tile` input pixels (None: from the memory
-    budget); each tile is encoded with a margin and renders exactly the output pixels whose
-    centres fall in its core, on the global grid, so tiling never changes the result
-    beyond float rounding. With a CMSR `schedule`, each output block renders only the
-    levels its LR pixels need. `stats` receives the count of pixels the render MLP drew.
-    A tile that runs out of GPU memory is split in four and retried; finished tiles stay.
+    The input is cut into tiles of options.tile input pixels a side (None: from
+    options.max_memory, else a share of free memory); each tile is encoded with a margin
+    and renders exactly the output pixels whose centres fall in its core, on the global
+    grid, so tiling never changes the result beyond float rounding. With a CMSR
+    `schedule`, each output block renders only the levels its LR pixels need. `stats`
+    receives the count of pixels the render MLP drew. A tile that runs out of GPU memory
+    is split in four and retried; finished tiles stay.
     """
+    options = options or EngineOptions()
     h, w = inp.shape[-2:]
-    if tile is None:
-        tile = default_tile(model, max_memory, inp.device)
-    tile = max(1, int(tile))
-    run = _TiledRun(model, inp, out_hw, schedule, max_memory, stats)
+    tile = options.tile or default_tile(model.capabilities, options.max_memory, inp.device)
+    run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats)
     cores = [(r, min(h, r + tile), c, min(w, c + tile)) for r in range(0, h, tile) for c in range(0, w, tile)]
     for done, core in enumerate(cores, 1):
         run.tile(*core)
@@ -55,7 +56,7 @@ class _TiledRun:
                  max_memory: int | None, stats: dict[str, int] | None) -> None:
         self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
         self.in_hw = tuple(inp.shape[-2:])
-        self.margin = tile_margin(model)
+        self.margin = model.capabilities.tile_margin
         self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)]).expand(inp.shape[0], 2)
         # On a GPU the canvas is pinned host memory: blocks are copied back without waiting for
         # them (non_blocking), and the one wait is at the end of the upscale.
@@ -63,7 +64,7 @@ class _TiledRun:
         self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32,
                                   pin_memory=inp.device.type == "cuda")
         self.fused = renders_fused(model, inp)
-        self.block = render_block(model, max_memory, self.fused, inp.device)
+        self.block = render_block(model.capabilities, max_memory, self.fused, inp.device)
         self.counts = stats if stats is not None else {}
         self.counts.update(rendered=0, total=inp.shape[0] * out_hw[0] * out_hw[1])
 
@@ -99,7 +100,7 @@ class _TiledRun:
     def _render_image(self, b: int, piece: torch.Tensor, latents: Latents, origin: tuple[int, int],
                       rows_range: tuple[int, int], cols_range: tuple[int, int]) -> None:
         model = self.model
-        levels = self.schedule.levels(intensity(model, latents)[0]) if self.schedule else None
+        levels = self.schedule.levels(model.modulation_intensity(latents)[0]) if self.schedule else None
         geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)
         block_h, block_w = self.block
         (i0, i1), (j0, j1) = rows_range, cols_range

@@ -26,6 +26,7 @@ from lmf_cli.imaging.resample import bicubic_resize_uint8
 from lmf_cli.io.images import load_rgb
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.liif import LIIF
+from lmf_cli.options import EngineOptions
 
 
 @dataclass
@@ -95,27 +96,11 @@ def conv_macs_per_pixel(module: nn.Module, channels: int = 3) -> float:
     return total / 64
 
 
-def _linear_macs(layers: list[nn.Linear]) -> float:
-    return float(sum(layer.in_features * layer.out_features for layer in layers))
-
-
 def model_macs(model: ImplicitSR, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
-    """MACs of each stage for one image: encoder and latent stage per LR pixel, render per
-    output pixel (4 ensemble neighbours)."""
-    lr_pixels, hr_pixels = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    """MACs of each stage for one image: the encoder per LR pixel (counted by hooks on its
+    convolutions), then the decoder's stages as its family declares them (`stage_macs`)."""
     encoder = conv_macs_per_pixel(model.encoder)  # hooks see only the convolutions forward runs
-    latent = 0.0
-    for name in ("coef", "freq"):
-        if hasattr(model, name):
-            conv = getattr(model, name)
-            latent += conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    if hasattr(model, "hypernet"):
-        latent += _linear_macs(model.hypernet.linears)
-    if hasattr(model, "decoder_macs"):  # DIIF counts its own: per slice (head) and per pixel (tail)
-        return {"encoder": encoder * lr_pixels, "latent": 0.0, "render": float(model.decoder_macs(in_hw, out_hw))}
-    neighbours = 4 if model.local_ensemble else 1
-    render = neighbours * _linear_macs(model.imnet.linears)
-    return {"encoder": encoder * lr_pixels, "latent": latent * lr_pixels, "render": render * hr_pixels}
+    return {"encoder": encoder * in_hw[0] * in_hw[1], **model.stage_macs(in_hw, out_hw)}
 
 
 def liif_twin(model: ImplicitSR) -> ImplicitSR:
@@ -193,7 +178,7 @@ def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sc
 
     def runner(inp: torch.Tensor) -> Callable[[], object]:
         def run() -> object:
-            out = upscale_tensor(model, inp, out_hw, tile=max(in_hw), schedule=schedule, stats=stats)
+            out = upscale_tensor(model, inp, out_hw, EngineOptions(tile=max(in_hw)), schedule, stats=stats)
             drawn.append(stats["rendered"] / stats["total"] if stats.get("total") else 1.0)
             return out
         return run

@@ -18,12 +18,13 @@ import torch
 
 from lmf_cli.engine.cmsr import Schedule
 from lmf_cli.engine.tiling import upscale_tensor
-from lmf_cli.errors import InputError
+from lmf_cli.errors import InputError, option_name
 from lmf_cli.imaging.degradations import EvalDegradation
 from lmf_cli.imaging.resample import bicubic_resize_float, make_pair
 from lmf_cli.io.images import load_rgb
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.checkpoints import LoadedModel, save_weights
+from lmf_cli.options import EngineOptions
 
 Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
 
@@ -124,7 +125,7 @@ def model_method(model: ImplicitSR, device: str = "cpu", schedule: Schedule | No
 
     def run(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-        out = upscale_tensor(model, inp, size_hw, tile=max(lr.shape[:2]), schedule=schedule)
+        out = upscale_tensor(model, inp, size_hw, EngineOptions(tile=max(lr.shape[:2])), schedule)
         return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
     return run
@@ -136,7 +137,7 @@ def record_results(loaded: LoadedModel, model: ImplicitSR, method: str, rows: li
     beside it; degraded inputs go under {"eval_degraded": {"jpeg:75": {...}}}."""
     source = Path(loaded.source)
     if source.suffix != ".safetensors":
-        raise InputError(f"{source}: --record needs .safetensors weights")
+        raise InputError(f"{source}: {option_name('record')} needs .safetensors weights")
     info = dict(loaded.info)
     for key, name in (("eval", method), ("eval_bicubic", "bicubic")):
         if degradation is None:

@@ -13,6 +13,9 @@ profile and EXIF from `tiffmeta`.
 Multi-frame files (animated GIF, APNG and WebP; multi-page TIFF) are read one frame at a time
 with `read_frames` and written with `write_frames`: every frame keeps its duration and disposal,
 the file its loop count; TIFF pages keep their bit depth. `read_image` is the first frame alone.
+
+Which extensions, depths, alpha, frames and metadata each format has is its record in `formats`; the
+tables here (`FORMATS`, `WRITABLE`, `IMAGE_SUFFIXES`, ...) are made from those records.
 """
 
 from __future__ import annotations
@@ -29,22 +32,20 @@ import cv2
 import numpy as np
 from PIL import GifImagePlugin, Image, UnidentifiedImageError
 
-from lmf_cli.errors import InputError
+from lmf_cli.errors import InputError, option_name
 from lmf_cli.files import atomic_write
-from lmf_cli.io import codecs
+from lmf_cli.io import codecs, formats
+from lmf_cli.io.formats import Alpha
 from lmf_cli.io.tiffmeta import TIFF_LAYOUT_TAGS, add_metadata
+from lmf_cli.options import DEFAULT_MAX_PIXELS
 
 Image.MAX_IMAGE_PIXELS = None  # our own pixel limit applies (see probe_image)
-DEFAULT_MAX_PIXELS = 400_000_000
-FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif", "tiff": ".tiff",
-           "tif": ".tiff", "avif": ".avif", "heic": ".heic", "heif": ".heif", "jxl": ".jxl"}
-OUTPUT_FORMATS = ("png", "jpg", "webp", "gif", "tiff", "avif", "heic", "jxl")  # --format; FORMATS has aliases
-WRITABLE = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", *codecs.SUFFIX_FORMATS})
-IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", *codecs.SUFFIX_FORMATS}
-# Formats whose extra frames are part of the picture (other kinds, e.g. a camera's MPO preview, keep frame 1).
-MULTI_FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
-ANIMATED_SUFFIXES = {".png": "PNG", ".webp": "WEBP", ".gif": "GIF"}  # what each animated output is written as
-PAGED_SUFFIXES = frozenset({".tif", ".tiff"})
+# The format tables, made from the records in `formats` (see there for what each holds).
+FORMATS, OUTPUT_FORMATS, WRITABLE = formats.FORMATS, formats.OUTPUT_FORMATS, formats.WRITABLE
+IMAGE_SUFFIXES, MULTI_FRAME_FORMATS = formats.IMAGE_SUFFIXES, formats.MULTI_FRAME_FORMATS
+ANIMATED_SUFFIXES, PAGED_SUFFIXES = formats.ANIMATED_SUFFIXES, formats.PAGED_SUFFIXES  # suffix -> Pillow's name
+# Where a format without alpha sends users who want to keep it.
+_KEEP_ALPHA = formats.or_list(f.name for f in formats.WRITERS if f.alpha is Alpha.FULL)
 GIF_TRANSPARENT = 255  # the palette index of transparent GIF pixels; the other 255 hold the frame's colours
 ORIENTATION, EXIF_IFD, PIXEL_X, PIXEL_Y = 0x0112, 0x8769, 0xA002, 0xA003
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -269,7 +270,7 @@ def _check_header(img: Image.Image, max_pixels: int) -> tuple[tuple[int, int], i
         raise InputError(f"the image has no pixels ({width} x {height})")
     if width * height > max_pixels:
         raise InputError(f"{width} x {height} is {width * height:,} pixels, over the limit of "
-                         f"{max_pixels:,} (--max-pixels)")
+                         f"{max_pixels:,} ({option_name('max_pixels')})")
     # A PNG's eXIf after the pixels would need a full decode to see; only an early one counts.
     early = img.format != "PNG" or "exif" in img.info
     orientation = int(img.getexif().get(ORIENTATION, 1)) if early else 1
@@ -293,7 +294,7 @@ def _frames_info(img: Image.Image, size_wh: tuple[int, int], max_pixels: int) ->
     if info.pixels > max_pixels:
         kind = "pages" if info.page_sizes else f"frames of {size_wh[0]} x {size_wh[1]}"
         raise InputError(f"{frames:,} {kind} are {info.pixels:,} pixels in all, over the limit of {max_pixels:,} "
-                         "(--max-pixels)")
+                         f"({option_name('max_pixels')})")
     return info
 
 
@@ -504,28 +505,28 @@ def write_image(path: str | Path, image: ImageFile, quality: int = 95, keep_meta
     pixels, notes = image.pixels, []
     icc = image.icc_profile if keep_metadata else None
     exif = _exif_for(image.exif, image.size_wh) if keep_metadata and image.exif else None
-    if suffix in codecs.SUFFIX_FORMATS:
+    fmt = formats.BY_SUFFIX[suffix]
+    if fmt.codec:
         data, notes = codecs.encode(pixels, suffix, image.bits, icc, exif, quality)
-    elif suffix == ".png":
+    elif fmt is formats.PNG:
         data = _encode_png(pixels, icc, exif)
-    elif suffix == ".gif":
+    elif fmt is formats.GIF:
         frame, notes = _eight_bit(pixels, "GIF", image.bits)
         data = _encode_gif([_gif_frame(frame)], [None], [None], None)
         notes += _dropped_by_gif(icc, exif)
-    elif suffix in (".tif", ".tiff") and (pixels.dtype == np.uint8 or pixels.ndim == 2):
-        data = codecs.encode_pillow(pixels, "TIFF", icc, exif)
-    elif suffix in (".tif", ".tiff"):
+    elif fmt is formats.TIFF and (pixels.dtype == np.uint8 or pixels.ndim == 2):
+        data = codecs.encode_pillow(pixels, fmt.pillow[0], icc, exif)
+    elif fmt is formats.TIFF:
         if pixels.shape[2] == 2:
             pixels = pixels[..., [0, 0, 0, 1]]
             notes.append("16-bit gray + alpha TIFF is written as RGBA")
         data, notes = _tiff_metadata(_encode_cv2(pixels, ".tiff"), icc, exif, notes)
-    else:
+    else:  # 8 bits through Pillow: JPEG, WebP
         pixels, notes = _eight_bit(pixels, suffix[1:].upper(), image.bits)
-        if suffix != ".webp" and pixels.ndim == 3 and pixels.shape[2] in (2, 4):
+        if fmt.alpha is Alpha.NONE and pixels.ndim == 3 and pixels.shape[2] in (2, 4):
             pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
-            notes.append("JPEG has no alpha channel: alpha was dropped (use PNG, WebP, TIFF, AVIF, HEIC or JPEG XL "
-                         "to keep it)")
-        data = codecs.encode_pillow(pixels, "WEBP" if suffix == ".webp" else "JPEG", icc, exif, quality=quality)
+            notes.append(f"{fmt.name} has no alpha channel: alpha was dropped (use {_KEEP_ALPHA} to keep it)")
+        data = codecs.encode_pillow(pixels, fmt.pillow[0], icc, exif, quality=quality)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return [*image.notes, *notes]
 
@@ -612,7 +613,8 @@ def frames_refusal(info: ImageInfo, suffix: str) -> str | None:
     if suffix not in ANIMATED_SUFFIXES and suffix not in PAGED_SUFFIXES:
         name = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(suffix, suffix[1:].upper() or "a file without an extension")
         keep = "tiff" if kind == "pages" else "gif, png (APNG), webp or tiff"
-        return f"it has {frames} {kind} and {name} holds one image; write {keep} (--format) to keep them all"
+        return (f"it has {frames} {kind} and {name} holds one image; write {keep} ({option_name('format')}) "
+                "to keep them all")
     if kind == "pages" and suffix not in PAGED_SUFFIXES:
         return (f"it has {frames} pages, which only TIFF keeps as pages (not as frames of an animation); "
                 "write tiff or split the pages first")
@@ -742,10 +744,11 @@ def _encode_animation(frames: Iterable[Frame], anim: Animation, target: str, icc
     disposals: list[int] = []
     blends: list[int] = []
     notes: list[str] = []
+    record = formats.BY_PILLOW[target]
     for index, frame in enumerate(frames):
         if index == 0 and anim.default_image and target != "PNG":
             continue  # the APNG's still image for viewers without animation is not a frame of it
-        pixels, reduced = _eight_bit(frame.pixels, {"GIF": "GIF", "PNG": "APNG", "WEBP": "WebP"}[target])
+        pixels, reduced = _eight_bit(frame.pixels, record.animation_name or record.name)
         if reduced and not notes:
             notes += reduced
         durations.append(frame.duration)

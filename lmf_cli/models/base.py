@@ -16,8 +16,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmf_cli.models.geometry import AREA_EPS, AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
+from lmf_cli.sizes import TRAINED_MAX_SCALE
 
 Latents = dict[str, torch.Tensor]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do, declared once by its family (in the spirit of spandrel's descriptor).
+
+    The engine, the API, training and the benchmark read these facts; nothing outside
+    `models/` looks inside a network to guess them.
+    """
+
+    family: str  # the registry name: lmliif, lmlte, liif, lte, diif
+    tile_margin: int  # input pixels a tile adds per side so its core sees what the whole image sees
+    feature_channels: int  # encoder output channels: the encoder's share of a tile's memory
+    latent_channels: int  # width of the per-latent table: its share of a tile's memory
+    render_width: int  # widest layer of the per-output-pixel MLP: the PyTorch renderer's block size
+    cmsr: bool = False  # modulated render MLP: CMSR levels (intensity from its shift modulations)
+    kernel_width: int | None = None  # hidden width the compiled render kernel is built for; None: PyTorch only
+    renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs (CMSR on the PyTorch path)
+    whole_cells: bool = False  # decodes every pixel of an LR cell at once: training samples whole cells
+    trained_max_scale: float = TRAINED_MAX_SCALE
+    precisions: tuple[str, ...] = PRECISIONS  # encoder compute precisions (the MLPs stay float32)
 
 
 @dataclass(frozen=True)
@@ -27,7 +51,7 @@ class RenderWindow:
     rows/cols: slots of the output window; bilinear_rows/cols: taps for the input skip.
     rel_cell: (B, 2) cell in LR-pixel units (already clipped for large scales).
     pairs: render only the slots of these latents (others add nothing): what CMSR's levels
-    need, at the cost of the pixels they own. Models with `renders_pairs` support it.
+    need, at the cost of the pixels they own (models whose capabilities say `renders_pairs`).
     """
 
     rows: AxisSlots
@@ -90,6 +114,15 @@ class ImplicitSR(nn.Module):
         with torch.autocast(inp.device.type, dtype=self.encoder_dtype):
             return self.encoder(inp).float()
 
+    @property
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        """Multiply-accumulates of the decoder's stages for one image: "latent" (per LR pixel work
+        after the encoder) and "render" (per output pixel). The encoder is counted by the benchmark."""
+        raise NotImplementedError
+
     def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         raise NotImplementedError
 
@@ -151,8 +184,6 @@ class ImplicitSR(nn.Module):
             out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
         return out
 
-    renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs
-
 
 def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
     """(nr, nc, Kr, Kc) weights: LIIF's normalised areas with their 1e-9 floor, exactly
@@ -203,3 +234,26 @@ def gather(latents_map: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of a (B, h, w, C) table at flat indices (B, ...)."""
     b, h, w, c = latents_map.shape
     return gather_latents(latents_map.reshape(b, h * w, c), index)
+
+
+def encoder_margin(encoder: nn.Module) -> int:
+    """Tile margin of a decoder on `encoder`: its receptive field, the 3x3 latent conv/unfold,
+    the ensemble neighbour and the bilinear skip's second tap."""
+    return int(encoder.receptive_radius) + 3
+
+
+def linear_macs(layers: list[nn.Linear]) -> float:
+    return float(sum(layer.in_features * layer.out_features for layer in layers))
+
+
+def conv3x3_macs(*convs: nn.Conv2d) -> float:
+    return float(sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs))
+
+
+def ensemble_stages(model: ImplicitSR, latent_per_pixel: float, in_hw: tuple[int, int],
+                    out_hw: tuple[int, int]) -> dict[str, float]:
+    """stage_macs of a decoder whose render MLP (`imnet`) runs once per output pixel and ensemble
+    neighbour, after `latent_per_pixel` MACs per LR pixel."""
+    neighbours = 4 if model.local_ensemble else 1
+    return {"latent": latent_per_pixel * in_hw[0] * in_hw[1],
+            "render": neighbours * linear_macs(model.imnet.linears) * out_hw[0] * out_hw[1]}

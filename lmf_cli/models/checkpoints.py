@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from lmf_cli import models
 from lmf_cli.errors import CheckpointError, UnsupportedModelError
 from lmf_cli.files import atomic_write
-from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.base import Capabilities, ImplicitSR
 
 FORMAT = "lmf-1"
 
@@ -40,6 +40,11 @@ class LoadedModel:
     @property
     def architecture(self) -> str:
         return self.spec["name"]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can do (its family's declaration), e.g. `.cmsr`, `.tile_margin`."""
+        return self.model.capabilities
 
     @property
     def parameters(self) -> int:

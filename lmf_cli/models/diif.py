@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmf_cli.models.base import ImplicitSR, Latents, RenderWindow, channels_last_table, rows_linear
+from lmf_cli.models.base import (
+    TRAINED_MAX_SCALE,
+    Capabilities,
+    ImplicitSR,
+    Latents,
+    RenderWindow,
+    channels_last_table,
+    encoder_margin,
+    rows_linear,
+)
 from lmf_cli.models.geometry import (
     AREA_EPS,
     AxisCells,
@@ -44,7 +53,6 @@ from lmf_cli.models.geometry import (
 )
 
 CORNERS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), the order of the hidden vectors
-TRAINED_MAX_SCALE = 4.0  # the cell is clipped above it (engine.rel_cell_for's rule)
 
 
 class C2FMLP(nn.Module):
@@ -156,6 +164,18 @@ class DIIF(ImplicitSR):
                             list(tail_hidden or [256, 256]))
 
     # ----- latents: the head's feature term at every corner point ---------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Decodes whole LR cells (slices), so training samples every pixel of a cell; the latent
+        table is budgeted as a 3x3-unfolded feature; the C2F-MLP has no modulations (no CMSR)."""
+        width = self.encoder.out_dim
+        return Capabilities("diif", encoder_margin(self.encoder), width, 9 * width,
+                            max(layer.out_features for layer in self.imnet.linears), whole_cells=True)
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        """All of DIIF's decoder is counted as rendering: per slice (head) and per pixel (tail)."""
+        return {"latent": 0.0, "render": float(self.decoder_macs(in_hw, out_hw))}
 
     def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         """{"corner": (B, h+1, w+1, D)}: first head layer's feature part plus bias at each

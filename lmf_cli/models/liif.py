@@ -13,10 +13,14 @@ import torch
 from torch import nn
 
 from lmf_cli.models.base import (
+    Capabilities,
     ImplicitSR,
     Latents,
     RenderWindow,
     channels_last_table,
+    conv3x3_macs,
+    encoder_margin,
+    ensemble_stages,
     gather,
     rows_linear,
     slot_rel,
@@ -44,6 +48,13 @@ class LIIF(ImplicitSR):
         feat_dim = encoder.out_dim * (9 if feat_unfold else 1)
         self.feat_dim = feat_dim
         self.imnet = MLP(feat_dim + 2 + (2 if cell_decode else 0), 3, hidden_list or [256] * 4)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return _plain_capabilities(self, "liif")
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        return ensemble_stages(self, 0.0, in_hw, out_hw)
 
     def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         feat = self.run_encoder(inp)
@@ -81,6 +92,13 @@ class LTE(ImplicitSR):
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
         self.imnet = MLP(hidden_dim, 3, hidden_list or [256] * 3)
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return _plain_capabilities(self, "lte")
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        return ensemble_stages(self, conv3x3_macs(self.coef, self.freq), in_hw, out_hw)
+
     def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         feat = self.run_encoder(inp)
         return {"coef": channels_last_table(self.coef(feat)), "freq": channels_last_table(self.freq(feat))}
@@ -103,3 +121,12 @@ class LTE(ImplicitSR):
         x = self._features(coef, z)
         first = self.imnet.linears[0]
         return _run_rest(self.imnet, rows_linear(x, first.weight, first.bias))
+
+
+def _plain_capabilities(model: LIIF | LTE, family: str) -> Capabilities:
+    """An MLP without modulations: no CMSR, no compiled kernel. Its latent table is budgeted as
+    a 3x3-unfolded feature (LIIF's), which also bounds LTE's coef and freq tables."""
+    width = model.encoder.out_dim
+    return Capabilities(family, encoder_margin(model.encoder), width, 9 * width,
+                        max(layer.out_features for layer in model.imnet.linears))
+

@@ -16,11 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmf_cli.models.base import (
+    Capabilities,
     ImplicitSR,
     Latents,
     RenderWindow,
     channels_last_table,
+    conv3x3_macs,
+    encoder_margin,
+    ensemble_stages,
     gather,
+    linear_macs,
     rows_linear,
     slot_rel_pairs,
     slot_window,
@@ -67,8 +72,6 @@ def _latent_rows(table: torch.Tensor, window: RenderWindow) -> torch.Tensor:
 class LMLIIF(ImplicitSR):
     """LM-LIIF. Options beyond the official ones: `bilinear_skip` adds a bilinear upsample
     of the input to the output (as LTE does), so training starts from a sensible image."""
-
-    renders_pairs = True
 
     def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 6,
                  latent_hidden: int = 208, local_ensemble: bool = True, feat_unfold: bool = True,
@@ -132,8 +135,15 @@ class LMLIIF(ImplicitSR):
         out = _folded_layers(self.imnet, x, mod, 1)
         return out.view(*_slot_shape(latents["mod"], window), 3)
 
-    def can_fuse(self) -> bool:
-        return True
+    @property
+    def capabilities(self) -> Capabilities:
+        return _modulated_capabilities(self, "lmliif", kernel=True)
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        return ensemble_stages(self, linear_macs(self.hypernet.linears), in_hw, out_hw)
+
+    def modulation_intensity(self, latents: Latents) -> torch.Tensor:
+        return _shift_intensity(self.imnet, latents)
 
     def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
         """Layer 0 is affine in (rel_y, rel_x): its code and cell part is one GEMM per latent."""
@@ -157,8 +167,6 @@ def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
 class LMLTE(ImplicitSR):
     """LM-LTE: LTE's Fourier features feed the latent MLP; the render MLP sees the code's
     own (coef, freq) pair and adds a bilinear upsample of the input."""
-
-    renders_pairs = True
 
     def __init__(self, encoder: nn.Module, hidden_dim: int = 16, hidden_depth: int = 8,
                  latent_hidden: int = 288, lte_dim: int = 128, local_ensemble: bool = True,
@@ -222,9 +230,17 @@ class LMLTE(ImplicitSR):
         out = _folded_layers(self.imnet, x, mod, 0)
         return out.view(*_slot_shape(latents["mod"], window), 3)
 
-    def can_fuse(self) -> bool:
-        """The kernel's Fourier stage is hidden_dim wide: only with mod_input."""
-        return self.mod_input
+    @property
+    def capabilities(self) -> Capabilities:
+        # The kernel's Fourier stage is hidden_dim wide: only with mod_input.
+        return _modulated_capabilities(self, "lmlte", kernel=self.mod_input)
+
+    def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
+        latent = conv3x3_macs(self.coef, self.freq) + linear_macs(self.hypernet.linears)
+        return ensemble_stages(self, latent, in_hw, out_hw)
+
+    def modulation_intensity(self, latents: Latents) -> torch.Tensor:
+        return _shift_intensity(self.imnet, latents)
 
     def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
         """The Fourier input stage reads coef and freq from the latent table; the phase of
@@ -233,3 +249,17 @@ class LMLTE(ImplicitSR):
             return None
         phase = self._phase_layer()(rel_cell[0])
         return _fused(self.imnet, FOURIER, latents["mod"][0], None, phase, self.imnet.mod_dim, 0)
+
+
+def _modulated_capabilities(model: LMLIIF | LMLTE, family: str, kernel: bool) -> Capabilities:
+    return Capabilities(family, encoder_margin(model.encoder), model.encoder.out_dim,
+                        model.hypernet.linears[-1].out_features,
+                        max(layer.out_features for layer in model.imnet.linears), cmsr=True,
+                        kernel_width=model.imnet.hidden_dim if kernel else None, renders_pairs=True)
+
+
+
+def _shift_intensity(imnet: ModulatedMLP, latents: Latents) -> torch.Tensor:
+    """CMSR's detail measure: mean |shift modulation| of every latent, (B, h, w)."""
+    n, d = imnet.hidden_depth, imnet.hidden_dim
+    return latents["mod"][..., n * d:2 * n * d].abs().mean(-1)

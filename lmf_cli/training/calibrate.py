@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lmf_cli.engine.cmsr import DECODE_SCALES, DEFAULT_THRESHOLD, TARGET_SCALES, intensity, level_grid, supports_cmsr
+from lmf_cli.engine.cmsr import DECODE_SCALES, DEFAULT_THRESHOLD, TARGET_SCALES, level_grid
 from lmf_cli.engine.render import encode_image, owners, render_coarse, render_region
 from lmf_cli.errors import InputError
 from lmf_cli.imaging.resample import make_pair
@@ -64,7 +64,7 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
     For each target scale, every image is downscaled (bicubic) by it, encoded once, rendered
     in full at the target and at each smaller decode scale, and swept bin by bin.
     """
-    if not supports_cmsr(model):
+    if not model.capabilities.cmsr:
         raise InputError("CMSR needs an LMF model (LM-LIIF or LM-LTE)")
     tables: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
@@ -79,7 +79,7 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
                 g = encode_image(model, inp, out_hw)
                 own_r = owners(0, out_hw[0], out_hw[0], lr.shape[0], 0, inp.device)
                 own_c = owners(0, out_hw[1], out_hw[1], lr.shape[1], 0, inp.device)
-                strength = intensity(model, g.latents)[0][own_r][:, own_c]
+                strength = model.modulation_intensity(g.latents)[0][own_r][:, own_c]
                 whole = (0, out_hw[0]), (0, out_hw[1])
 
                 def full(g=g, out_hw=out_hw, whole=whole):

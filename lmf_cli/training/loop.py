@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmf_cli import models
+from lmf_cli.errors import option_name
 from lmf_cli.files import atomic_write
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.checkpoints import load_weights, read_metadata, save_weights
@@ -162,6 +163,16 @@ def _data_names(folders: list[str]) -> list[str]:
     return names
 
 
+def _best_scores(history: list[dict]) -> dict[str, float]:
+    """The best validation score of each kind so far (a checkpoint is the best when it beats all of them)."""
+    best: dict[str, float] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key not in ("step", "elapsed_s"):
+                best[key] = max(best.get(key, value), value)
+    return best
+
+
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
           time_budget: float | None = None, log: Callable[[str], None] = print,
           on_step: Callable[[int, float, float], None] | None = None,
@@ -188,7 +199,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         tensors = load_file(str(state_path))
         saved_cfg = json.loads(meta["config"])
         if saved_cfg.get("degrade", "none") != cfg.degrade:
-            raise ValueError(f"{state_path}: the saved run used --degrade {saved_cfg.get('degrade', 'none')}")
+            raise ValueError(f"{state_path}: the saved run used {option_name('degrade')} "
+                             f"{saved_cfg.get('degrade', 'none')}")
         if saved_cfg["spec"] != cfg.spec:
             raise ValueError(f"{state_path}: the saved run trains another architecture")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -213,7 +225,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             f"{'bfloat16' if cfg.bf16 else 'float32'}")
 
     sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed,
-                           whole_cells=hasattr(model, "decode_cells"), threads=cfg.loader_threads)
+                           whole_cells=model.capabilities.whole_cells, threads=cfg.loader_threads)
     if rng_state is not None:
         sampler.rng.bit_generator.state = rng_state
     on_cpu = device.type == "cpu"
@@ -265,6 +277,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
                 model.eval()
                 with average.applied() if average is not None else nullcontext():
                     scores = validate(model)
+                    if all(scores.get(k, -1.0) > v for k, v in _best_scores(history).items()) or not history:
+                        save_weights(out / "best.safetensors", model, cfg.spec,
+                                     {"steps": step, "weights": "best by validation", "validation": scores})
+                        log(f"best so far: step {step} -> {out / 'best.safetensors'}")
                 model.train()
                 history.append({"step": step, "elapsed_s": round(elapsed), **scores})
                 log(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))

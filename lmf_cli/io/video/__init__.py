@@ -1,7 +1,6 @@
-"""Video files: plan a job (`plan`), run the overlapped decode/model/encode pipeline in
-resumable segments (`pipeline`, `segments`), and mux the result with every other stream (`mux`)."""
+"""Video files: plan a job (`plan`), read its frames (`decode`), frame its resumable segments
+(`segments`) and mux the result with every other stream (`mux`). Running a job is `lmf_cli.jobs.video`."""
 
-from lmf_cli.io.video.pipeline import VideoProgress, VideoResult, run_video, upscale_video
 from lmf_cli.io.video.plan import (
     CODECS,
     CONTAINERS,
@@ -13,5 +12,5 @@ from lmf_cli.io.video.plan import (
     work_dir,
 )
 
-__all__ = ["CODECS", "CONTAINERS", "VideoPlan", "VideoProgress", "VideoResult", "available_codecs", "default_suffix",
-           "parse_time", "plan_video", "run_video", "upscale_video", "work_dir"]
+__all__ = ["CODECS", "CONTAINERS", "VideoPlan", "available_codecs", "default_suffix", "parse_time", "plan_video",
+           "work_dir"]

@@ -6,47 +6,98 @@ from __future__ import annotations
 
 import base64
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
+from av.error import FFmpegError
 
-from lmf_cli.io.video.plan import StreamPlan, VideoPlan, clean_tags, configure_encoder
+from lmf_cli.io.video.plan import (
+    StreamConverter,
+    StreamPlan,
+    VideoPlan,
+    clean_tags,
+    configure_encoder,
+    library_log,
+    short_error,
+)
 from lmf_cli.io.video.segments import Manifest, read_segment
 
 
 def mux(plan: VideoPlan, manifest: Manifest, tmp: Path) -> None:
-    """Segments + the input's other streams, cut to the range, into `tmp`."""
-    with av.open(str(plan.source)) as inp, av.open(str(tmp), "w", format=plan.muxer) as out:
-        out.metadata.update(clean_tags(inp.metadata))
-        video_in = inp.streams[plan.video_index]
-        video = out.add_stream(plan.codec, rate=plan.rate)
-        configure_encoder(video.codec_context, plan)
-        video.time_base = plan.time_base
-        video.metadata.update(clean_tags(video_in.metadata))
-        video.disposition = video_in.disposition
-        if plan.display_matrix is not None:
-            video.set_display_matrix(plan.display_matrix)
-        routes = {}
-        for sp in plan.streams:
-            if sp.action != "drop":
-                routes[sp.index] = _Route(out, inp.streams[sp.index], sp, plan)
-        out.set_chapters(_chapters(inp, plan))
-        out.start_encoding()
-        if base64.b64encode(video.codec_context.extradata or b"").decode() != (manifest.extradata or ""):
-            raise RuntimeError(f"{plan.codec} wrote other stream headers for the output than for its segments")
-        last_dts = None
-        for packet in heapq.merge(_video_packets(plan, manifest, video), _other_packets(inp, plan, routes),
-                                  key=_when):
-            if packet.stream is video and packet.dts is not None:
-                if last_dts is not None and packet.dts <= last_dts:  # two encoders' B-frame delays meet
-                    packet.dts = min(last_dts + 1, packet.pts) if packet.pts is not None else last_dts + 1
-                last_dts = packet.dts
-            out.mux(packet)
-        for route in routes.values():
-            out.mux(route.flush())
+    """Segments + the input's other streams, cut to the range, into `tmp`. A failure is a MuxError
+    (an OSError) whose message says which stream or step failed and why, in one line."""
+    with av.open(str(plan.source)) as inp:
+        out = av.open(str(tmp), "w", format=plan.muxer)
+        try:
+            _mux(plan, manifest, inp, out)
+            _step(f"cannot finish the {plan.muxer} file", out.close)  # the trailer: MP4 writes its index here
+        finally:
+            try:
+                out.close()
+            except FFmpegError:  # closing after another failure: that one is reported
+                pass
+
+
+def _mux(plan: VideoPlan, manifest: Manifest, inp: av.container.InputContainer,
+         out: av.container.OutputContainer) -> None:
+    out.metadata.update(clean_tags(inp.metadata))
+    video_in = inp.streams[plan.video_index]
+    video = out.add_stream(plan.codec, rate=plan.rate)
+    configure_encoder(video.codec_context, plan)
+    video.time_base = plan.time_base
+    video.metadata.update(clean_tags(video_in.metadata))
+    video.disposition = video_in.disposition
+    if plan.display_matrix is not None:
+        video.set_display_matrix(plan.display_matrix)
+    routes = {}
+    for sp in plan.streams:
+        if sp.action != "drop":
+            routes[sp.index] = _Route.open(out, inp.streams[sp.index], sp, plan)
+    written = {route.stream.index: route for route in routes.values()}
+    out.set_chapters(_chapters(inp, plan))
+    _step(f"cannot start the {plan.muxer} file", out.start_encoding)  # the header; opens the encoders
+    if base64.b64encode(video.codec_context.extradata or b"").decode() != (manifest.extradata or ""):
+        raise RuntimeError(f"{plan.codec} wrote other stream headers for the output than for its segments")
+    last_dts = None
+    for packet in heapq.merge(_video_packets(plan, manifest, video), _other_packets(inp, plan, routes), key=_when):
+        if packet.stream is video and packet.dts is not None:
+            if last_dts is not None and packet.dts <= last_dts:  # two encoders' B-frame delays meet
+                packet.dts = min(last_dts + 1, packet.pts) if packet.pts is not None else last_dts + 1
+            last_dts = packet.dts
+        _write(out, packet, written)
+    for route in routes.values():
+        for packet in route.flush():
+            _write(out, packet, written)
+
+
+class MuxError(OSError):
+    """The mux failed: the message names the stream or step and says why, in one line."""
+
+
+def _step(what: str, call: Callable[[], object]) -> None:
+    """A step where FFmpeg and the encoders say why they fail only in their log: caught and told."""
+    with library_log() as log:
+        try:
+            call()
+        except FFmpegError as exc:
+            error = exc
+        else:
+            return
+    raise MuxError(f"{what}: {short_error(error, log)}") from error
+
+
+def _write(out: av.container.OutputContainer, packet: av.Packet, routes: dict[int, _Route]) -> None:
+    try:
+        out.mux(packet)
+    except FFmpegError as exc:
+        route = routes.get(packet.stream.index)
+        if route is None:  # the video
+            raise MuxError(f"video: {short_error(exc)}") from exc
+        raise route.failed(exc) from exc
 
 
 def _when(packet: av.Packet) -> float:
@@ -83,37 +134,29 @@ def _chapters(inp: av.container.InputContainer, plan: VideoPlan) -> list[dict[st
     return kept
 
 
-class _Route:
+class _Route(StreamConverter):
     """One non-video stream: its packets cut to the range, shifted, then copied or re-encoded."""
 
     def __init__(self, out: av.container.OutputContainer, stream: av.stream.Stream, sp: StreamPlan,
                  plan: VideoPlan) -> None:
-        self.source, self.kind = stream, sp.kind
+        super().__init__(out, stream, sp)
+        self.what = f"{sp.kind} stream #{sp.index} ({stream.codec_context.name if stream.codec_context else sp.kind})"
         tb = stream.time_base or Fraction(1, 1000)
         self.lo = round(plan.start / tb) if plan.start else None
         self.hi = round(plan.end / tb) if plan.end is not None else None
         self.shift = self.lo or 0
-        self.encode = sp.action == "encode"
-        if not self.encode:
-            self.stream = out.add_stream_from_template(stream)
-        elif sp.kind == "audio":
-            self.stream = out.add_stream(sp.codec)
-            codec, ctx = self.stream.codec_context.codec, self.stream.codec_context
-            rates = codec.audio_rates
-            rate = stream.codec_context.sample_rate
-            ctx.sample_rate = rate if not rates or rate in rates else 48000 if 48000 in rates else max(rates)
-            ctx.layout = stream.codec_context.layout
-            formats = [f.name for f in codec.audio_formats or []]
-            ctx.format = (stream.codec_context.format.name if stream.codec_context.format.name in formats
-                          else next((f for f in formats if f.startswith("flt")), formats[0]))
-            ctx.time_base = Fraction(1, ctx.sample_rate)
-        else:
-            stream.codec_context.open()
-            self.stream = out.add_stream(sp.codec)
-            self.stream.codec_context.subtitle_header = stream.codec_context.subtitle_header
-            self.stream.time_base = tb
-        self.stream.metadata.update(clean_tags(stream.metadata))
-        self.stream.disposition = stream.disposition
+        self.end = plan.end - (plan.start or 0) if plan.end is not None else None  # seconds, once shifted
+
+    @classmethod
+    def open(cls, out: av.container.OutputContainer, stream: av.stream.Stream, sp: StreamPlan,
+             plan: VideoPlan) -> _Route:
+        try:
+            return cls(out, stream, sp, plan)
+        except (FFmpegError, ValueError) as exc:
+            raise MuxError(f"{sp.kind} stream #{sp.index} ({sp.codec}): {short_error(exc)}") from exc
+
+    def failed(self, exc: BaseException) -> MuxError:
+        return MuxError(f"{self.what}: {short_error(exc)}")
 
     def __call__(self, packet: av.Packet) -> list[av.Packet]:
         pts = packet.pts if packet.pts is not None else packet.dts
@@ -124,28 +167,41 @@ class _Route:
                 return []
             packet.duration -= self.lo - pts  # a subtitle already on screen at the cut starts with it
             packet.pts = packet.dts = pts = self.lo
+        if self.hi is not None and self.kind == "subtitle" and packet.duration and pts + packet.duration > self.hi:
+            packet.duration = self.hi - pts  # and one still on screen at the end leaves with the video
         if self.shift:
             packet.pts = None if packet.pts is None else packet.pts - self.shift
             packet.dts = None if packet.dts is None else packet.dts - self.shift
-        if not self.encode:
-            packet.stream = self.stream
-            return [packet]
-        if self.kind == "audio":
-            frames = self.source.codec_context.decode(packet)
-            return [p for f in frames for p in self._audio(f)]
-        subtitle = self.source.codec_context.decode2(packet)
-        if subtitle is None:
-            return []
-        out = self.stream.codec_context.encode_subtitle(subtitle)
-        out.pts, out.dts, out.duration, out.time_base = packet.pts, packet.pts, packet.duration, packet.time_base
-        out.stream = self.stream
-        return [out]
-
-    def _audio(self, frame: av.AudioFrame | None) -> list[av.Packet]:
-        packets = self.stream.encode(frame)
-        for p in packets:
-            p.stream = self.stream
-        return packets
+        try:
+            return self.convert(packet)
+        except FFmpegError as exc:
+            raise self.failed(exc) from exc
 
     def flush(self) -> list[av.Packet]:
-        return self._audio(None) if self.encode and self.kind == "audio" else []
+        try:
+            return super().flush()
+        except FFmpegError as exc:
+            raise self.failed(exc) from exc
+
+    def audio(self, frame: av.AudioFrame | None) -> list[av.Packet]:
+        if frame is not None and self.end is not None:
+            frame = _before(frame, self.end)
+            if frame is None:
+                return []
+        return super().audio(frame)
+
+
+def _before(frame: av.AudioFrame, end: float) -> av.AudioFrame | None:
+    """The samples of a decoded frame before `end` (seconds): re-encoded audio ends with the video."""
+    if frame.pts is None or frame.time_base is None or not frame.sample_rate:
+        return frame
+    keep = round((end - frame.pts * frame.time_base) * frame.sample_rate)
+    if keep >= frame.samples:
+        return frame
+    if keep <= 0:
+        return None
+    data = frame.to_ndarray()
+    data = data[:, :keep] if frame.format.is_planar else data[:, :keep * frame.layout.nb_channels]
+    cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=frame.format.name, layout=frame.layout)
+    cut.sample_rate, cut.pts, cut.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return cut

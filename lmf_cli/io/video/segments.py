@@ -52,7 +52,7 @@ class Manifest:
             return None
         if data.get("job") != job:
             raise InputError(f"{work} holds an interrupted job with other settings (input, size, encoder, range "
-                             "or model); run without --resume to start over")
+                             "or model); remove the folder to start over")
         manifest = cls(path, job, data["segments"], data["extradata"], data["complete"])
         names = {s["file"] for s in manifest.segments} | {MANIFEST, INDEX}
         for leftover in work.iterdir():  # a segment cut short by the interruption

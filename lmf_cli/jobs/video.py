@@ -1,23 +1,22 @@
-"""Video upscaling: every frame through the model, everything else in the file kept.
+"""The video job: plan checked, then every frame through the model, everything else in the file kept.
 
 Decoding (a thread), the model (the caller's thread) and encoding (a thread) are overlapped
-through small bounded queues; frames never touch the disk. Planning is in `plan`, the
-resumable segments in `segments`, the final mux in `mux`. The video is encoded into
-numbered segment files in a hidden work folder beside the output, each by a fresh encoder
-(so each starts on a keyframe) and recorded in a JSON manifest once it is closed: an
-interrupted job resumes from its last finished segment and gives the same file as an
-uninterrupted one. At the end the segments and the input's audio, subtitle and other streams
-are muxed into a temp file that is renamed onto the output, so the output path only ever
-holds a complete file.
+through small bounded queues; frames never touch the disk. The video is encoded into numbered
+segment files in a hidden work folder beside the output, each by a fresh encoder (so each
+starts on a keyframe) and recorded in a JSON manifest once it is closed: an interrupted job
+resumes from its last finished segment and gives the same file as an uninterrupted one. At
+the end the segments and the input's audio, subtitle and other streams are muxed into a temp
+file that is renamed onto the output, so the output path only ever holds a complete file.
 
-Segments hold packets in a framing of our own (pts, dts, duration, flags, size, bytes):
-containers would round (Matroska: 1 ms) or shift (NUT, MP4) the timestamps that a variable
-frame rate needs kept exactly.
+Planning is `io.video.plan`, reading `io.video.decode`, the segments' framing `io.video.segments`
+and the final mux `io.video.mux`; this module runs the job. The upscaler carries its
+EngineOptions (tile, memory budget, CMSR level, precision), so a cluster's workers, built from
+the same options, render the same frames.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import queue
 import shutil
@@ -25,20 +24,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import av
 import numpy as np
 from av.error import FFmpegError
-from av.video.reformatter import VideoReformatter
 
-from lmf_cli.engine.budget import video_batch
-from lmf_cli.errors import InputError
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from lmf_cli.errors import InputError, option_name
 from lmf_cli.files import atomic_write
+from lmf_cli.io.video.decode import DecodeReport, Source, frames_after, segment_frames
 from lmf_cli.io.video.mux import mux
-from lmf_cli.io.video.plan import SEGMENT_FRAMES, FrameUpscaler, Size, VideoPlan, plan_video, short_error, work_dir
+from lmf_cli.io.video.plan import SEGMENT_FRAMES, Size, VideoPlan, plan_video, short_error, work_dir
 from lmf_cli.io.video.segments import (
     MANIFEST,
     Manifest,
@@ -50,8 +53,40 @@ from lmf_cli.io.video.segments import (
     headers,
     segment_name,
 )
+from lmf_cli.options import EngineOptions
 
-Source = bytes | bytearray | memoryview | io.IOBase | None  # the input where it is not at plan.source
+
+class FrameUpscaler(Protocol):
+    """What video needs of an upscaler (`lmf_cli.Upscaler` is one): frames in and out, the
+    options it renders with, and the facts a resumed job must match. A protocol, so the
+    runner never imports the API."""
+
+    loaded: Any  # .source: the weights file
+    precision: str
+    options: EngineOptions
+
+    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                      options: EngineOptions | None = None, progress: Any = None) -> np.ndarray: ...
+
+    def frames_per_call(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int: ...
+
+    def frames_fitting(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int: ...
+
+
+def job_key(plan: VideoPlan, weights: str | Path, precision: str, options: EngineOptions,
+            frames_per_call: int) -> dict[str, Any]:
+    """What a resumed job must share with the interrupted one to give the same file: the input,
+    the plan, the weights, and the engine options that can change a frame's pixels."""
+    st = plan.source.stat()
+    weights = Path(weights)
+    return {"source": str(plan.source.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+            "out": list(plan.out_hw), "codec": plan.codec, "pix_fmt": plan.pix_fmt, "options": plan.options,
+            "global_header": plan.global_header, "start": plan.start, "end": plan.end,
+            "segment": plan.segment_frames,
+            "model": str(weights.resolve()), "model_mtime": weights.stat().st_mtime_ns if weights.exists() else 0,
+            "precision": precision, "tile": options.tile, "max_memory": options.max_memory, "cmsr": options.cmsr,
+            "batch": frames_per_call}
+
 
 _END = object()
 
@@ -70,11 +105,15 @@ class VideoProgress:
 
 @dataclass(frozen=True)
 class VideoResult:
+    """A finished job; `decoding` says which packets of the input were lost and where frames changed size
+    (this run's decoding: a resumed run's, or nothing for a cluster's)."""
+
     output: Path
     frames: int
     resumed_frames: int
     seconds: float
     out_bytes: int
+    decoding: DecodeReport = field(default_factory=DecodeReport)
 
     @property
     def fps(self) -> float:
@@ -88,13 +127,15 @@ class _Stopped(Exception):
 class _Pipeline:
     """decode thread -> queue -> model (this thread) -> queue -> encode thread."""
 
-    def __init__(self, plan: VideoPlan, upscaler: FrameUpscaler, manifest: Manifest, tile: int | None,
+    def __init__(self, plan: VideoPlan, upscaler: FrameUpscaler, manifest: Manifest,
                  progress: Callable[[VideoProgress], None] | None, batch: int = 1) -> None:
-        self.plan, self.up, self.manifest, self.tile, self.progress = plan, upscaler, manifest, tile, progress
+        self.plan, self.up, self.manifest, self.progress = plan, upscaler, manifest, progress
         self.batch = max(1, batch)
         self.ended = False
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
+        self.failed_writing = False
+        self.decoding = DecodeReport()
         self.writer: SegmentWriter | None = None
         self.done = manifest.frames
         self.segments = len(manifest.segments)
@@ -109,8 +150,7 @@ class _Pipeline:
         t0, fresh = time.perf_counter(), 0
         try:
             while items := self._take(frames):
-                bigs = self.up.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=self.plan.out_hw,
-                                             tile=self.tile)
+                bigs = self.up.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=self.plan.out_hw)
                 for (pts, duration, _), big in zip(items, bigs, strict=True):
                     self._put(upscaled, (pts, duration, big))
                 self.done, fresh = self.done + len(items), fresh + len(items)
@@ -156,12 +196,17 @@ class _Pipeline:
             pass
         except BaseException as exc:
             self.errors.append(exc)
+            self.failed_writing = work == self._encode
             self.stop.set()
 
     def _check(self) -> None:
+        """A failure of the decoding thread blames the input, one of the encoding thread the work folder."""
         if self.errors:
             exc = self.errors[0]
             if isinstance(exc, FFmpegError | OSError):
+                if self.failed_writing:
+                    raise InputError(f"cannot write the segments in {self.manifest.path.parent} ({short_error(exc)});"
+                                     f" the finished ones are kept ({option_name('resume')} continues)") from exc
                 raise InputError(f"{self.plan.source}: {short_error(exc)}") from exc
             raise exc
 
@@ -190,7 +235,7 @@ class _Pipeline:
     def _decode(self, out: queue.Queue) -> None:
         """Frames in the range not yet in a finished segment, as arrays, in presentation order."""
         segments = self.manifest.segments
-        for item in frames_after(self.plan, segments[-1]["last_pts"] if segments else None):
+        for item in frames_after(self.plan, segments[-1]["last_pts"] if segments else None, report=self.decoding):
             self._put(out, item)
         self._put(out, _END)
 
@@ -221,73 +266,8 @@ class _Pipeline:
         self.segments += 1
 
 
-def frames_after(plan: VideoPlan, after: int | None, source: Source = None,
-                 pixels: bool = True) -> Iterator[tuple[int, int, np.ndarray | None]]:
-    """(pts, duration, pixels) of the range's frames after the frame at `after` (None: from the range's
-    start), in presentation order: what a resumed job and a segment decoded on its own both start from.
-    `source`: the input's bytes where it is not at plan.source; pixels=False only lists the frames."""
-    start = plan.shift if plan.start else None
-    end = round(plan.end / plan.time_base) if plan.end is not None else None
-    target = after if after is not None else start
-    seek = target is not None and plan.first_pts is not None and target > plan.first_pts
-    reformatter = VideoReformatter()
-    for attempt in ((True, False) if seek else (False,)):
-        overshot = False
-        for i, (pts, duration, frame) in enumerate(_decoded(plan, target if attempt else None, source)):
-            if i == 0 and attempt and pts > target:  # no index: the seek landed past the target
-                overshot = True
-                break
-            if (start is not None and pts < start) or (after is not None and pts <= after):
-                continue
-            if end is not None and pts >= end:
-                break
-            yield pts, duration, reformatter.reformat(frame, format=plan.rgb_format).to_ndarray() if pixels else None
-        if not overshot:
-            break
-
-
-def segment_frames(plan: VideoPlan, decode: bool = False, source: Source = None) -> list[int]:
-    """The timestamps of the range's frames in presentation order, which cut a job into segments of
-    plan.segment_frames. From the packets' timestamps (seconds for hours of video), or, with `decode`
-    or where a packet has none, from decoded frames exactly as `frames_after` sees them."""
-    if not decode:
-        start = plan.shift if plan.start else None
-        end = round(plan.end / plan.time_base) if plan.end is not None else None
-        if isinstance(source, bytes | bytearray | memoryview):
-            source = io.BytesIO(source)
-        with av.open(source if source is not None else str(plan.source)) as inp:
-            stream = inp.streams[plan.video_index]
-            stamps = [p.pts for p in inp.demux(stream) if p.size or p.pts is not None]
-        if None not in stamps:
-            return [pts for pts in sorted(stamps) if (start is None or pts >= start) and (end is None or pts < end)]
-    return [pts for pts, _, _ in frames_after(plan, None, source, pixels=False)]
-
-
-def _decoded(plan: VideoPlan, seek_to: int | None, source: Source = None) -> Iterator[tuple[int, int, av.VideoFrame]]:
-    """(pts, duration, frame) of the video stream; a packet that does not decode is skipped,
-    as players do. Frames without a timestamp continue from the previous one."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        source = io.BytesIO(source)
-    with av.open(source if source is not None else str(plan.source)) as inp:
-        stream = inp.streams[plan.video_index]
-        stream.thread_type = "AUTO"
-        if seek_to is not None:
-            inp.seek(seek_to, stream=stream, backward=True)
-        step = max(1, round(1 / (plan.rate * plan.time_base)))
-        last = None
-        for packet in inp.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.error.InvalidDataError:
-                continue
-            for frame in frames:
-                pts = frame.pts if frame.pts is not None else (last + step if last is not None else 0)
-                last = pts
-                yield pts, frame.duration or step, frame
-
-
-def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, *, tile: int | None = None,
-                   batch: int = 1, source: Source = None) -> tuple[dict[str, Any], bytes, str]:
+def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, *, batch: int = 1,
+                   source: Source = None) -> tuple[dict[str, Any], bytes, str]:
     """Decode, upscale and encode one segment on its own, the unit of work of a cluster's workers.
 
     Returns its manifest record, its bytes (the packet framing of `segments`) and its stream
@@ -304,8 +284,7 @@ def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, 
                 items = [item for _, item in zip(range(min(batch, len(work.pts) - len(seen))), frames, strict=False)]
                 if not items:
                     break
-                bigs = upscaler.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=plan.out_hw,
-                                              tile=tile)
+                bigs = upscaler.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=plan.out_hw)
                 for (pts, duration, _), big in zip(items, bigs, strict=True):
                     writer.add(pts, duration, big)
                     seen.append(pts)
@@ -345,24 +324,64 @@ def segment_plan(plan: VideoPlan, manifest: Manifest, source: Source = None, exa
     return work
 
 
+def finished_segments(work: Path) -> int:
+    """How many finished segments an interrupted job left in its work folder (0 if none or unreadable)."""
+    try:
+        return len(json.loads((work / MANIFEST).read_text()).get("segments", []))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+@contextmanager
+def job_lock(dst: Path) -> Iterator[None]:
+    """One lmf at a time per output: a second command for the same output is refused instead of being
+    let loose on the first one's work folder. (Where the OS has no flock, jobs are not locked.)"""
+    lock = dst.with_name(f".{dst.name}.lmf-lock")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise InputError(f"cannot write {dst} ({exc.strerror or exc})") from exc
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"another lmf is writing {dst}; wait for it to end or stop it first") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def open_job(plan: VideoPlan, dst: Path, job: dict[str, Any], *, overwrite: bool, resume: bool) -> Manifest:
-    """Refuse what must not be written over; the manifest of the job to resume, or of a new one."""
+    """Refuse what must not be written over (the output, or an interrupted job's finished segments
+    without `resume`); the manifest of the job to resume, or of a new one."""
     if dst.exists():
         if os.path.samefile(dst, plan.source):
             raise InputError(f"refusing to write over the input {dst}")
         if not overwrite:
-            raise InputError(f"{dst} exists (--overwrite replaces it)")
+            raise InputError(f"{dst} exists ({option_name('overwrite')} replaces it)")
     work = work_dir(dst)
-    manifest = Manifest.load(work, job) if resume else None
-    if manifest is None:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        manifest = Manifest(work / MANIFEST, job)
-        manifest.save()
+    try:
+        manifest = Manifest.load(work, job) if resume else None
+        if manifest is None:
+            kept = 0 if resume else finished_segments(work)
+            if kept:
+                raise InputError(f"{work} holds {kept} finished segment{'s' if kept != 1 else ''} of an interrupted "
+                                 f"run: {option_name('resume')} continues it; remove the folder to start over")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            manifest = Manifest(work / MANIFEST, job)
+            manifest.save()
+    except OSError as exc:
+        raise InputError(f"cannot write {dst} ({exc.strerror or exc})") from exc
     return manifest
 
 
-def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, seconds: float) -> VideoResult:
+def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, seconds: float,
+               decoding: DecodeReport | None = None) -> VideoResult:
     """Mux the finished segments with the input's other streams into `dst` (atomically); drop the work folder."""
     work = manifest.path.parent
     if not manifest.frames:
@@ -373,38 +392,47 @@ def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, sec
     except (FFmpegError, OSError) as exc:
         raise InputError(f"cannot write {dst} ({short_error(exc)})") from exc
     shutil.rmtree(work)
-    return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size)
+    return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size, decoding or DecodeReport())
 
 
 def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
-              resume: bool = False, tile: int | None = None, batch: int | None = None,
+              resume: bool = False, batch: int | None = None,
               progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
-    """Upscale the planned video into `dst`. The output appears only when complete; an
-    interruption keeps the finished segments for `resume=True`. `batch`: frames per model
-    call (None: from the device and its memory; 1 on a CPU, where batching does not pay).
-    A job a cluster left with gaps (segments finished out of order) has them filled first."""
+    """Upscale the planned video into `dst` with the upscaler's EngineOptions. The output appears
+    only when complete; an interruption keeps the finished segments for `resume=True`. `batch`:
+    frames per model call (None: from the device and its memory; 1 on a CPU, where batching does
+    not pay), at most what fits the memory budget. A job a cluster left with gaps (segments
+    finished out of order) has them filled first."""
     if batch is None:
-        batch = video_batch(upscaler.model, upscaler.device, plan.in_hw, plan.out_hw)
+        batch = upscaler.frames_per_call(plan.in_hw, plan.out_hw)
+    batch = min(batch, upscaler.frames_fitting(plan.in_hw, plan.out_hw))  # the queues hold 2 x batch frames
     dst = Path(dst)
-    manifest = open_job(plan, dst, plan.key(upscaler, tile, batch), overwrite=overwrite, resume=resume)
-    resumed = manifest.frames
-    t0 = time.perf_counter()
-    if not manifest.contiguous:
-        for work in segment_plan(plan, manifest):
-            if work.index < max(manifest.done) and work.index not in manifest.done:
-                store_segment(manifest, plan, *encode_segment(plan, upscaler, work, tile=tile, batch=batch))
-    if not manifest.complete:
-        _Pipeline(plan, upscaler, manifest, tile, progress, batch).run()
-    return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0)
+    key = job_key(plan, upscaler.loaded.source, upscaler.precision, upscaler.options, batch)
+    with job_lock(dst):
+        manifest = open_job(plan, dst, key, overwrite=overwrite, resume=resume)
+        resumed = manifest.frames
+        t0 = time.perf_counter()
+        if not manifest.contiguous:
+            for work in segment_plan(plan, manifest):
+                if work.index < max(manifest.done) and work.index not in manifest.done:
+                    store_segment(manifest, plan, *encode_segment(plan, upscaler, work, batch=batch))
+        decoding = None
+        if not manifest.complete:
+            pipeline = _Pipeline(plan, upscaler, manifest, progress, batch)
+            pipeline.run()
+            decoding = pipeline.decoding
+            if plan.counted and manifest.frames < plan.total:
+                decoding.lost.append(f"{manifest.frames} of the {plan.total} frames its header lists could be read "
+                                     "(a truncated or damaged file)")
+        return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0, decoding)
 
 
 def upscale_video(src: str | Path, dst: str | Path, upscaler: FrameUpscaler, size: Size, *, codec: str | None = None,
                   crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
                   start: float | None = None, end: float | None = None, overwrite: bool = False,
-                  resume: bool = False, tile: int | None = None, segment_frames: int = SEGMENT_FRAMES,
+                  resume: bool = False, segment_frames: int = SEGMENT_FRAMES,
                   batch: int | None = None, progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
     """plan_video + run_video in one call: the output container follows `dst`'s extension."""
     plan = plan_video(src, size, suffix=Path(dst).suffix, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt,
                       start=start, end=end, segment_frames=segment_frames)
-    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, tile=tile, batch=batch,
-                     progress=progress)
+    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, batch=batch, progress=progress)

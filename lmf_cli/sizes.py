@@ -9,9 +9,10 @@ import numpy as np
 
 from lmf_cli.errors import InputError
 
-Scale = float | tuple[float, float]
+TRAINED_MAX_SCALE = 4.0  # training samples scales in U(1, 4); above it the cell is clipped and quality drops
 
-TRAINED_MAX_SCALE = 4.0
+
+Scale = float | tuple[float, float]
 
 
 def rel_cell_for(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[float, float]:

@@ -1,5 +1,6 @@
-"""From a command line's files, folders and patterns to upscale jobs: sizes, names, refusals;
-then the work of one job (read, upscale, write), shared by a local run and a cluster's workers.
+"""The image batch runner: files, folders and patterns become planned jobs (sizes, names, refusals),
+then each job is read, upscaled and written atomically, here (`run_batch`) or by a cluster's workers
+(the per-job work is shared), with the model chosen per file (`ModelChoice`).
 
 Everything in planning is decided from file headers before any pixel is decoded, so a batch
 reports what it will do (or why it won't) up front. Errors are InputError, one line each.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import errno
 import glob
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,14 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lmf_cli.engine.sizes import TRAINED_MAX_SCALE, plan_size, round_size
-from lmf_cli.errors import InputError, LmfError
+from lmf_cli.errors import InputError, LmfError, OptionError, option_name
 from lmf_cli.files import atomic_write
 from lmf_cli.io.images import (
-    DEFAULT_MAX_PIXELS,
     FORMATS,
     IMAGE_SUFFIXES,
-    OUTPUT_FORMATS,
     WRITABLE,
     ImageFile,
     frames_refusal,
@@ -35,23 +32,11 @@ from lmf_cli.io.images import (
     write_frames,
     write_image,
 )
+from lmf_cli.options import EngineOptions
+from lmf_cli.sizes import TRAINED_MAX_SCALE, plan_size, round_size
 
 if TYPE_CHECKING:
     import numpy as np
-
-SIZE_OPTIONS = "--scale (or --scale-x/--scale-y), --width/--height, --size or --fit"
-
-
-def parse_wxh(text: str, option: str) -> tuple[int, int]:
-    """'1920x1080' -> (height, width); sizes are written W x H everywhere."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"{option} {text!r} must look like WIDTHxHEIGHT, e.g. 1920x1080") from None
-    if w <= 0 or h <= 0:
-        raise InputError(f"{option} {text}: width and height must be positive")
-    return h, w
-
 
 def fmt_size(hw: tuple[int, int]) -> str:
     return f"{hw[1]} x {hw[0]}"
@@ -88,36 +73,6 @@ class Sizing:
 
     def label(self, out_hw: tuple[int, int]) -> str:
         return f"x{self.scale[0]:g}" if self.uniform else f"{out_hw[1]}x{out_hw[0]}"
-
-
-def parse_sizing(scale: float | None, scale_x: float | None, scale_y: float | None, width: int | None,
-                 height: int | None, size: str | None, fit: str | None) -> Sizing:
-    """Check the size options once, before any file is touched."""
-    groups = [scale is not None or scale_x is not None or scale_y is not None,
-              width is not None or height is not None, size is not None, fit is not None]
-    if sum(groups) != 1:
-        raise InputError(f"give one of {SIZE_OPTIONS}")
-    for option, value in (("--scale", scale), ("--scale-x", scale_x), ("--scale-y", scale_y)):
-        if value is None:
-            continue
-        if not math.isfinite(value) or value <= 0:
-            raise InputError(f"{option} {value:g} must be a positive number")
-        if value < 1:
-            raise InputError(f"{option} {value:g}: lmf only enlarges (scale >= 1 on each axis); use a resampler "
-                             "such as Pillow's LANCZOS to shrink")
-    if groups[0]:
-        base = scale if scale is not None else 1.0
-        factors = (scale_y if scale_y is not None else base, scale_x if scale_x is not None else base)
-        return Sizing(scale=factors, uniform=scale_x is None and scale_y is None)
-    for option, value in (("--width", width), ("--height", height)):
-        if value is not None and value <= 0:
-            raise InputError(f"{option} {value} must be a positive number of pixels")
-    if size is not None:
-        h, w = parse_wxh(size, "--size")
-        return Sizing(width=w, height=h)
-    if fit is not None:
-        return Sizing(box=parse_wxh(fit, "--fit"))
-    return Sizing(width=width, height=height)
 
 
 @dataclass
@@ -167,7 +122,7 @@ def _file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _exists(path: Path) -> bool:
+def exists(path: Path) -> bool:
     """Path.exists, with names the file system refuses (too long, ...) taken as absent; writing them says why."""
     try:
         return path.exists()
@@ -232,7 +187,8 @@ def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> l
             continue
         if path.is_dir():
             base, found = path, _folder_images(path, recursive, exclude)
-            empty = "no images in this folder" + ("" if recursive else " (--recursive includes subfolders)")
+            empty = "no images in this folder" + ("" if recursive else f" ({option_name('recursive')} includes "
+                                                                          "subfolders)")
         elif glob.escape(item) != item:
             base, found = _glob_base(item), []
             for match in map(Path, sorted(glob.glob(item, recursive=recursive))):
@@ -249,29 +205,6 @@ def expand_inputs(inputs: list[str], recursive: bool, exclude: Path | None) -> l
         if not found:
             jobs.append(Job(path, base, True, "failed", empty))
     return jobs
-
-
-def output_place(output: str | None, inputs: list[str], fmt: str | None) -> tuple[Path | None, Path | None]:
-    """(output file, output folder) from -o: a file only for a single input file."""
-
-    if output is None:
-        return None, None
-    path = Path(output)
-    folder = path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix
-    for parent in ([path] if folder else []) + list(path.parents):
-        if _exists(parent) and not parent.is_dir():
-            raise InputError(f"-o {output}: {parent} is a file, not a folder")
-    if folder:
-        return None, path
-    if len(inputs) == 1 and Path(inputs[0]).is_file():
-        if path.suffix.lower() not in WRITABLE:
-            raise InputError(f"-o {output}: lmf writes {', '.join(OUTPUT_FORMATS)} files")
-        if fmt is not None and FORMATS[fmt] != FORMATS[path.suffix.lower()[1:]]:
-            raise InputError(f"-o {output} does not match --format {fmt}")
-        return path, None
-    if path.suffix.lower() in WRITABLE:
-        raise InputError(f"-o {output}: several inputs need an output folder, not a file")
-    return None, path
 
 
 def target_for(job: Job, label: str, fmt: str | None, out_dir: Path | None, recursive: bool) -> Path:
@@ -305,7 +238,8 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
                 total = info.frames * out_hw[0] * out_hw[1]
             if total > max_pixels:
                 what = f"the output {fmt_size(out_hw)}" + (f" x {info.frames:,} {job.kind}" if info.frames > 1 else "")
-                raise InputError(f"{what} is {total:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+                raise InputError(f"{what} is {total:,} pixels, over the limit of {max_pixels:,} "
+                                 f"({option_name('max_pixels')})")
             job.target = out_file or target_for(job, sizing.label(out_hw), fmt, out_dir, recursive)
             refusal = frames_refusal(info, job.target.suffix)
             if refusal is not None:
@@ -319,22 +253,22 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
             job.warnings = (f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
                             "quality may drop",)
     planned = [j for j in jobs if j.status == "pending"]
-    owners = {_file_id(j.target): j for j in planned if _exists(j.target)}
+    owners = {_file_id(j.target): j for j in planned if exists(j.target)}
     for job in jobs:  # a folder rerun finds the last run's outputs (even broken ones): they are not inputs
         owner = None if job.explicit else owners.get(_file_id(job.source))
         if owner is not None and owner is not job:
             job.drop("skipped", f"it is the output of {owner.source}")
             job.target = None
-    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and _exists(j.source)}
+    inputs = {_file_id(j.source) for j in jobs if j.status != "skipped" and exists(j.source)}
     claimed: dict[str, Job] = {}
     for job in (j for j in planned if j.status == "pending"):
         key = os.path.normcase(os.path.abspath(job.target))
-        if _exists(job.target) and _file_id(job.target) in inputs:
+        if exists(job.target) and _file_id(job.target) in inputs:
             job.drop("failed", f"refusing to write over the input {job.target}")
         elif key in claimed:
             job.drop("failed", f"{job.target} is also the output of {claimed[key].source}")
-        elif _exists(job.target) and not overwrite:
-            job.drop("skipped", f"{job.target} exists (--overwrite replaces it)")
+        elif exists(job.target) and not overwrite:
+            job.drop("skipped", f"{job.target} exists ({option_name('overwrite')} replaces it)")
         else:
             claimed[key] = job
 
@@ -344,11 +278,16 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
 class ImageUpscaler(Protocol):
     """What a file job needs of an upscaler (`lmf_cli.Upscaler` is one); a protocol, so batch never imports the API."""
 
-    def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None,
-                **options: Any) -> np.ndarray: ...
+    def upscale(self, image: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                options: EngineOptions | None = None, progress: Any = None) -> np.ndarray: ...
 
-    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None,
-                      **options: Any) -> np.ndarray: ...
+    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                      options: EngineOptions | None = None, progress: Any = None) -> np.ndarray: ...
+
+    def frames_per_call(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 class TileProgress(Protocol):
@@ -359,34 +298,40 @@ class TileProgress(Protocol):
     def __call__(self, done: int, total: int) -> None: ...
 
 
+JPEG_QUALITY = 95
+
+
 @dataclass(frozen=True)
 class FileOptions:
     """What every file of a batch shares: the engine's options and the writer's. Small and picklable, so
     a cluster's workers get the very settings of a local run."""
 
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    jpeg_quality: int = 95
+    engine: EngineOptions = EngineOptions()
+    jpeg_quality: int = JPEG_QUALITY  # JPEG, WebP, AVIF, HEIC and JPEG XL file quality, 1..100
     keep_metadata: bool = True
-    tile: int | None = None
-    max_memory: int | None = None
-    alpha: str = "model"
-    cmsr: bool | str = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
+                or not 1 <= self.jpeg_quality <= 100:
+            raise OptionError("jpeg_quality", self.jpeg_quality, "must be between 1 and 100")
 
     @property
-    def engine(self) -> dict[str, Any]:
-        return {"tile": self.tile, "max_memory": self.max_memory, "alpha": self.alpha, "cmsr": self.cmsr}
+    def max_pixels(self) -> int:
+        return self.engine.max_pixels
 
 
-def upscale_pixels(up: ImageUpscaler, pixels: np.ndarray, out_hw: tuple[int, int], **engine: Any) -> np.ndarray:
+def upscale_pixels(up: ImageUpscaler, pixels: np.ndarray, out_hw: tuple[int, int], options: EngineOptions,
+                   progress: TileProgress | None = None) -> np.ndarray:
     """Upscaler.upscale, plus gray + alpha (which the API takes as RGBA)."""
     import numpy as np
 
     if pixels.ndim == 3 and pixels.shape[2] == 2:  # in float, to round once as the API does for gray
         peak = float(np.iinfo(pixels.dtype).max)
-        rgba = up.upscale(pixels[..., [0, 0, 0, 1]].astype(np.float32) / peak, size=out_hw, **engine)
+        rgba = up.upscale(pixels[..., [0, 0, 0, 1]].astype(np.float32) / peak, size=out_hw, options=options,
+                          progress=progress)
         gray_alpha = np.stack([rgba[..., :3].mean(axis=2), rgba[..., 3]], axis=2)
         return np.round(gray_alpha * peak).astype(pixels.dtype)
-    return up.upscale(pixels, size=out_hw, **engine)
+    return up.upscale(pixels, size=out_hw, options=options, progress=progress)
 
 
 def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: Path | None = None,
@@ -403,10 +348,10 @@ def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: P
     source, target = source or job.source, target or job.target
 
     def one(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-        alpha_pass = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and options.alpha == "model"
+        alpha_pass = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and options.engine.alpha == "model"
         if tiles is not None:
             tiles.start(2 if alpha_pass else 1)
-        return upscale_pixels(up, pixels, out_hw, progress=tiles, **options.engine)
+        return upscale_pixels(up, pixels, out_hw, options.engine, tiles)
 
     try:
         if job.frames > 1:  # read, upscaled and encoded one frame at a time, as write_frames asks for them
@@ -423,10 +368,11 @@ def upscale_file(job: Job, up: ImageUpscaler, options: FileOptions, *, source: P
         src = read_image(source, options.max_pixels)
         return _written(job, target, options, write_image, replace(src, pixels=one(src.pixels, job.out_hw)))
     except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
-        raise InputError(OUT_OF_MEMORY) from exc
+        raise InputError(out_of_memory()) from exc
 
 
-OUT_OF_MEMORY = "out of memory; try a smaller --tile or --max-memory"
+def out_of_memory() -> str:
+    return f"out of memory; try a smaller {option_name('tile')} or {option_name('max_memory')}"
 
 
 def _written(job: Job, target: Path, options: FileOptions, encode: Callable[..., list[str]], *args: Any) -> list[str]:
@@ -436,17 +382,6 @@ def _written(job: Job, target: Path, options: FileOptions, encode: Callable[...,
         return encode(target, *args, options.jpeg_quality, options.keep_metadata)
     except OSError as exc:
         raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
-
-
-def same_size_batch(up: ImageUpscaler, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """Still images of one size to upscale per model call: 1 on a CPU (the cores are busy with one
-    image; measured, a batch only adds latency), else as many as half the free GPU memory holds."""
-    from lmf_cli.engine.budget import video_batch
-
-    device = getattr(up, "device", None)
-    if device is None or device.type != "cuda":
-        return 1
-    return video_batch(up.model, device, in_hw, out_hw)
 
 
 def upscale_same_size(jobs: list[Job], up: ImageUpscaler, options: FileOptions) -> list[list[str] | LmfError]:
@@ -472,13 +407,14 @@ def upscale_same_size(jobs: list[Job], up: ImageUpscaler, options: FileOptions) 
         try:
             pixels = [read[i].pixels for i in members]
             if len(members) > 1 and not (len(shape) == 3 and shape[2] == 2):
-                outputs = list(up.upscale_batch(np.stack(pixels), size=jobs[members[0]].out_hw, **options.engine))
+                outputs = list(up.upscale_batch(np.stack(pixels), size=jobs[members[0]].out_hw,
+                                                options=options.engine))
             else:  # one image, or gray + alpha (the API takes it as RGBA): one at a time
-                outputs = [upscale_pixels(up, p, jobs[i].out_hw, **options.engine) for p, i in zip(pixels, members,
-                                                                                                    strict=True)]
+                outputs = [upscale_pixels(up, p, jobs[i].out_hw, options.engine)
+                           for p, i in zip(pixels, members, strict=True)]
         except (MemoryError, torch.cuda.OutOfMemoryError):
             for i in members:
-                results[i] = InputError(OUT_OF_MEMORY)
+                results[i] = InputError(out_of_memory())
             continue
         for i, out in zip(members, outputs, strict=True):
             try:
@@ -516,3 +452,118 @@ def write_output(job: Job, data: bytes) -> None:
         atomic_write(job.target, lambda tmp: tmp.write_bytes(data))
     except OSError as exc:
         raise InputError(f"cannot write {job.target} ({exc.strerror or exc})") from exc
+
+
+# The batch ---------------------------------------------------------------------------------------------------
+
+class ModelChoice:
+    """A named model for every file, or the shipped model for what each file is (`inputs`: auto reads
+    each file's headers; clean or compressed decides for all), with the reason to show."""
+
+    def __init__(self, model: str | None, inputs: str) -> None:
+        self.model, self.inputs = model, inputs
+        self.decided: dict[Path, tuple[str, str]] = {}  # grouping asks again: each file's headers are read once
+
+    def for_job(self, job: Job) -> tuple[str, str]:
+        """(model, why); why is empty when the model was named."""
+        from lmf_cli.io.compression import input_quality
+        from lmf_cli.models.zoo import choose_model
+
+        if self.model is not None:
+            return self.model, ""
+        if self.inputs != "auto":
+            choice = choose_model(self.inputs, light=False)
+            return choice.name, f"{option_name('input_quality')} {self.inputs}"
+        if job.source not in self.decided:
+            found = input_quality(job.source)
+            self.decided[job.source] = (choose_model(found.kind, light=False).name,
+                                        f"{found.reason}: {found.kind} input")
+        return self.decided[job.source]
+
+    def for_batch(self, jobs: list[Job]) -> tuple[str, str]:
+        """One model for a whole cluster batch (each actor holds one): what most of the files need."""
+        from lmf_cli.models.zoo import DEFAULT_MODEL
+
+        if self.model is not None or not jobs:
+            return self.model or DEFAULT_MODEL, ""
+        picks = [self.for_job(job)[0] for job in jobs]
+        chosen = max(set(picks), key=picks.count)
+        return chosen, (f"chosen for {picks.count(chosen)} of {len(picks)} files by "
+                        f"{option_name('input_quality')} {self.inputs}")
+
+
+def same_size_run(jobs: list[Job], start: int, limit: int, models: ModelChoice) -> list[Job]:
+    """jobs[start] and the pending still images right after it with its sizes and model, up to `limit`."""
+    first = jobs[start]
+    group = [first]
+    if first.frames > 1:
+        return group
+    model = models.for_job(first)[0]
+    for job in jobs[start + 1:]:
+        if len(group) >= limit or job.status != "pending" or job.frames > 1 or job.in_hw != first.in_hw \
+                or job.out_hw != first.out_hw or models.for_job(job)[0] != model:
+            break
+        group.append(job)
+    return group
+
+
+class BatchEvents(Protocol):
+    """What a batch tells its front end: each planned refusal (`settled`), each model loaded, each job
+    as it starts and as it ends (status done or failed, with what the output format could not keep);
+    `tiles` and `frames` follow the current file."""
+
+    tiles: TileProgress | None
+    frames: Callable[[int, int], None] | None
+
+    def settled(self, job: Job) -> None: ...
+
+    def loaded(self, up: ImageUpscaler) -> None: ...
+
+    def started(self, job: Job, model: str, why: str) -> None: ...
+
+    def ended(self, job: Job, notes: list[str]) -> None: ...
+
+
+def run_batch(jobs: list[Job], options: FileOptions, models: ModelChoice, load: Callable[[str], ImageUpscaler],
+              events: BatchEvents) -> None:
+    """Upscale the planned jobs on this machine, in order; a job that fails is reported and the batch goes on.
+
+    Each model is loaded once (`load(name)`); runs of same-size still images with the same model go
+    through one model call where the device takes several (a GPU), each output equal to a one-by-one
+    run to rounding.
+    """
+    import time
+
+    loaded: dict[str, ImageUpscaler] = {}
+    index = 0
+    while index < len(jobs):
+        job = jobs[index]
+        if job.status != "pending":
+            events.settled(job)
+            index += 1
+            continue
+        chosen, why = models.for_job(job)
+        if chosen not in loaded:
+            loaded[chosen] = load(chosen)
+            events.loaded(loaded[chosen])
+        up = loaded[chosen]
+        group = same_size_run(jobs, index, up.frames_per_call(job.in_hw, job.out_hw), models)
+        index += len(group)
+        for member in group:
+            events.started(member, up.name, models.for_job(member)[1] if why else "")
+        t0 = time.perf_counter()
+        if len(group) == 1:
+            try:
+                outcomes: list[list[str] | LmfError] = [upscale_file(job, up, options, tiles=events.tiles,
+                                                                     frames=events.frames)]
+            except LmfError as exc:
+                outcomes = [exc]
+        else:  # same-size files on a GPU: one model call for the group
+            outcomes = upscale_same_size(group, up, options)
+        for member, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, LmfError):
+                member.drop("failed", str(outcome))
+            else:
+                member.status = "done"
+            member.seconds = (time.perf_counter() - t0) / len(group)
+            events.ended(member, [] if isinstance(outcome, LmfError) else outcome)
