@@ -101,8 +101,9 @@ def test_window_rendering_equals_point_queries(tmp_path, single_slice):
 
 def test_decode_slots_holds_every_pixel(tmp_path):
     """decode_slots (every slot of a window's cells) and render (the window's pixels) agree."""
-    from lmf_cli.engine import encode_image, rel_cell_for
+    from lmf_cli.engine import encode_image
     from lmf_cli.models.base import RenderWindow
+    from lmf_cli.sizes import rel_cell_for
 
     path, _ = _checkpoint(tmp_path)
     model = Upscaler.load(path, EngineOptions("cpu")).model
