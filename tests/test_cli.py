@@ -473,3 +473,12 @@ def test_same_size_files_batched_as_on_a_gpu_equal_one_at_a_time(weights, butter
         b = np.asarray(Image.open(tmp_path / "batched" / f"{name}_x2.png")).astype(int)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
     assert len(calls) == 2  # one group of the 20x30 file, one of the five 24x32 files (in name order)
+
+
+def test_an_exact_size_that_stretches_the_picture_says_so(lmf, photo):
+    """--size 288x80 on a 48 x 40 photo (was stretched 3x wider in silence); rounding alone stays quiet."""
+    stretched = lmf(photo, "--size", "288x80", "-o", photo.parent / "wide.png")
+    assert stretched.exit_code == 0 and "stretches the picture wider by 200%" in stretched.output
+    assert "--fit keeps the aspect" in stretched.output
+    kept = lmf(photo, "--size", "97x81", "-o", photo.parent / "kept.png")
+    assert kept.exit_code == 0 and "stretches" not in kept.output

@@ -38,6 +38,8 @@ from lmf_cli.sizes import TRAINED_MAX_SCALE, plan_size, round_size
 if TYPE_CHECKING:
     import numpy as np
 
+ASPECT_TOLERANCE = 0.01  # an exact size that changes the aspect by more is said (rounding alone stays under)
+
 def fmt_size(hw: tuple[int, int]) -> str:
     return f"{hw[1]} x {hw[0]}"
 
@@ -70,6 +72,11 @@ class Sizing:
         elif out_w is None:
             out_w = round_size(w * out_h / h)
         return plan_size(in_hw, size=(out_h, out_w)).out_hw
+
+    @property
+    def fixes_both_sides(self) -> bool:
+        """An exact width and height were asked for: the aspect may change without the user meaning it."""
+        return self.width is not None and self.height is not None
 
     def label(self, out_hw: tuple[int, int]) -> str:
         return f"x{self.scale[0]:g}" if self.uniform else f"{out_hw[1]}x{out_hw[0]}"
@@ -249,9 +256,15 @@ def plan_jobs(jobs: list[Job], sizing: Sizing, max_pixels: int, fmt: str | None,
             job.out_hw = job.target = None
             continue
         factor = max(out_hw[0] / height, out_hw[1] / width)
+        warnings = []
         if factor > TRAINED_MAX_SCALE + 1e-9:
-            job.warnings = (f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
-                            "quality may drop",)
+            warnings.append(f"x{factor:.3g} is beyond the trained range (up to x{TRAINED_MAX_SCALE:g}); "
+                            "quality may drop")
+        stretch = (out_hw[1] / out_hw[0]) / (width / height)
+        if sizing.fixes_both_sides and abs(stretch - 1) > ASPECT_TOLERANCE:
+            warnings.append(f"{fmt_size(out_hw)} stretches the picture {'wider' if stretch > 1 else 'taller'} by "
+                            f"{abs(stretch - 1):.0%} ({option_name('fit')} keeps the aspect)")
+        job.warnings = tuple(warnings)
     planned = [j for j in jobs if j.status == "pending"]
     owners = {_file_id(j.target): j for j in planned if exists(j.target)}
     for job in jobs:  # a folder rerun finds the last run's outputs (even broken ones): they are not inputs
