@@ -33,7 +33,7 @@ FLAGS = {"device": "--device", "precision": "--precision", "tile": "--tile", "ma
          "resume": "--resume", "ray": "--ray", "codec": "--codec", "crf": "--crf", "preset": "--preset",
          "pix_fmt": "--pix-fmt", "start": "--start", "end": "--end", "record": "--record", "degrade": "--degrade",
          "ema": "--ema", "fit_schedule": "--fit-schedule", "input_quality": "--input-quality",
-         "self_ensemble": "--self-ensemble", "scale": "--scale", "width": "--width", "height": "--height",
+         "scale": "--scale", "width": "--width", "height": "--height",
          "size": "--size", "fit": "--fit", "batch": "--batch"}
 OPTION_NAMES.update(FLAGS)
 
@@ -66,8 +66,6 @@ Quality = Annotated[str, typer.Option("--quality", help="CMSR level: fast, balan
 MaxPixels = Annotated[str, typer.Option("--max-pixels", help="Largest input or output, in pixels "
                                         "(400M = 400 megapixels).")]
 Alpha = Annotated[str, typer.Option("--alpha", help="Upscale alpha with the model or bicubic.")]
-SelfEnsemble = Annotated[bool, typer.Option("--self-ensemble", help="Upscale the 8 flips and rotations and "
-                                            "average them: 8x the time, +0.1 to +0.2 dB (see lmf models).")]
 
 
 def fail(message: str) -> NoReturn:
@@ -99,7 +97,7 @@ def parse_amount(text: str, option: str, base: int) -> int:
 
 
 def engine_options(device: str, precision: str, tile: int | None, max_memory: str | None, quality: str,
-                   max_pixels: str, alpha: str = "model", self_ensemble: bool = False) -> EngineOptions:
+                   max_pixels: str, alpha: str = "model") -> EngineOptions:
     """The one EngineOptions value of a command, from its flags; a refusal is `error: --flag ...`, exit 1."""
     for option, value, choices in (("--quality", quality, CMSR_LEVELS), ("--alpha", alpha, ALPHA_MODES),
                                    ("--precision", precision, PRECISIONS)):
@@ -108,8 +106,7 @@ def engine_options(device: str, precision: str, tile: int | None, max_memory: st
     try:
         return EngineOptions(device=device, precision=precision, tile=tile,
                              max_memory=parse_amount(max_memory, "--max-memory", 1024) if max_memory else None,
-                             cmsr=quality, alpha=alpha, max_pixels=parse_amount(max_pixels, "--max-pixels", 1000),
-                             self_ensemble=self_ensemble)
+                             cmsr=quality, alpha=alpha, max_pixels=parse_amount(max_pixels, "--max-pixels", 1000))
     except InputError as exc:
         fail(str(exc))
 
