@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lmf_cli import EngineOptions, Upscaler
+from lmf_cli.engine import upscale_tensor
 from lmf_cli.models.checkpoints import load_weights
 from tests.conftest import official_checkpoint
 
@@ -129,3 +130,42 @@ def test_gpu_blocks_are_sized_from_the_memory_budget(deep_models):
     assert cpu_side < 200 and big ** 2 <= MAX_GPU_BLOCK and big >= 3840
     assert cpu_side < small < big
 
+
+
+def test_self_ensemble_averages_the_eight_symmetries(deep_models, butterfly):
+    """The ensemble of an equivariant map is the map itself; of the model, it is equivariant itself:
+    ensembling a turned image gives the turned ensemble (what makes it an ensemble over symmetries)."""
+    import torch.nn.functional as F
+
+    from lmf_cli.engine.ensemble import TRANSFORMS, _backward, _forward, self_ensemble
+
+    x = torch.rand(1, 3, 7, 11)
+    for t in TRANSFORMS:
+        assert torch.equal(_backward(_forward(x, t), t), x)
+    bilinear = lambda inp, hw: F.interpolate(inp, size=hw, mode="bilinear", align_corners=False)  # noqa: E731
+    assert torch.allclose(self_ensemble(bilinear, x, (17, 29)), bilinear(x, (17, 29)), atol=1e-6)
+
+    model = deep_models["lmliif"].model
+    inp = torch.from_numpy(butterfly[:20, :24].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    one = lambda image, hw: upscale_tensor(model, image, hw)  # noqa: E731
+    ensembled = self_ensemble(one, inp, (50, 60))
+    assert (ensembled - one(inp, (50, 60))).abs().max() > 1e-3  # the model is not equivariant
+    turned = (True, True, False)
+    assert torch.allclose(self_ensemble(one, _forward(inp, turned), (60, 50)), _forward(ensembled, turned), atol=1e-5)
+
+
+def test_eval_scores_the_self_ensemble(weights, tmp_path, butterfly):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lmf_cli.cli import app
+
+    Image.fromarray(butterfly).save(tmp_path / "b.png")
+    args = ["eval", str(tmp_path / "b.png"), "--model", str(weights), "--device", "cpu", "--scales", "2",
+            "--no-bicubic", "--json", "-"]
+    one = CliRunner().invoke(app, args)
+    both = CliRunner().invoke(app, [*args, "--self-ensemble"])
+    assert one.exit_code == both.exit_code == 0, both.output
+    assert "(self-ensemble)" in both.output and "(self-ensemble)" not in one.output
+    refused = CliRunner().invoke(app, [*args, "--self-ensemble", "--record"])
+    assert refused.exit_code == 1 and "leave out --self-ensemble" in refused.output

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lmf_cli.engine.cmsr import Schedule
+from lmf_cli.engine.ensemble import self_ensemble
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError, option_name
 from lmf_cli.imaging.degradations import EvalDegradation
@@ -119,13 +120,18 @@ def bicubic_method(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return bicubic_resize_float(lr.astype(np.float32) / 255, size_hw)
 
 
-def model_method(model: ImplicitSR, device: str = "cpu", schedule: Schedule | None = None) -> UpscaleFn:
+def model_method(model: ImplicitSR, device: str = "cpu", schedule: Schedule | None = None,
+                 ensemble: bool = False) -> UpscaleFn:
     """An evaluation method that renders with an implicit model (float output, unquantised),
-    optionally with a CMSR schedule."""
+    optionally with a CMSR schedule, or as the geometric self-ensemble of 8 passes."""
 
     def run(lr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         inp = torch.from_numpy(np.array(lr)).to(device).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-        out = upscale_tensor(model, inp, size_hw, EngineOptions(tile=max(lr.shape[:2])), schedule)
+
+        def one(image: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+            return upscale_tensor(model, image, hw, EngineOptions(tile=max(image.shape[-2:])), schedule)
+
+        out = self_ensemble(one, inp, size_hw) if ensemble else one(inp, size_hw)
         return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
     return run
