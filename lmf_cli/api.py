@@ -17,6 +17,7 @@ import torch
 
 from lmf_cli.engine.budget import frames_fitting, frames_per_call
 from lmf_cli.engine.cmsr import resolve_threshold, schedule_for
+from lmf_cli.engine.reuse import Previous, frames_to_render, output_boxes
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError, OptionError
 from lmf_cli.hardware import fast_bf16
@@ -179,6 +180,74 @@ class Upscaler:
         if peak == 1.0:
             return np.ascontiguousarray(out, dtype=np.float32)
         return np.round(out * peak).astype(dtype)
+
+    def upscale_sequence(self, frames: np.ndarray | Sequence[np.ndarray], scale: Scale | None = None,
+                         size: tuple[int, int] | None = None, *, previous: Previous | None = None,
+                         options: EngineOptions | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+        """Upscale consecutive frames of one video (N x H x W x 3) without computing again what
+        cannot have changed: a frame equal to the one before reuses its output whole; elsewhere an
+        output region whose input pixels, the model's tile margin included, are those of the frame
+        before is copied from its output. `previous`: the frame before the first and its output
+        (None at the start of a video or segment). Returns the outputs, the bytes `upscale_batch`
+        gives, and how many output pixels were copied.
+
+        The frames that changed are rendered in one call, only inside the boxes where any of them
+        changed (a GPU keeps its batch); the copies run frame by frame after it. Without `previous`,
+        the first frame is rendered whole on its own first.
+        """
+        options = self._call_options(options)
+        stack = np.stack([np.asarray(frame) for frame in frames]) if len(frames) else np.empty(0)
+        if stack.ndim != 4 or stack.shape[3] != 3 or not len(stack):
+            raise InputError(f"consecutive frames must be N x H x W x 3, got shape {stack.shape}")
+        for frame in stack:
+            _check_image(frame)
+        plan = plan_size(stack.shape[1:3], *_plain_sizes(scale, size))
+        h, w = plan.out_hw
+        if h * w > options.max_pixels:
+            raise InputError(f"the output {w} x {h} is {h * w:,} pixels, over the limit of {options.max_pixels:,} "
+                             "(max_pixels)")
+        if previous is not None and (previous.frame.shape != stack.shape[1:] or previous.output.shape != (h, w, 3)
+                                     or not previous.frame.dtype == previous.output.dtype == stack.dtype):
+            raise InputError(f"the previous frame {previous.frame.shape} {previous.frame.dtype} and output "
+                             f"{previous.output.shape} {previous.output.dtype} do not match frames "
+                             f"{stack.shape[1:]} {stack.dtype} upscaled to {(h, w, 3)}")
+        if previous is None and len(stack) > 1:  # the first frame whole, then the others may copy from it
+            head, _ = self.upscale_sequence(stack[:1], scale, size, options=options, progress=progress)
+            tail, copied = self.upscale_sequence(stack[1:], scale, size, previous=Previous(stack[0], head[0]),
+                                                 options=options, progress=progress)
+            return np.concatenate([head, tail]), copied
+        fresh, boxes = frames_to_render(stack, previous.frame if previous is not None else None,
+                                        self.capabilities.tile_margin)
+        spans = output_boxes(boxes, stack.shape[1:3], plan.out_hw)
+        peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(stack.dtype, 1.0)
+        self.last_stats = {}
+        canvas = None
+        if fresh:  # as upscale_batch: the same conversions, so the same bytes
+            data = stack[fresh].astype(np.float32) / peak if peak != 1.0 else np.clip(stack[fresh], 0, 1)
+            inp = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))).to(self.device)
+            key = self._schedule_key(options)
+            schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
+            canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
+                                    self.last_stats, boxes)
+        out = np.empty((len(stack), h, w, 3), dtype=stack.dtype)
+        last = previous.output if previous is not None else None
+        computed = np.zeros((h, w), dtype=bool)
+        for i0, i1, j0, j1 in spans:
+            computed[i0:i1, j0:j1] = True
+        slot, whole = {k: n for n, k in enumerate(fresh)}, bool(computed.all())
+        for k in range(len(stack)):
+            if k not in slot:
+                out[k] = last
+            else:
+                if not whole:
+                    out[k] = last
+                for i0, i1, j0, j1 in spans:
+                    region = canvas[slot[k], :, i0:i1, j0:j1].clamp(0, 1).permute(1, 2, 0).numpy()
+                    out[k, i0:i1, j0:j1] = np.round(region * peak) if peak != 1.0 else region
+            last = out[k]
+        copied = len(stack) * h * w - len(fresh) * int(computed.sum())
+        return out, copied
 
     def _call_options(self, options: EngineOptions | None) -> EngineOptions:
         """This call's options: the Upscaler's, or `options` where its device and precision resolve to

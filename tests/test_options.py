@@ -43,10 +43,10 @@ def engine_calls(monkeypatch):
     calls = []
     real_engine, real_tile = api_module.upscale_tensor, tiling._TiledRun.tile
 
-    def engine(model, inp, out_hw, options=None, schedule=None, progress=None, stats=None):
+    def engine(model, inp, out_hw, options=None, schedule=None, progress=None, stats=None, cores=None):
         calls.append({"options": options, "schedule": schedule is not None, "dtype": model.encoder_dtype,
                       "device": inp.device.type, "in_hw": tuple(inp.shape[-2:]), "tiles": 0})
-        return real_engine(model, inp, out_hw, options, schedule, progress, stats)
+        return real_engine(model, inp, out_hw, options, schedule, progress, stats, cores)
 
     def tile(self, *core):
         calls[-1]["tiles"] += 1

@@ -216,9 +216,9 @@ def test_ten_bit_input_is_upscaled_through_sixteen_bits(tiny, tmp_path):
         def __getattr__(self, name):
             return getattr(tiny, name)
 
-        def upscale_batch(self, images, **kwargs):
-            dtypes.append(images.dtype)
-            return tiny.upscale_batch(images, **kwargs)
+        def upscale_sequence(self, frames, **kwargs):
+            dtypes.append(frames.dtype)
+            return tiny.upscale_sequence(frames, **kwargs)
 
     upscale_video(src, tmp_path / "deep_x2.mkv", Spy(), 2.0, codec="libx265")
     out = read_clip(tmp_path / "deep_x2.mkv")

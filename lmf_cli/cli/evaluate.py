@@ -26,6 +26,8 @@ def evaluate_cmd(
     record: bool = typer.Option(False, "--record", help="Store the PSNRs in the model's .safetensors card."),
     degrade: str | None = typer.Option(None, "--degrade", help="Degrade the bicubic LR first, as real files are: "
                                        "jpeg:75, noise:5, h264:28, blur:0.8, or a chain such as noise:3+jpeg:60."),
+    self_ensemble: bool = typer.Option(False, "--self-ensemble", help="Score the geometric self-ensemble (the 8 "
+                                       "flips and rotations averaged, 8x the time) instead of one pass."),
 ) -> None:
     """PSNR / SSIM of a model (and bicubic) with the standard SR protocol.
 
@@ -37,6 +39,8 @@ def evaluate_cmd(
 
     if protocol not in ("benchmark", "div2k"):
         fail("--protocol must be benchmark or div2k")
+    if record and self_ensemble:
+        fail("--record keeps the card's one-pass figures: leave out --self-ensemble")
     try:
         degradation = parse_degradation(degrade) if degrade else None
     except ValueError as exc:
@@ -53,7 +57,8 @@ def evaluate_cmd(
         images = list_images(folder)
         if not images:
             fail(f"{folder}: no images found")
-        methods = {up.name: model_method(up.model, str(up.device))}
+        methods = {up.name + (" (self-ensemble)" if self_ensemble else ""):
+                   model_method(up.model, str(up.device), ensemble=self_ensemble)}
         if not no_bicubic:
             methods["bicubic"] = bicubic_method
         set_name = folder.parent.name if folder.name == "HR" else folder.name
@@ -90,7 +95,8 @@ DEFAULT_DIIF = "diif-edsr"
 
 def benchmark(
     size: str = typer.Option("320x180", "--size", help="Input size WxH."),
-    scales: str = typer.Option("2,3,4,8,12,30", "--scales", help="Comma-separated factors."),
+    scales: str | None = typer.Option(None, "--scales", help="Comma-separated factors (default 2,3,4,8,12,30; "
+                                      "with --video, 2)."),
     model: str = typer.Option("lmf-edsr", "--model", "-m"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (as lmf upscale: fp16 on "
@@ -107,9 +113,15 @@ def benchmark(
                                       "downscaled to --size; default: 3 B100 photos, else a synthetic card."),
     diif: str | None = typer.Option(DEFAULT_DIIF, "--diif", help="DIIF model timed beside LMF and LIIF "
                                     "(a name or file; skipped if it has no weights); --diif '' to leave it out."),
+    video: bool = typer.Option(False, "--video", help="Time video frames instead, with and without reusing what "
+                               "did not change (lmf video --no-reuse), on clips made here: a screen recording, an "
+                               "animation in twos, a camera pan, and the screen recording through H.264 CRF 18."),
+    frames: int = typer.Option(12, "--frames", min=2, help="With --video: frames per clip (the first, which a "
+                               "segment computes whole, is not timed)."),
 ) -> None:
     """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
-    and bicubic, with MACs from the architecture."""
+    and bicubic, with MACs from the architecture; or, with --video, video frames with and
+    without reuse."""
     import torch
 
     from lmf_cli.engine.cmsr import DEFAULT_THRESHOLD, schedule_for
@@ -119,8 +131,10 @@ def benchmark(
     if plot is not None:
         require_matplotlib("--plot")
     if quick:
-        size, scales, repeats, warmup = "96x64", "2,4,8", 1, 1
+        size, repeats, warmup, frames = "96x64", 1, 1, 4
+        scales = scales or ("2" if video else "2,4,8")
         diif = None if diif == DEFAULT_DIIF else diif  # a named one is still timed
+    scales = scales or ("2" if video else "2,3,4,8,12,30")
     in_h, in_w = checked(parse_wxh, size, "--size")
     try:
         scale_list = [float(s) for s in scales.split(",")]
@@ -136,6 +150,9 @@ def benchmark(
     data = Path(os.environ.get("LMF_DATA", "")) if os.environ.get("LMF_DATA") else None
     if not photos and data is not None and (data / "B100" / "HR").is_dir():
         photos = list_images(data / "B100" / "HR")[:3]
+    if video:
+        _video_benchmark(up, in_h, in_w, scale_list, frames, photos, json_out)
+        return
     try:
         pictures, source = bench.benchmark_inputs(in_h, in_w, photos)
     except OSError as exc:
@@ -203,6 +220,36 @@ def benchmark(
         json_out.write_text(json.dumps(payload, indent=2))
     if plot is not None:
         bench.plot(plot, rows, scores, f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}")
+
+
+def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int, photos: list[Path],
+                     json_out: Path | None) -> None:
+    """Frames per second on the benchmark's clips, in full and with reuse, and the share reused."""
+    from lmf_cli.evaluation import benchmark as bench
+
+    try:  # one picture large enough for the pan's last frame
+        (picture, *_), source = bench.benchmark_inputs(in_h + frames, in_w + 2 * frames, photos[:1])
+    except OSError as exc:
+        fail(f"--image: {exc}")
+    clips = bench.video_clips(in_h, in_w, frames, picture)
+    clips["screen recording, H.264 CRF 18"] = bench.h264_round_trip(clips["screen recording"])
+    info = {**bench.machine_info(up.device), "precision": up.precision}
+    console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
+                  f"encoder in {up.precision}, input {in_w} x {in_h} from {source}; each clip {frames} frames, "
+                  "the first not timed; full and reuse timed in turns, frame by frame", highlight=False)
+    rows = []
+    for scale in scales:
+        table = Table("clip", "reused", "fps full", "fps reuse", "speed-up", "same bytes",
+                      title=f"lmf benchmark --video, {up.name} x{scale:g}, {in_w} x {in_h}")
+        for name, clip in clips.items():
+            row = bench.benchmark_reuse(up, name, clip, scale)
+            rows.append({"scale": scale, **row.as_dict()})
+            table.add_row(name, f"{row.reused:.1%}", f"{row.plain_fps:.3g}", f"{row.reuse_fps:.3g}",
+                          f"{row.speedup:.2f}x", "yes" if row.identical else "NO")
+        stdout.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"machine": info, "model": up.name, "input_wh": [in_w, in_h],
+                                        "input": source, "frames": frames, "video": rows}, indent=2))
 
 
 def _optional_model(name: str, device: str, precision: str):

@@ -111,6 +111,10 @@ def video(
     max_pixels: MaxPixels = "400M",
     batch: int | None = typer.Option(None, "--batch", min=1, help="Frames per model call (default: 1 on a CPU, "
                                      "from free memory on a GPU)."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Copy what did not change since the frame before "
+                               "(its input pixels, the model's margin included, are identical) instead of computing "
+                               "it again: the same bytes, faster on still regions. --no-reuse computes everything, "
+                               "to measure it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     json_line: bool = typer.Option(False, "--json", help="One JSON line on stdout at the end, for scripts."),
     ignore_errors: bool = typer.Option(False, "--ignore-errors", help="Exit 0 even when packets of the input "
@@ -199,9 +203,10 @@ def video(
                 from lmf_cli.cluster import run_video_on
 
                 result = run_video_on(pool, plan, target, overwrite=overwrite, resume=resume, batch=batch,
-                                      progress=shown)
+                                      reuse=reuse, progress=shown)
             else:
-                result = run_video(plan, target, up, overwrite=overwrite, resume=resume, batch=batch, progress=shown)
+                result = run_video(plan, target, up, overwrite=overwrite, resume=resume, batch=batch, reuse=reuse,
+                                   progress=shown)
     except LmfError as exc:
         fail(str(exc))
     except KeyboardInterrupt as interrupt:
@@ -216,8 +221,9 @@ def video(
         if pool is not None:
             pool.close()
     resumed = f" ({result.resumed_frames} resumed)" if result.resumed_frames else ""
+    reused = f"; {result.reused:.1%} of the frame area reused (unchanged since the frame before)" if reuse else ""
     say(f"wrote {target}: {result.frames} frames{resumed} in {result.seconds:.1f} s ({result.fps:.2f} fps), "
-        f"{_megabytes(result.out_bytes)}")
+        f"{_megabytes(result.out_bytes)}{reused}")
     for when, (h, w) in result.decoding.resized:
         report("warning", f"{source}: from {when:.2f} s the frames are {w} x {h}, not {fmt_size(plan.in_hw)}: "
                           "fitted inside with their aspect kept (black bars)")
@@ -226,7 +232,8 @@ def video(
         print(json.dumps({"input": str(source), "output": str(target), "input_size": list(plan.display_in[::-1]),
                           "output_size": list(plan.display_out[::-1]), "frames": result.frames,
                           "resumed_frames": result.resumed_frames, "seconds": round(result.seconds, 3),
-                          "fps": round(result.fps, 3), "bytes": result.out_bytes, "lost": lost,
+                          "fps": round(result.fps, 3), "bytes": result.out_bytes, "reused": round(result.reused, 4),
+                          "lost": lost,
                           "resized": [{"from_s": t, "size": [w, h]} for t, (h, w) in result.decoding.resized]}),
               flush=True)
     for line in lost:

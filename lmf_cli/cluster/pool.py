@@ -95,7 +95,7 @@ class Worker:
     def frames_per_call(self, plan: Any) -> int:
         return self.upscaler().frames_per_call(plan.in_hw, plan.out_hw)
 
-    def segment(self, plan: Any, work: Any, batch: int, source: bytes | None) -> tuple:
+    def segment(self, plan: Any, work: Any, batch: int, source: bytes | None, reuse: bool = True) -> tuple:
         from lmf_cli.errors import InputError
         from lmf_cli.jobs.video import encode_segment
 
@@ -105,7 +105,7 @@ class Worker:
         t0 = time.perf_counter()
         up = self.upscaler()
         batch = min(batch, up.frames_fitting(plan.in_hw, plan.out_hw))
-        return (*encode_segment(plan, up, work, batch=batch, source=source),
+        return (*encode_segment(plan, up, work, batch=batch, source=source, reuse=reuse),
                 time.perf_counter() - t0)
 
 

@@ -24,7 +24,8 @@ from lmf_cli.sizes import rel_cell_for
 def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int],
                    options: EngineOptions | None = None, schedule: Schedule | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   stats: dict[str, int] | None = None) -> torch.Tensor:
+                   stats: dict[str, int] | None = None,
+                   cores: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
     """Upscale a (B, 3, h, w) tensor in [-1, 1] to a (B, 3, H, W) CPU tensor in [0, 1] units.
 
     The input is cut into tiles of options.tile input pixels a side (None: from
@@ -33,17 +34,21 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     grid, so tiling never changes the result beyond float rounding. With a CMSR
     `schedule`, each output block renders only the levels its LR pixels need. `stats`
     receives the count of pixels the render MLP drew. A tile that runs out of GPU memory
-    is split in four and retried; finished tiles stay.
+    is split in four and retried; finished tiles stay. `cores` (input boxes r0, r1, c0, c1): render
+    only the output pixels whose centres fall in them, each cut in tiles the same way; the rest
+    of the canvas is left unwritten (video frames copy it from the frame before).
     """
     options = options or EngineOptions()
     h, w = inp.shape[-2:]
     tile = options.tile or default_tile(model.capabilities, options.max_memory, inp.device)
     run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats)
-    cores = [(r, min(h, r + tile), c, min(w, c + tile)) for r in range(0, h, tile) for c in range(0, w, tile)]
-    for done, core in enumerate(cores, 1):
+    boxes = [(0, h, 0, w)] if cores is None else cores
+    tiles = [(r, min(r1, r + tile), c, min(c1, c + tile)) for r0, r1, c0, c1 in boxes
+             for r in range(r0, r1, tile) for c in range(c0, c1, tile)]
+    for done, core in enumerate(tiles, 1):
         run.tile(*core)
         if progress:
-            progress(done, len(cores))
+            progress(done, len(tiles))
     if inp.device.type == "cuda":
         torch.cuda.synchronize(inp.device)  # the non-blocking copies into the canvas have landed
     return run.canvas
@@ -86,8 +91,7 @@ class _TiledRun:
 
     def _render_tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
         (h, w), (big_h, big_w), model = self.in_hw, self.out_hw, self.model
-        i0, i1 = _first_output(r0, h, big_h), _first_output(r1, h, big_h) if r1 < h else big_h
-        j0, j1 = _first_output(c0, w, big_w), _first_output(c1, w, big_w) if c1 < w else big_w
+        (i0, i1), (j0, j1) = output_span(r0, r1, h, big_h), output_span(c0, c1, w, big_w)
         if i1 <= i0 or j1 <= j0:
             return
         lr0, lc0 = max(0, r0 - self.margin), max(0, c0 - self.margin)
@@ -118,6 +122,12 @@ class _TiledRun:
                 else:
                     out = render_region(model, geometry, self.out_hw, rows, cols)
                     region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
+
+
+def output_span(start: int, stop: int, n_in: int, n_out: int) -> tuple[int, int]:
+    """Output indices [i0, i1) whose centres lie in input positions [start, stop) along one axis:
+    what a tile core renders, and so what a reused region copies."""
+    return _first_output(start, n_in, n_out), _first_output(stop, n_in, n_out) if stop < n_in else n_out
 
 
 def _first_output(a: int, n_in: int, n_out: int) -> int:

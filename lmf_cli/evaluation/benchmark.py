@@ -10,7 +10,9 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 from lmf_cli.engine import native
 from lmf_cli.engine.cmsr import Schedule, schedule_for
 from lmf_cli.engine.render import encode_image, render_region
+from lmf_cli.engine.reuse import Previous
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method
 from lmf_cli.hardware import cpu_name
@@ -319,3 +322,94 @@ def benchmark_inputs(height: int, width: int, photos: list[Path]) -> tuple[list[
         return [test_image(height, width)], "a synthetic test card (no photos found)"
     images = [photo_input(load_rgb(p), height, width) for p in photos]
     return images, f"{len(photos)} photo{'s' * (len(photos) > 1)} ({', '.join(p.stem for p in photos)})"
+
+
+# Video: what did not change is not computed again ----------------------------------------------------------
+
+class SequenceUpscaler(Protocol):
+    """What the video benchmark needs of an upscaler (`lmf_cli.Upscaler` is one)."""
+
+    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None) -> np.ndarray:
+        ...
+
+    def upscale_sequence(self, frames: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                         previous: Previous | None = None) -> tuple[np.ndarray, int]: ...
+
+
+@dataclass
+class ReuseRow:
+    clip: str
+    frames: int  # timed frames (after the clip's first, which a segment computes whole)
+    reused: float  # share of the output area copied from the frame before
+    plain_fps: float
+    reuse_fps: float
+    identical: bool  # every output byte equals the full computation's
+
+    @property
+    def speedup(self) -> float:
+        return self.reuse_fps / self.plain_fps
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+CURSOR = np.array([[int(c) for c in row] for row in (
+    "100000000000", "120000000000", "122000000000", "122200000000", "122220000000", "122222000000",
+    "122222200000", "122222220000", "122222222000", "122222222200", "122222222220", "122222211111",
+    "122122210000", "121012221000", "110012221000", "100001222100", "000001222100", "000000111000")])
+
+
+def video_clips(height: int, width: int, frames: int, picture: np.ndarray) -> dict[str, np.ndarray]:
+    """The benchmark's clips, N x height x width x 3, from one picture of at least (height + frames) x
+    (width + 2 * frames): a screen recording (the still picture, a 12 x 18 cursor that moves every frame),
+    an animation (a pan whose drawings are held two frames each) and a camera pan (every pixel moves)."""
+    still = picture[:height, :width]
+    screen = []
+    for k in range(frames):
+        frame = still.copy()
+        y = int((height - CURSOR.shape[0]) * (0.5 + 0.4 * np.sin(k / 5)))
+        x = int((width - CURSOR.shape[1]) * (0.5 + 0.4 * np.cos(k / 7)))
+        spot = frame[y:y + CURSOR.shape[0], x:x + CURSOR.shape[1]]
+        spot[CURSOR == 1], spot[CURSOR == 2] = 0, 255
+        screen.append(frame)
+    pan = [picture[k:k + height, 2 * k:2 * k + width] for k in range(frames)]
+    return {"screen recording": np.stack(screen), "animation (twos)": np.stack([pan[k // 2] for k in range(frames)]),
+            "camera pan": np.stack(pan)}
+
+
+def h264_round_trip(clip: np.ndarray, crf: int = 18) -> np.ndarray:
+    """A clip through libx264 (4:2:0, `crf`, default preset) and back to RGB, as a file of it decodes."""
+    import av
+
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+    enc.time_base, enc.framerate = Fraction(1, 30), Fraction(30)
+    enc.options = {"crf": str(crf)}
+    packets = [p for frame in clip for p in enc.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))]
+    packets += enc.encode(None)
+    dec = av.CodecContext.create("h264", "r")
+    decoded = [f for p in packets for f in dec.decode(p)] + list(dec.decode(None))
+    return np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+
+
+def benchmark_reuse(up: SequenceUpscaler, name: str, clip: np.ndarray, scale: float) -> ReuseRow:
+    """Frames per second of a clip upscaled one frame at a time, in full and reusing what did not change,
+    the two timed frame by frame in turns (so both see the same load on a shared machine), after the
+    first frame; and whether every output byte agrees."""
+    previous = Previous(clip[0], up.upscale_batch(clip[:1], scale)[0])
+    seconds = {False: 0.0, True: 0.0}
+    copied = total = 0
+    identical = True
+    for k, frame in enumerate(clip[1:]):
+        outputs = {}
+        for reuse in (True, False) if k % 2 else (False, True):
+            start = time.perf_counter()
+            outputs[reuse] = up.upscale_sequence(frame[None], scale, previous=previous) if reuse else \
+                (up.upscale_batch(frame[None], scale), 0)
+            seconds[reuse] += time.perf_counter() - start
+        (full, _), (reused, count) = outputs[False], outputs[True]
+        identical &= bool(np.array_equal(full, reused))
+        copied, total = copied + count, total + full[0, ..., 0].size
+        previous = Previous(frame, reused[0])
+    n = len(clip) - 1
+    return ReuseRow(name, n, copied / total, n / seconds[False], n / seconds[True], identical)

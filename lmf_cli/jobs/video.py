@@ -11,7 +11,8 @@ file that is renamed onto the output, so the output path only ever holds a compl
 Planning is `io.video.plan`, reading `io.video.decode`, the segments' framing `io.video.segments`
 and the final mux `io.video.mux`; this module runs the job. The upscaler carries its
 EngineOptions (tile, memory budget, CMSR level, precision), so a cluster's workers, built from
-the same options, render the same frames.
+the same options, render the same frames. What did not change since the frame before is copied
+from its output instead of computed (`engine.reuse`: the same bytes), within each segment.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from lmf_cli.engine.reuse import Previous
 from lmf_cli.errors import InputError, option_name
 from lmf_cli.files import atomic_write
 from lmf_cli.io.video.decode import DecodeReport, Source, frames_after, segment_frames
@@ -67,6 +69,9 @@ class FrameUpscaler(Protocol):
 
     def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
                       options: EngineOptions | None = None, progress: Any = None) -> np.ndarray: ...
+
+    def upscale_sequence(self, frames: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
+                         previous: Previous | None = None) -> tuple[np.ndarray, int]: ...
 
     def frames_per_call(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int: ...
 
@@ -106,7 +111,8 @@ class VideoProgress:
 @dataclass(frozen=True)
 class VideoResult:
     """A finished job; `decoding` says which packets of the input were lost and where frames changed size
-    (this run's decoding: a resumed run's, or nothing for a cluster's)."""
+    (this run's decoding: a resumed run's, or nothing for a cluster's); `reused`, what share of the area
+    of the frames this run upscaled was copied from the frame before instead of computed."""
 
     output: Path
     frames: int
@@ -114,6 +120,7 @@ class VideoResult:
     seconds: float
     out_bytes: int
     decoding: DecodeReport = field(default_factory=DecodeReport)
+    reused: float = 0.0
 
     @property
     def fps(self) -> float:
@@ -124,13 +131,48 @@ class _Stopped(Exception):
     """A worker thread was told to stop (interrupt or error elsewhere)."""
 
 
+class _Frames:
+    """Frames through the upscaler in order. With `reuse`, what cannot have changed since the frame
+    before is copied from its output instead of computed (the same bytes); each segment starts with
+    nothing to copy, so its frames never depend on how the job was cut (resumed, on a cluster)."""
+
+    def __init__(self, upscaler: FrameUpscaler, out_hw: tuple[int, int], reuse: bool) -> None:
+        self.up, self.out_hw, self.reuse = upscaler, out_hw, reuse
+        self.previous: Previous | None = None
+        self.copied = self.pixels = 0
+
+    def restart(self) -> None:
+        """A segment starts: nothing before it to copy from."""
+        self.previous = None
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if not self.reuse:
+            self.tally(len(frames), 0)
+            return self.up.upscale_batch(frames, size=self.out_hw)
+        bigs, copied = self.up.upscale_sequence(frames, size=self.out_hw, previous=self.previous)
+        self.previous = Previous(frames[-1], bigs[-1])
+        self.tally(len(frames), copied)
+        return bigs
+
+    def tally(self, frames: int, copied: int) -> None:
+        """Count frames upscaled (here or by `encode_segment`) and the output pixels copied for them."""
+        self.pixels += frames * self.out_hw[0] * self.out_hw[1]
+        self.copied += copied
+
+    @property
+    def reused(self) -> float:
+        """The share of the frame area copied instead of computed."""
+        return self.copied / self.pixels if self.pixels else 0.0
+
+
 class _Pipeline:
     """decode thread -> queue -> model (this thread) -> queue -> encode thread."""
 
-    def __init__(self, plan: VideoPlan, upscaler: FrameUpscaler, manifest: Manifest,
+    def __init__(self, plan: VideoPlan, frames: _Frames, manifest: Manifest,
                  progress: Callable[[VideoProgress], None] | None, batch: int = 1) -> None:
-        self.plan, self.up, self.manifest, self.progress = plan, upscaler, manifest, progress
+        self.plan, self.upscale, self.manifest, self.progress = plan, frames, manifest, progress
         self.batch = max(1, batch)
+        self.taken = 0  # frames taken this run, which starts on a segment's first
         self.ended = False
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -150,7 +192,9 @@ class _Pipeline:
         t0, fresh = time.perf_counter(), 0
         try:
             while items := self._take(frames):
-                bigs = self.up.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=self.plan.out_hw)
+                if (self.taken - len(items)) % self.plan.segment_frames == 0:
+                    self.upscale.restart()
+                bigs = self.upscale(np.stack([pixels for _, _, pixels in items]))
                 for (pts, duration, _), big in zip(items, bigs, strict=True):
                     self._put(upscaled, (pts, duration, big))
                 self.done, fresh = self.done + len(items), fresh + len(items)
@@ -168,11 +212,13 @@ class _Pipeline:
 
     def _take(self, q: queue.Queue) -> list[tuple[int, int, np.ndarray]]:
         """The next frames for one model call: one, waiting for it, then up to `batch` in all of
-        those already decoded (never waiting for more: the encoder must not starve). [] at the end."""
+        those already decoded (never waiting for more: the encoder must not starve), all of one
+        segment, as a cluster's worker takes them. [] at the end."""
         if self.ended:
             return []
         items = []
-        while len(items) < self.batch:
+        wanted = min(self.batch, self.plan.segment_frames - self.taken % self.plan.segment_frames)
+        while len(items) < wanted:
             try:
                 item = self._get(q) if not items else q.get_nowait()
             except queue.Empty:
@@ -181,6 +227,7 @@ class _Pipeline:
                 self.ended = True
                 break
             items.append(item)
+        self.taken += len(items)
         return items
 
     def _report(self, total: int, fps: float) -> None:
@@ -267,14 +314,16 @@ class _Pipeline:
 
 
 def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, *, batch: int = 1,
-                   source: Source = None) -> tuple[dict[str, Any], bytes, str]:
+                   source: Source = None, reuse: bool = True) -> tuple[dict[str, Any], bytes, str, int]:
     """Decode, upscale and encode one segment on its own, the unit of work of a cluster's workers.
 
-    Returns its manifest record, its bytes (the packet framing of `segments`) and its stream
-    headers. The frames are those a job resumed after `work.after` would encode, so a segment
-    made here is the segment of an uninterrupted local run; SegmentMismatch if the frames decoded
-    are not the ones `work` names (the index was built from packets that do not all decode).
+    Returns its manifest record, its bytes (the packet framing of `segments`), its stream headers
+    and how many output pixels were copied from the frame before (`reuse`). The frames are those a
+    job resumed after `work.after` would encode, so a segment made here is the segment of an
+    uninterrupted local run; SegmentMismatch if the frames decoded are not the ones `work` names
+    (the index was built from packets that do not all decode).
     """
+    upscale = _Frames(upscaler, plan.out_hw, reuse)
     with tempfile.TemporaryDirectory(prefix="lmf-segment-") as folder:
         writer = SegmentWriter(Path(folder) / segment_name(work.index), plan)
         try:
@@ -284,7 +333,7 @@ def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, 
                 items = [item for _, item in zip(range(min(batch, len(work.pts) - len(seen))), frames, strict=False)]
                 if not items:
                     break
-                bigs = upscaler.upscale_batch(np.stack([pixels for _, _, pixels in items]), size=plan.out_hw)
+                bigs = upscale(np.stack([pixels for _, _, pixels in items]))
                 for (pts, duration, _), big in zip(items, bigs, strict=True):
                     writer.add(pts, duration, big)
                     seen.append(pts)
@@ -296,7 +345,7 @@ def encode_segment(plan: VideoPlan, upscaler: FrameUpscaler, work: SegmentWork, 
         except BaseException:
             writer.abort()
             raise
-        return record, writer.path.read_bytes(), headers(writer)
+        return record, writer.path.read_bytes(), headers(writer), upscale.copied
 
 
 def store_segment(manifest: Manifest, plan: VideoPlan, record: dict[str, Any], data: bytes, extradata: str) -> None:
@@ -381,8 +430,9 @@ def open_job(plan: VideoPlan, dst: Path, job: dict[str, Any], *, overwrite: bool
 
 
 def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, seconds: float,
-               decoding: DecodeReport | None = None) -> VideoResult:
-    """Mux the finished segments with the input's other streams into `dst` (atomically); drop the work folder."""
+               decoding: DecodeReport | None = None, reused: float = 0.0) -> VideoResult:
+    """Mux the finished segments with the input's other streams into `dst` (atomically); drop the work folder.
+    `reused`: the share of this run's frame area copied instead of computed."""
     work = manifest.path.parent
     if not manifest.frames:
         shutil.rmtree(work)
@@ -392,17 +442,19 @@ def finish_job(plan: VideoPlan, dst: Path, manifest: Manifest, resumed: int, sec
     except (FFmpegError, OSError) as exc:
         raise InputError(f"cannot write {dst} ({short_error(exc)})") from exc
     shutil.rmtree(work)
-    return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size, decoding or DecodeReport())
+    return VideoResult(dst, manifest.frames, resumed, seconds, dst.stat().st_size, decoding or DecodeReport(),
+                       reused)
 
 
 def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, overwrite: bool = False,
-              resume: bool = False, batch: int | None = None,
+              resume: bool = False, batch: int | None = None, reuse: bool = True,
               progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
     """Upscale the planned video into `dst` with the upscaler's EngineOptions. The output appears
     only when complete; an interruption keeps the finished segments for `resume=True`. `batch`:
     frames per model call (None: from the device and its memory; 1 on a CPU, where batching does
-    not pay), at most what fits the memory budget. A job a cluster left with gaps (segments
-    finished out of order) has them filled first."""
+    not pay), at most what fits the memory budget. `reuse`: copy what did not change since the
+    frame before instead of computing it (the same bytes; off only to measure it). A job a cluster
+    left with gaps (segments finished out of order) has them filled first."""
     if batch is None:
         batch = upscaler.frames_per_call(plan.in_hw, plan.out_hw)
     batch = min(batch, upscaler.frames_fitting(plan.in_hw, plan.out_hw))  # the queues hold 2 x batch frames
@@ -412,27 +464,31 @@ def run_video(plan: VideoPlan, dst: str | Path, upscaler: FrameUpscaler, *, over
         manifest = open_job(plan, dst, key, overwrite=overwrite, resume=resume)
         resumed = manifest.frames
         t0 = time.perf_counter()
+        frames = _Frames(upscaler, plan.out_hw, reuse)
         if not manifest.contiguous:
             for work in segment_plan(plan, manifest):
                 if work.index < max(manifest.done) and work.index not in manifest.done:
-                    store_segment(manifest, plan, *encode_segment(plan, upscaler, work, batch=batch))
+                    record, data, extradata, copied = encode_segment(plan, upscaler, work, batch=batch, reuse=reuse)
+                    store_segment(manifest, plan, record, data, extradata)
+                    frames.tally(record["frames"], copied)
         decoding = None
         if not manifest.complete:
-            pipeline = _Pipeline(plan, upscaler, manifest, progress, batch)
+            pipeline = _Pipeline(plan, frames, manifest, progress, batch)
             pipeline.run()
             decoding = pipeline.decoding
             if plan.counted and manifest.frames < plan.total:
                 decoding.lost.append(f"{manifest.frames} of the {plan.total} frames its header lists could be read "
                                      "(a truncated or damaged file)")
-        return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0, decoding)
+        return finish_job(plan, dst, manifest, resumed, time.perf_counter() - t0, decoding, frames.reused)
 
 
 def upscale_video(src: str | Path, dst: str | Path, upscaler: FrameUpscaler, size: Size, *, codec: str | None = None,
                   crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
                   start: float | None = None, end: float | None = None, overwrite: bool = False,
-                  resume: bool = False, segment_frames: int = SEGMENT_FRAMES,
-                  batch: int | None = None, progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
+                  resume: bool = False, segment_frames: int = SEGMENT_FRAMES, batch: int | None = None,
+                  reuse: bool = True, progress: Callable[[VideoProgress], None] | None = None) -> VideoResult:
     """plan_video + run_video in one call: the output container follows `dst`'s extension."""
     plan = plan_video(src, size, suffix=Path(dst).suffix, codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt,
                       start=start, end=end, segment_frames=segment_frames)
-    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, batch=batch, progress=progress)
+    return run_video(plan, dst, upscaler, overwrite=overwrite, resume=resume, batch=batch, reuse=reuse,
+                     progress=progress)

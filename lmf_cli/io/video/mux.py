@@ -14,14 +14,17 @@ from typing import Any
 import av
 import numpy as np
 from av.error import FFmpegError
+from av.stream import Disposition
 
 from lmf_cli.io.video.plan import (
+    COVER_FILES,
     StreamConverter,
     StreamPlan,
     VideoPlan,
     clean_tags,
     configure_encoder,
     library_log,
+    packets_from,
     short_error,
 )
 from lmf_cli.io.video.segments import Manifest, read_segment
@@ -49,13 +52,17 @@ def _mux(plan: VideoPlan, manifest: Manifest, inp: av.container.InputContainer,
     video = out.add_stream(plan.codec, rate=plan.rate)
     configure_encoder(video.codec_context, plan)
     video.time_base = plan.time_base
-    video.metadata.update(clean_tags(video_in.metadata))
+    video.metadata.update({k: v for k, v in clean_tags(video_in.metadata).items() if k.lower() != "timecode"})
+    if plan.timecode is not None:  # the input's, moved to --start; MOV and MP4 write a timecode track from it
+        video.metadata["timecode"] = plan.timecode
     video.disposition = video_in.disposition
     if plan.display_matrix is not None:
         video.set_display_matrix(plan.display_matrix)
     routes = {}
     for sp in plan.streams:
-        if sp.action != "drop":
+        if sp.action == "attach":
+            _attach_cover(out, plan, sp)
+        elif sp.action != "drop":
             routes[sp.index] = _Route.open(out, inp.streams[sp.index], sp, plan)
     written = {route.stream.index: route for route in routes.values()}
     out.set_chapters(_chapters(inp, plan))
@@ -113,21 +120,29 @@ def _video_packets(plan: VideoPlan, manifest: Manifest, stream: av.video.stream.
 
 
 def _other_packets(inp: av.container.InputContainer, plan: VideoPlan, routes: dict[int, _Route]) -> Iterator[av.Packet]:
+    """The other streams' packets, timestamps mended as the video's were, from the range's start."""
     if not routes:
         return
-    if plan.start:
-        inp.seek(int(plan.start * 1_000_000), backward=True)
-    for packet in inp.demux(*(inp.streams[i] for i in routes)):
-        if packet.pts is None and packet.dts is None:
-            continue
-        yield from routes[packet.stream_index](packet)
+    at = plan.origin + Fraction(plan.start) if plan.start else None
+    for packet in packets_from(plan.source, list(routes), at, plan.jumps):
+        route = routes[packet.stream_index]
+        if packet.pts is None and packet.dts is None and not (route.picture and packet.size):
+            continue  # (cover art comes without a time: it was dropped with them)
+        yield from route(packet)
+
+
+def _attach_cover(out: av.container.OutputContainer, plan: VideoPlan, sp: StreamPlan) -> None:
+    """Cover art (a picture stream of MP4) as Matroska keeps it: an attachment named cover.jpg or cover.png."""
+    picture = next((bytes(p) for p in packets_from(plan.source, [sp.index], None) if p.size), None)
+    if picture is not None:
+        out.add_attachment(*COVER_FILES[sp.codec], picture)
 
 
 def _chapters(inp: av.container.InputContainer, plan: VideoPlan) -> list[dict[str, Any]]:
     kept = []
     for ch in inp.chapters():
-        lo = round((plan.start or 0) / ch["time_base"])
-        hi = round(plan.end / ch["time_base"]) if plan.end is not None else None
+        lo = plan.ticks(plan.start or 0, ch["time_base"])
+        hi = plan.ticks(plan.end, ch["time_base"])
         start, end = max(ch["start"], lo), min(ch["end"], hi) if hi is not None else ch["end"]
         if end > start:
             kept.append({**ch, "start": start - lo, "end": end - lo})
@@ -142,10 +157,12 @@ class _Route(StreamConverter):
         super().__init__(out, stream, sp)
         self.what = f"{sp.kind} stream #{sp.index} ({stream.codec_context.name if stream.codec_context else sp.kind})"
         tb = stream.time_base or Fraction(1, 1000)
-        self.lo = round(plan.start / tb) if plan.start else None
-        self.hi = round(plan.end / tb) if plan.end is not None else None
-        self.shift = self.lo or 0
+        self.lo = plan.ticks(plan.start, tb) if plan.start else None
+        self.hi = plan.ticks(plan.end, tb)
+        self.shift = plan.ticks(plan.start or 0, tb)
         self.end = plan.end - (plan.start or 0) if plan.end is not None else None  # seconds, once shifted
+        self.picture = bool(stream.disposition & Disposition.attached_pic)  # cover art: one packet, for any range
+        self.keyless = sp.kind == "video" and not self.encode and not self.picture  # copied video starts on a key
 
     @classmethod
     def open(cls, out: av.container.OutputContainer, stream: av.stream.Stream, sp: StreamPlan,
@@ -159,9 +176,16 @@ class _Route(StreamConverter):
         return MuxError(f"{self.what}: {short_error(exc)}")
 
     def __call__(self, packet: av.Packet) -> list[av.Packet]:
+        if self.picture:
+            packet.pts = packet.dts = 0
+            return self.convert(packet)
         pts = packet.pts if packet.pts is not None else packet.dts
         if self.hi is not None and pts >= self.hi:
             return []
+        if self.keyless:
+            if not packet.is_keyframe or (self.lo is not None and pts < self.lo):
+                return []
+            self.keyless = False
         if self.lo is not None and pts < self.lo:
             if self.kind != "subtitle" or pts + (packet.duration or 0) <= self.lo:
                 return []
