@@ -16,17 +16,17 @@ import numpy as np
 import torch
 
 from lmf_cli.engine.budget import frames_fitting, frames_per_call
-from lmf_cli.engine.cmsr import resolve_threshold, schedule_for
+from lmf_cli.engine.cmsr import Schedule, resolve_threshold, schedule_for
 from lmf_cli.engine.reuse import Previous, frames_to_render, output_boxes
 from lmf_cli.engine.tiling import upscale_tensor
-from lmf_cli.errors import InputError, OptionError
+from lmf_cli.errors import InputError, OptionError, option_name
 from lmf_cli.hardware import fast_bf16
 from lmf_cli.imaging.resample import bicubic_resize_float
 from lmf_cli.models.base import Capabilities
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.zoo import DEFAULT_MODEL, resolve
 from lmf_cli.options import EngineOptions
-from lmf_cli.sizes import Scale, plan_size
+from lmf_cli.sizes import Plan, Scale, plan_size
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -136,21 +136,16 @@ class Upscaler:
             if image.shape != first.shape or image.dtype != first.dtype:
                 raise InputError(f"a batch needs images of one shape and dtype: {first.shape} {first.dtype} "
                                  f"and {image.shape} {image.dtype}")
-        plan = plan_size(first.shape[:2], *_plain_sizes(scale, size))
+        plan = self._plan(first.shape[:2], scale, size, options)
         h, w = plan.out_hw
-        if h * w > options.max_pixels:
-            raise InputError(f"the output {w} x {h} is {h * w:,} pixels, over the limit of {options.max_pixels:,} "
-                             "(max_pixels)")
         stack = np.stack(batch)
         dtype = stack.dtype
-        peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dtype, 1.0)
-        data = stack.astype(np.float32) / peak if peak != 1.0 else np.clip(stack, 0, 1)
+        data, peak = _unit_range(stack)
         gray = data.ndim == 3 or data.shape[3] == 1
         if gray:
             data = data.reshape(*data.shape[:3], 1)
         colour, extra = (data[..., :3], data[..., 3:]) if data.shape[3] == 4 else (data, None)
-        key = self._schedule_key(options)
-        schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
+        schedule = self._schedule(options, plan)
         self.last_stats: dict[str, int] = {}
 
         def run(rgb: np.ndarray) -> np.ndarray:
@@ -202,11 +197,8 @@ class Upscaler:
             raise InputError(f"consecutive frames must be N x H x W x 3, got shape {stack.shape}")
         for frame in stack:
             _check_image(frame)
-        plan = plan_size(stack.shape[1:3], *_plain_sizes(scale, size))
+        plan = self._plan(stack.shape[1:3], scale, size, options)
         h, w = plan.out_hw
-        if h * w > options.max_pixels:
-            raise InputError(f"the output {w} x {h} is {h * w:,} pixels, over the limit of {options.max_pixels:,} "
-                             "(max_pixels)")
         if previous is not None and (previous.frame.shape != stack.shape[1:] or previous.output.shape != (h, w, 3)
                                      or not previous.frame.dtype == previous.output.dtype == stack.dtype):
             raise InputError(f"the previous frame {previous.frame.shape} {previous.frame.dtype} and output "
@@ -220,16 +212,14 @@ class Upscaler:
         fresh, boxes = frames_to_render(stack, previous.frame if previous is not None else None,
                                         self.capabilities.tile_margin)
         spans = output_boxes(boxes, stack.shape[1:3], plan.out_hw)
-        peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(stack.dtype, 1.0)
+        peak = PEAKS.get(stack.dtype, 1.0)
         self.last_stats = {}
         canvas = None
         if fresh:  # as upscale_batch: the same conversions, so the same bytes
-            data = stack[fresh].astype(np.float32) / peak if peak != 1.0 else np.clip(stack[fresh], 0, 1)
+            data, _ = _unit_range(stack[fresh])
             inp = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))).to(self.device)
-            key = self._schedule_key(options)
-            schedule = schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
-            canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
-                                    self.last_stats, boxes)
+            canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options,
+                                    self._schedule(options, plan), progress, self.last_stats, boxes)
         out = np.empty((len(stack), h, w, 3), dtype=stack.dtype)
         last = previous.output if previous is not None else None
         computed = np.zeros((h, w), dtype=bool)
@@ -248,6 +238,21 @@ class Upscaler:
             last = out[k]
         copied = len(stack) * h * w - len(fresh) * int(computed.sum())
         return out, copied
+
+    def _plan(self, in_hw: tuple[int, int], scale: Scale | None, size: tuple[int, int] | None,
+              options: EngineOptions) -> Plan:
+        """The output size, refused over the pixel limit before any work."""
+        plan = plan_size(in_hw, *_plain_sizes(scale, size))
+        h, w = plan.out_hw
+        if h * w > options.max_pixels:
+            raise InputError(f"the output {w} x {h} is {h * w:,} pixels, over the limit of {options.max_pixels:,} "
+                             f"({option_name('max_pixels')})")
+        return plan
+
+    def _schedule(self, options: EngineOptions, plan: Plan) -> Schedule | None:
+        """The CMSR schedule for this output scale (None: exact)."""
+        key = self._schedule_key(options)
+        return schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
 
     def _call_options(self, options: EngineOptions | None) -> EngineOptions:
         """This call's options: the Upscaler's, or `options` where its device and precision resolve to
@@ -276,6 +281,15 @@ class Upscaler:
             return resolve_threshold(self.loaded.cmsr_tables, options.cmsr)
         except InputError as exc:
             raise OptionError("cmsr", options.cmsr, str(exc)) from exc
+
+
+PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # float32 images have none: 1.0
+
+
+def _unit_range(stack: np.ndarray) -> tuple[np.ndarray, float]:
+    """Samples as float32 in [0, 1], and the peak they were divided by (1.0: a float image, clamped)."""
+    peak = PEAKS.get(stack.dtype, 1.0)
+    return (stack.astype(np.float32) / peak if peak != 1.0 else np.clip(stack, 0, 1)), peak
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -4,6 +4,7 @@ tiny random-weight LM-LIIF, so nothing depends on trained weights or an ffmpeg b
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -70,20 +71,33 @@ def make_clip(path: Path, durations: list[int], *, codec: str = "libx264", pix_f
             pts += ms
         out.mux(video.encode(None))
         if sound is not None:
-            samples, done = 48 * pts, 0
-            while done < samples:
-                n = min(1024, samples - done)
-                chunk = av.AudioFrame.from_ndarray(np.full((2, n), 0.1, np.float32), format="fltp", layout="stereo")
-                chunk.sample_rate, chunk.pts = 48000, done
-                out.mux(sound.encode(chunk))
-                done += n
-            out.mux(sound.encode(None))
+            mux_audio(out, sound, 48 * pts, lambda n: np.full((2, n), 0.1, np.float32))
         if text is not None:
-            for packet in sub_in.demux(sub_in.streams.subtitles[0]):
-                if packet.dts is not None:
-                    packet.stream = text
-                    out.mux(packet)
+            mux_subtitles(out, sub_in, text)
     return path
+
+
+def mux_audio(out: av.container.OutputContainer, sound: av.audio.stream.AudioStream, samples: int,
+              block: Callable[[int], np.ndarray]) -> None:
+    """`samples` of 48 kHz stereo audio into a test clip, 1024 at a time, each block made by `block(n)`
+    in the stream's sample format."""
+    done = 0
+    while done < samples:
+        n = min(1024, samples - done)
+        chunk = av.AudioFrame.from_ndarray(block(n), format=sound.format.name, layout="stereo")
+        chunk.sample_rate, chunk.pts = 48000, done
+        out.mux(sound.encode(chunk))
+        done += n
+    out.mux(sound.encode(None))
+
+
+def mux_subtitles(out: av.container.OutputContainer, sub_in: av.container.InputContainer,
+                  text: av.subtitles.stream.SubtitleStream) -> None:
+    """The cues of an opened .srt into a test clip's subtitle stream."""
+    for packet in sub_in.demux(sub_in.streams.subtitles[0]):
+        if packet.dts is not None:
+            packet.stream = text
+            out.mux(packet)
 
 
 def read_clip(path: Path) -> dict:

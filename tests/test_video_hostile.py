@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from av.error import FFmpegError
 from click.testing import Result
+from test_video import mux_audio, mux_subtitles
 from typer.testing import CliRunner
 
 from lmf_cli.cli import app
@@ -70,20 +71,10 @@ def make_clip(path: Path, *, size: tuple[int, int] = (48, 32), frames: int = 5, 
         out.mux(video.encode(None))
         if sound is not None:
             kind = np.uint8 if audio == "pcm_u8" else np.int16
-            total, done = int(audio_seconds * 48000), 0
-            while done < total:
-                n = min(1024, total - done)
-                chunk = av.AudioFrame.from_ndarray(np.full((1, 2 * n), 128 if kind is np.uint8 else 0, kind),
-                                                   format=sound.format.name, layout="stereo")
-                chunk.sample_rate, chunk.pts = 48000, done
-                out.mux(sound.encode(chunk))
-                done += n
-            out.mux(sound.encode(None))
+            mux_audio(out, sound, int(audio_seconds * 48000),
+                      lambda n: np.full((1, 2 * n), 128 if kind is np.uint8 else 0, kind))
         if text is not None:
-            for packet in sub_in.demux(sub_in.streams.subtitles[0]):
-                if packet.dts is not None:
-                    packet.stream = text
-                    out.mux(packet)
+            mux_subtitles(out, sub_in, text)
     return path
 
 

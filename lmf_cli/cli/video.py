@@ -39,7 +39,7 @@ from lmf_cli.cli.common import (
     report,
     start_pool,
 )
-from lmf_cli.errors import InputError, LmfError
+from lmf_cli.errors import LmfError
 from lmf_cli.jobs.images import fmt_size
 from lmf_cli.jobs.signals import exit_code, stop_on_signals
 from lmf_cli.options import EngineOptions
@@ -63,10 +63,7 @@ def video_model(model: str | None, device: str) -> tuple[str, str]:
 
     if model is not None:
         return model, "--model"
-    try:
-        on_cpu = pick_device(device).type == "cpu"
-    except RuntimeError as exc:
-        raise InputError(f"--device {device}: {str(exc).splitlines()[0]}") from exc
+    on_cpu = pick_device(device).type == "cpu"  # a device this machine lacks: an OptionError naming --device
     choice = choose_model("compressed", light=on_cpu)
     return choice.name, f"video is compressed; {choice.reason}"
 
