@@ -50,8 +50,8 @@ class NearestLinear(ImplicitSR):
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         return {"latent": 0.0, "render": float(self.head.in_features * 3 * out_hw[0] * out_hw[1])}
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        return {"feat": channels_last_table(self.run_encoder(inp))}
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        return {"feat": channels_last_table(feat)}
 
     def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,
                       rel_cell: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,12 @@ class ImplicitSR(nn.Module):
         raise NotImplementedError
 
     def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        """The latent tables of an input: its encoder features, then the per-LR-pixel decoder stage."""
+        return self.latents(self.run_encoder(inp), rel_cell)
+
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+        """The latent tables from encoder features (B, C, h, w). Separate from the encoder so
+        that features streamed in row bands (engine/streaming.py) can be decoded in pieces."""
         raise NotImplementedError
 
     def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,

@@ -177,11 +177,10 @@ class DIIF(ImplicitSR):
         """All of DIIF's decoder is counted as rendering: per slice (head) and per pixel (tail)."""
         return {"latent": 0.0, "render": float(self.decoder_macs(in_hw, out_hw))}
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         """{"corner": (B, h+1, w+1, D)}: first head layer's feature part plus bias at each
         corner point of the LR grid (with the ensemble; (B, h, w, D) at latent centres without).
         The cell enters at decode time, so one encoding serves every output grid."""
-        feat = self.run_encoder(inp)
         first = self.imnet.head_linears[0]
         c, k = feat.shape[1], self.kernel
         # Linear on the channel-major (c, dy, dx) block == a k x k convolution with the same

@@ -56,8 +56,7 @@ class LIIF(ImplicitSR):
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         return ensemble_stages(self, 0.0, in_hw, out_hw)
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        feat = self.run_encoder(inp)
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         return {"feat": channels_last_table(unfold3x3(feat) if self.feat_unfold else feat)}
 
     def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,
@@ -99,8 +98,7 @@ class LTE(ImplicitSR):
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         return ensemble_stages(self, conv3x3_macs(self.coef, self.freq), in_hw, out_hw)
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        feat = self.run_encoder(inp)
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         return {"coef": channels_last_table(self.coef(feat)), "freq": channels_last_table(self.freq(feat))}
 
     def _features(self, coef: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,7 @@ class LMLIIF(ImplicitSR):
         latent_out = self.imnet.mod_dim + (hidden_dim if mod_input else 0)
         self.hypernet = MLP(latent_in, latent_out, [latent_hidden])
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        feat = self.run_encoder(inp)
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         first, second = self.hypernet.linears
         c = feat.shape[1]
         # Linear on the 3x3-unfolded feature == a 3x3 convolution with the same weights
@@ -188,8 +187,7 @@ class LMLTE(ImplicitSR):
         if mod_input:
             self.imphase = nn.Linear(2, hidden_dim // 2, bias=False)
 
-    def encode(self, inp: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        feat = self.run_encoder(inp)
+    def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         coef = channels_last_table(self.coef(feat))
         freq = channels_last_table(self.freq(feat))
         b, h, w, c = freq.shape
