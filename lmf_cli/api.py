@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lmf_cli.engine.budget import frames_fitting, frames_per_call
-from lmf_cli.engine.cmsr import Schedule, resolve_threshold, schedule_for
+from lmf_cli.engine.cmsr import Schedule, reach, resolve_threshold, schedule_for
 from lmf_cli.engine.reuse import Previous, frames_to_render, output_boxes
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError, OptionError, option_name
@@ -209,8 +209,9 @@ class Upscaler:
             tail, copied = self.upscale_sequence(stack[1:], scale, size, previous=Previous(stack[0], head[0]),
                                                  options=options, progress=progress)
             return np.concatenate([head, tail]), copied
+        schedule = self._schedule(options, plan)
         fresh, boxes = frames_to_render(stack, previous.frame if previous is not None else None,
-                                        self.capabilities.tile_margin)
+                                        reach(self.capabilities, schedule, stack.shape[1:3]))
         spans = output_boxes(boxes, stack.shape[1:3], plan.out_hw)
         peak = PEAKS.get(stack.dtype, 1.0)
         self.last_stats = {}
@@ -218,8 +219,8 @@ class Upscaler:
         if fresh:  # as upscale_batch: the same conversions, so the same bytes
             data, _ = _unit_range(stack[fresh])
             inp = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))).to(self.device)
-            canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options,
-                                    self._schedule(options, plan), progress, self.last_stats, boxes)
+            canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
+                                    self.last_stats, boxes)
         out = np.empty((len(stack), h, w, 3), dtype=stack.dtype)
         last = previous.output if previous is not None else None
         computed = np.zeros((h, w), dtype=bool)

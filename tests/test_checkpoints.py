@@ -52,11 +52,11 @@ def test_unsupported_architecture(tmp_path, arch):
 
 def test_unsupported_encoder(tmp_path):
     ckpt = official_checkpoint("lmliif", SMALL_EDSR)
-    ckpt["model"]["args"]["encoder_spec"] = {"name": "swinir", "args": {}}
-    torch.save(ckpt, tmp_path / "swin.pth")
+    ckpt["model"]["args"]["encoder_spec"] = {"name": "rcan", "args": {}}
+    torch.save(ckpt, tmp_path / "rcan.pth")
     with pytest.raises(UnsupportedModelError) as err:
-        load_weights(tmp_path / "swin.pth")
-    assert "swinir" in _single_line(err.value)
+        load_weights(tmp_path / "rcan.pth")
+    assert "rcan" in _single_line(err.value)
 
 
 def test_truncated_official_checkpoint(tmp_path, official_files):

@@ -10,7 +10,17 @@ import torch
 
 from lmf_cli import EngineOptions, InputError, Upscaler
 from lmf_cli.engine import encode_image, render_region
-from lmf_cli.engine.cmsr import Schedule, resolve_threshold, schedule_for
+from lmf_cli.engine.cmsr import (
+    BLOCK,
+    MAX_COARSE_SHARE,
+    TORCH_MIN_SCALE,
+    Schedule,
+    block_strength,
+    coarse_share,
+    pays,
+    resolve_threshold,
+    schedule_for,
+)
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
 from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
 from lmf_cli.training.calibrate import calibrate, merge_tables
@@ -39,9 +49,12 @@ def _with_tables(loaded: LoadedModel, tables) -> Upscaler:
 
 
 def _median_intensity(loaded, image, scale):
+    """The median block intensity: about half the blocks are calm at this threshold."""
     inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
     out_hw = (round(image.shape[0] * scale), round(image.shape[1] * scale))
-    return float(loaded.model.modulation_intensity(encode_image(loaded.model, inp, out_hw).latents).median())
+    with torch.inference_mode():
+        strength = loaded.model.modulation_intensity(encode_image(loaded.model, inp, out_hw).latents)[0]
+    return float(block_strength(strength)[::BLOCK, ::BLOCK].median())
 
 
 def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
@@ -52,24 +65,65 @@ def test_zero_thresholds_render_everything_in_full(lm, butterfly, render_path):
     assert np.array_equal(full, with_cmsr)
 
 
-def test_coverage_rule_follows_intensity(lm, butterfly, render_path):
-    """LR pixels at or below the threshold are drawn at decode scale 2, the rest in full."""
+def test_coverage_rule_follows_block_intensity(lm, butterfly, render_path):
+    """Blocks of BLOCK x BLOCK LR pixels whose largest intensity is at or below the threshold
+    are drawn at decode scale 2, the rest in full: every output pixel of a block alike."""
     image = butterfly.copy()
     image[:, :24] = 128  # a flat half: calm latents, as sky or a wall would be
     inp = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    strength = lm.model.modulation_intensity(encode_image(lm.model, inp, (320, 384)).latents)[0]
-    threshold = float(strength[:, 4:20].max()) + 1e-6
-    calm = float((strength <= threshold).float().mean())
+    with torch.inference_mode():
+        strength = lm.model.modulation_intensity(encode_image(lm.model, inp, (320, 384)).latents)[0]
+    blocks = block_strength(strength)
+    threshold = float(blocks[:, 8:16].max()) + 1e-6
+    busy_lr = (blocks > threshold).numpy()
+    assert 0.2 < busy_lr.mean() < 0.8
+    # levels are per block: no block is partly calm, though some of its own pixels are calm
+    assert all(len(np.unique(busy_lr[r:r + BLOCK, c:c + BLOCK])) == 1 for r in range(0, 40, BLOCK)
+               for c in range(0, 48, BLOCK))
+    assert (strength.numpy()[busy_lr] <= threshold).any()
     up = _with_tables(lm, {"2e-05": {"8": {"2": threshold}}})
     out = up.upscale(image, scale=8, options=EngineOptions(cmsr="balanced"))
     stats = up.last_stats
-    busy = 1 - calm
-    assert 0.2 < busy < 0.8
-    assert busy * stats["total"] <= stats["rendered"] <= (busy + 0.15) * stats["total"]
+    busy = busy_lr.mean()
+    assert busy * stats["total"] <= stats["rendered"] <= (busy + 0.1) * stats["total"]
     full = up.upscale(image, scale=8)
-    owner_busy = (strength > threshold).numpy().repeat(8, 0).repeat(8, 1)
+    owner_busy = busy_lr.repeat(8, 0).repeat(8, 1)
     assert np.array_equal(out[owner_busy], full[owner_busy])  # busy pixels are exactly the full render
     assert not np.array_equal(out[~owner_busy], full[~owner_busy])
+
+
+def test_block_strength_is_the_block_max_on_the_global_grid():
+    strength = torch.rand(13, 19)
+    blocks = block_strength(strength)
+    for r in range(13):
+        for c in range(19):
+            r0, c0 = r // BLOCK * BLOCK, c // BLOCK * BLOCK
+            assert blocks[r, c] == strength[r0:r0 + BLOCK, c0:c0 + BLOCK].max()
+
+
+@pytest.mark.parametrize("tile", [13, 16])
+def test_block_levels_do_not_depend_on_tiles(lm, butterfly, render_path, tile):
+    """A tile whose core is not aligned to the block grid (13) reads its blocks' intensities
+    beyond its own latents; the levels, and so the pixels, are the untiled ones."""
+    median = _median_intensity(lm, butterfly, 8)
+    up = _with_tables(lm, {"2e-05": {"8": {"1": median / 2, "2": median}}})
+    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=8, options=EngineOptions(cmsr="balanced", tile=1000))
+    drawn = up.last_stats["rendered"] / up.last_stats["total"]
+    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=8, options=EngineOptions(cmsr="balanced", tile=tile))
+    assert 0.2 < drawn < 0.9
+    assert up.last_stats["rendered"] / up.last_stats["total"] >= drawn  # tiles add coarse rings, never fewer pixels
+    assert np.abs(whole - tiled).max() < 1e-4
+
+
+def test_levels_that_cannot_pay_are_not_used():
+    """A coarse level whose pixels (and the ring the upsample reads) nearly fill its blocks
+    costs more than it saves: the schedule leaves it out, and without any level CMSR is off."""
+    tables = {"2e-05": {"6": {"2": 0.1, "4": 0.2}}}
+    assert coarse_share(4.0, 5.0) > MAX_COARSE_SHARE >= coarse_share(4.0, 6.0)
+    assert schedule_for(tables, "2e-05", 6.0) == Schedule((2.0, 4.0), (0.1, 0.2))
+    assert schedule_for(tables, "2e-05", 5.0) == Schedule((2.0,), (0.1,))
+    assert schedule_for({"2e-05": {"6": {"4": 0.2}}}, "2e-05", 5.0) is None
+    assert schedule_for({"2e-05": {"8": {"2": 0.0, "4": 0.0}}}, "2e-05", 8.0) is None
 
 
 def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
@@ -87,11 +141,26 @@ def test_everything_calm_renders_coarse_only(lm, butterfly, render_path):
 
 
 def test_cmsr_with_tiles_equals_untiled(lm, butterfly, render_path):
-    median = _median_intensity(lm, butterfly, 6)
-    up = _with_tables(lm, {"2e-05": {"6": {"1": median / 2, "3": median}}})
-    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=6, options=EngineOptions(cmsr="balanced", tile=1000))
-    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=6, options=EngineOptions(cmsr="balanced", tile=16))
+    median = _median_intensity(lm, butterfly, 9)
+    up = _with_tables(lm, {"2e-05": {"12": {"1": median / 2, "3": median}}})
+    whole = up.upscale(butterfly.astype(np.float32) / 255, scale=9, options=EngineOptions(cmsr="balanced", tile=1000))
+    assert up.last_stats["rendered"] < 0.8 * up.last_stats["total"]
+    tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=9, options=EngineOptions(cmsr="balanced", tile=16))
     assert np.abs(whole - tiled).max() < 1e-4
+
+
+def test_pytorch_renders_exactly_where_cmsr_would_not_pay(lm, butterfly, kernel, monkeypatch):
+    """Below TORCH_MIN_SCALE the PyTorch renderer's CMSR costs more than it saves on photos: it
+    renders exactly there, while the kernel still draws the coarse levels."""
+    assert pays(6.0, fused=True) and not pays(6.0, fused=False) and pays(TORCH_MIN_SCALE, fused=False)
+    up = _with_tables(lm, {"2e-05": {"6": {"2": 1e9}}})
+    balanced = EngineOptions(cmsr="balanced")
+    up.upscale(butterfly, scale=6, options=balanced)
+    assert up.last_stats["rendered"] < 0.5 * up.last_stats["total"]
+    monkeypatch.setenv("LMF_NATIVE", "0")
+    out = up.upscale(butterfly, scale=6, options=balanced)
+    assert up.last_stats["rendered"] == up.last_stats["total"]
+    assert np.array_equal(out, up.upscale(butterfly, scale=6))
 
 
 def test_pytorch_cmsr_equals_the_kernel_and_draws_only_its_share(lm, butterfly, kernel, monkeypatch):
@@ -174,3 +243,27 @@ def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
     up = Upscaler.load(weights, EngineOptions("cpu"))
     out = up.upscale(butterfly, scale=8, options=EngineOptions(cmsr=1e-3))
     assert out.shape == (320, 384, 3)
+
+
+def test_benchmark_says_where_cmsr_renders_exactly(lm, butterfly):
+    from lmf_cli.evaluation.benchmark import benchmark_cmsr
+
+    inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
+    tables = {"2e-05": {"6": {"4": 1e9}}}
+    paying = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
+    assert paying.rendered_fraction < 0.6 and "rendered exactly" not in paying.note
+    exact = benchmark_cmsr("cmsr", lm.model, [inp], 5.0, 1, 0, tables, "2e-05")
+    assert exact.rendered_fraction == 1.0 and "no coarse level pays" in exact.note
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 3.0, 1, 0, tables, "2e-05") is None  # no CMSR at x4 and below
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, None, "2e-05") is None
+
+
+def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly, monkeypatch):
+    from lmf_cli.evaluation.benchmark import benchmark_cmsr
+
+    monkeypatch.setenv("LMF_NATIVE", "0")
+    inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
+    tables = {"2e-05": {"6": {"4": 1e9}, "8": {"4": 1e9}}}
+    exact = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
+    assert exact.rendered_fraction == 1.0 and "PyTorch renderer below x8" in exact.note
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 8.0, 1, 0, tables, "2e-05").rendered_fraction < 0.6

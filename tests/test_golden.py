@@ -59,6 +59,7 @@ from typer.testing import CliRunner
 
 from lmf_cli.cli import app
 from lmf_cli.hardware import cpu_flags, cpu_name
+from lmf_cli.models.base import FeatureRows
 from tests.conftest import DATA
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -587,11 +588,19 @@ def encoder_calls() -> Iterator[list[str]]:
         if hasattr(module, "receptive_radius") and args and isinstance(args[0], torch.Tensor):
             calls.append(f"{'x'.join(map(str, args[0].shape))} {str(args[0].dtype).removeprefix('torch.')}")
 
+    push = FeatureRows.push
+
+    def streamed(self: FeatureRows, rows: torch.Tensor) -> torch.Tensor:  # row chunks of a streamed encoder
+        calls.append(f"rows {'x'.join(map(str, rows.shape))} {str(rows.dtype).removeprefix('torch.')}")
+        return push(self, rows)
+
     handle = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    FeatureRows.push = streamed
     try:
         yield calls
     finally:
         handle.remove()
+        FeatureRows.push = push
 
 
 def run_job(job: Job, tmp: Path, model: Path, manifest: dict[str, Any]) -> tuple[Path, list[str], list[str]]:

@@ -41,7 +41,8 @@ def engine_calls(monkeypatch):
     """What reaches the tiled engine: the options, whether a CMSR schedule came with them, the encoder
     dtype and device, and how many tiles were run."""
     calls = []
-    real_engine, real_tile = api_module.upscale_tensor, tiling._TiledRun.tile
+    real_engine = api_module.upscale_tensor
+    real_tile, real_piece = tiling._TiledRun.tile, tiling._TiledRun._decode_piece
 
     def engine(model, inp, out_hw, options=None, schedule=None, progress=None, stats=None, cores=None):
         calls.append({"options": options, "schedule": schedule is not None, "dtype": model.encoder_dtype,
@@ -52,8 +53,13 @@ def engine_calls(monkeypatch):
         calls[-1]["tiles"] += 1
         return real_tile(self, *core)
 
+    def piece(self, *args):  # a streamed tile
+        calls[-1]["tiles"] += 1
+        return real_piece(self, *args)
+
     monkeypatch.setattr(api_module, "upscale_tensor", engine)
     monkeypatch.setattr(tiling._TiledRun, "tile", tile)
+    monkeypatch.setattr(tiling._TiledRun, "_decode_piece", piece)
     return calls
 
 
@@ -70,7 +76,7 @@ def test_upscale_carries_every_engine_option_to_the_engine(calibrated, butterfly
     (call,) = engine_calls  # --alpha bicubic: the alpha channel never reached the model
     assert call["options"] == EngineOptions(**{**EXPECTED.__dict__, "alpha": "bicubic"})
     assert call["schedule"] and call["dtype"] is None and call["device"] == "cpu"
-    assert call["tiles"] == _tiles((20, 24), 9)
+    assert call["tiles"] == _tiles((20, 24), 8)  # --tile 9, cut on CMSR's 8-pixel blocks
     engine_calls.clear()
     again = runner.invoke(app, ["upscale", str(tmp_path / "a.png"), "--size", "30x25", "--model", str(calibrated),
                                 "--device", "cpu", "--overwrite"])
@@ -101,7 +107,7 @@ def test_video_takes_the_same_engine_options(calibrated, engine_calls, tmp_path)
                                "-o", str(tmp_path / "c8.mkv"), *FLAGS])
     assert done.exit_code == 0, done.output
     assert len(engine_calls) == 3 and all(c["options"] == EXPECTED for c in engine_calls)
-    assert all(c["schedule"] and c["tiles"] == _tiles((16, 24), 9) for c in engine_calls)
+    assert all(c["schedule"] and c["tiles"] == _tiles((16, 24), 8) for c in engine_calls)
     refused = runner.invoke(app, ["video", str(src), "--scale", "8", "--model", str(calibrated), "-o",
                                   str(tmp_path / "big.mkv"), "--device", "cpu", "--max-pixels", "20k"])
     assert refused.exit_code == 1 and "over the limit of 20,000 (--max-pixels)" in refused.output

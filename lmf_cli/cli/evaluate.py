@@ -10,7 +10,16 @@ import typer
 from rich.table import Table
 
 from lmf_cli.cli.arguments import parse_wxh
-from lmf_cli.cli.common import checked, console, fail, open_upscaler, require_matplotlib, stdout
+from lmf_cli.cli.common import (
+    MaxMemory,
+    checked,
+    console,
+    fail,
+    open_upscaler,
+    parse_amount,
+    require_matplotlib,
+    stdout,
+)
 from lmf_cli.errors import LmfError
 from lmf_cli.options import EngineOptions
 
@@ -118,13 +127,21 @@ def benchmark(
                                "animation in twos, a camera pan, and the screen recording through H.264 CRF 18."),
     frames: int = typer.Option(12, "--frames", min=2, help="With --video: frames per clip (the first, which a "
                                "segment computes whole, is not timed)."),
+    max_memory: MaxMemory = None,
+    large: str | None = typer.Option(None, "--large", help="Time tiling instead: a photo resized to this WxH "
+                                     "(e.g. 2000x1500) upscaled at the memory budget (--max-memory) in streamed tiles "
+                                     "(the default) and in tiles with margins, against an untiled --size crop, "
+                                     "per output pixel, each with its peak memory."),
+    ciaosr: bool = typer.Option(False, "--ciaosr", help="Add CiaoSR and LM-CiaoSR (official configurations, random "
+                                "weights, one EDSR-baseline encoder): decoder MACs and whole-upscale time beside "
+                                "the paper's 'up to 99.9% fewer MACs, 57x faster'. CiaoSR renders a crop, scaled."),
 ) -> None:
     """Time the encoder, latent MLP and rendering of LMF (with and without CMSR) beside LIIF
     and bicubic, with MACs from the architecture; or, with --video, video frames with and
     without reuse."""
     import torch
 
-    from lmf_cli.engine.cmsr import DEFAULT_THRESHOLD, schedule_for
+    from lmf_cli.engine.cmsr import DEFAULT_THRESHOLD
     from lmf_cli.evaluation import benchmark as bench
     from lmf_cli.io.images import list_images
 
@@ -138,7 +155,8 @@ def benchmark(
     in_h, in_w = checked(parse_wxh, size, "--size")
     try:
         scale_list = [float(s) for s in scales.split(",")]
-        up = open_upscaler(model, checked(EngineOptions, device, precision))
+        budget = parse_amount(max_memory, "--max-memory", 1024) if max_memory else None
+        up = open_upscaler(model, checked(EngineOptions, device, precision, None, budget))
     except ValueError:
         fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
@@ -153,6 +171,10 @@ def benchmark(
     if video:
         _video_benchmark(up, in_h, in_w, scale_list, frames, photos, json_out)
         return
+    if large is not None:
+        _tiling_benchmark(up, checked(parse_wxh, large, "--large"), (in_h, in_w), scale_list[0], repeats, photos,
+                          json_out)
+        return
     try:
         pictures, source = bench.benchmark_inputs(in_h, in_w, photos)
     except OSError as exc:
@@ -165,12 +187,14 @@ def benchmark(
     tables = up.loaded.cmsr_tables or {}
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []
+    pair = bench.ciaosr_pair(up.device) if ciaosr else None
     for scale in scale_list:
+        if pair is not None:
+            rows.extend(bench.ciaosr_rows(inputs, scale, repeats, warmup, 32 if quick else 64, pair))
         rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inputs, scale, repeats, warmup))
-        schedule = schedule_for(tables, key, scale)
-        if schedule is not None:
-            rows.append(bench.benchmark_model(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup,
-                                              schedule))
+        cmsr = bench.benchmark_cmsr(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup, tables, key)
+        if cmsr is not None:
+            rows.append(cmsr)
         if liif:
             rows.append(bench.liif_extrapolated(up.model, inputs[0], scale, repeats, warmup,
                                                 window=96 if quick else 192))
@@ -213,6 +237,9 @@ def benchmark(
                             f"{lmf_time:.2f} vs {liif_row.render.median_s:.2f} s "
                             f"({liif_row.render.median_s / max(lmf_time, 1e-9):.0f}x faster); whole upscale "
                             f"{liif_row.total.median_s / lmf_row.total.median_s:.1f}x faster", highlight=False)
+    for lm_row, ciao_row in zip(rows[::1], rows[1:], strict=False):
+        if lm_row.method.startswith("LM-CiaoSR") and ciao_row.method.startswith("CiaoSR"):
+            stdout.print(bench.ciaosr_claim(lm_row, ciao_row), highlight=False)
     if json_out is not None:
         payload = {"machine": info, "input_wh": [in_w, in_h], "input": source, "model": up.name, "repeats": repeats,
                    "rows": [r.as_dict() for r in rows],
@@ -250,6 +277,40 @@ def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int,
     if json_out is not None:
         json_out.write_text(json.dumps({"machine": info, "model": up.name, "input_wh": [in_w, in_h],
                                         "input": source, "frames": frames, "video": rows}, indent=2))
+
+
+def _tiling_benchmark(up, large_hw: tuple[int, int], crop_hw: tuple[int, int], scale: float, repeats: int,
+                      photos: list[Path], json_out: Path | None) -> None:
+    """Per output pixel: streamed tiles and tiles with margins on a large photo, against an untiled crop."""
+    from dataclasses import asdict
+
+    from lmf_cli.evaluation import benchmark as bench
+    from lmf_cli.evaluation.large import benchmark_tiling, large_picture
+    from lmf_cli.io.images import load_rgb
+
+    try:
+        (photo, *_), source = bench.benchmark_inputs(*crop_hw, photos[:1])
+        if photos:
+            photo = load_rgb(photos[0])
+    except OSError as exc:
+        fail(f"--image: {exc}")
+    picture = large_picture(photo, *large_hw)
+    info = {**bench.machine_info(up.device), "precision": up.precision}
+    console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
+                  f"encoder in {up.precision}, x{scale:g}; {large_hw[1]} x {large_hw[0]} from {source}; each way in "
+                  "a process of its own", highlight=False)
+    rows = benchmark_tiling(up.model, up.options, picture, crop_hw, scale, repeats)
+    untiled = rows[0].us_per_pixel
+    table = Table("way", "input", "tiles", "time", "us / output px", "vs untiled", "peak MB",
+                  title=f"lmf benchmark --large, {up.name} x{scale:g}, median of {repeats}")
+    for row in rows:
+        table.add_row(row.way, f"{row.in_hw[1]} x {row.in_hw[0]}", str(row.tiles), f"{row.median_s:.2f} s",
+                      f"{row.us_per_pixel:.2f}", f"{row.us_per_pixel / untiled:.3f}x", f"{row.peak_mb:.0f}")
+    stdout.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"machine": info, "model": up.name, "scale": scale, "input": source,
+                                        "tiling": [{**asdict(row), "us_per_pixel": row.us_per_pixel}
+                                                   for row in rows]}, indent=2))
 
 
 def _optional_model(name: str, device: str, precision: str):

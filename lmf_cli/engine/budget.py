@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -51,10 +52,88 @@ def default_budget(device: torch.device) -> int:
 def default_tile(capabilities: Capabilities, max_memory: int | None, device: torch.device) -> int:
     """Largest tile side (input pixels, margin included) whose activations fit the budget:
     a few encoder feature maps plus the latent tables, per LR pixel."""
+    if capabilities.tile_grid is None:  # global reach: never cut silently (plan_tile weighs the image)
+        return WHOLE_IMAGE
     budget = default_budget(device) if max_memory is None else max_memory
     bytes_per_pixel = 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
     side = int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)) - 2 * capabilities.tile_margin
-    return max(16, side)
+    # A core at least as wide as the margin: encoders that see far (SwinIR's ~260 pixels) would otherwise
+    # get 16-pixel cores, each encoding a piece ~35 times its area (the whole of a small image).
+    return _on_grid(side, max(16, capabilities.tile_margin), capabilities)
+
+
+# A tile side no image reaches: the whole image is one tile.
+WHOLE_IMAGE = 1 << 30
+# Default tiles are whole multiples of this (and of the model's tile_grid): encoders with attention
+# windows (SwinIR's 8) keep tiles on their window grid even where their family does not declare it.
+TILE_STEP = 16
+# The largest difference of a tiled run from the whole-image run, in 8-bit levels, measured with the
+# random-weight test checkpoints (tests/official; no trained weights of these exist here) on a 100 x 60
+# input in 48- and 64-pixel tiles at x2 and x4: LM-CiaoSR 0.8-1.5 (0.1-0.3% of pixels over half a
+# level), CiaoSR 4.5-9.8 (11-16% of pixels over half a level).
+GLOBAL_TILE_DIFFERENCE = {"lmciaosr": 1.5, "ciaosr": 10.0}
+
+
+def _on_grid(side: int, at_least: int, capabilities: Capabilities) -> int:
+    """`side` rounded down to the tile step, but not below `at_least` rounded up to it."""
+    step = math.lcm(TILE_STEP, capabilities.tile_grid or 1)
+    return max(-(-at_least // step) * step, side // step * step)
+
+
+def _measured(family: str) -> str:
+    found = GLOBAL_TILE_DIFFERENCE.get(family)
+    return "" if found is None else f" (measured with random weights: up to {found:g} 8-bit levels)"
+
+
+def plan_tile(capabilities: Capabilities, in_hw: tuple[int, int], tile: int | None, max_memory: int | None,
+              device: torch.device) -> int:
+    """The tile side of an upscale (what `options.tile or default_tile(...)` decides, knowing the image).
+
+    The whole image when it fits the memory budget and no side was asked for. Otherwise, finite reach:
+    the asked or default side, on the model's tile grid (rounded up for an asked one), so tiles stay
+    exact. Global reach (`tile_grid` None): the whole image while it fits the memory
+    budget; otherwise, and when a tile was asked for, tiles that differ from a whole-image run, said
+    before any work starts (a warning with the measured size of the difference), never silently."""
+    h, w = in_hw
+    budget = default_budget(device) if max_memory is None else max_memory
+    bytes_per_pixel = 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
+    if tile is None and h * w * bytes_per_pixel <= max(budget, 1 << 24):
+        return WHOLE_IMAGE  # one piece: no margin recomputed, whatever the reach
+    if capabilities.tile_grid is not None:
+        if tile is None:
+            return default_tile(capabilities, max_memory, device)
+        grid = capabilities.tile_grid
+        return -(-tile // grid) * grid
+    why = "a tile size was asked for" if tile is not None else "the image does not fit the memory budget"
+    if tile is None:
+        tile = max(16, int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)))
+    if tile >= max(h, w):
+        return WHOLE_IMAGE
+    warnings.warn(f"{capabilities.family} attends over the whole image, so {tile}-pixel tiles will differ from "
+                  f"a whole-image run{_measured(capabilities.family)}; "
+                  f"{why}; give more memory (max_memory) or no tile size for an exact result", stacklevel=2)
+    return tile
+
+
+def stream_plan(capabilities: Capabilities, max_memory: int | None, device: torch.device,
+                width: int) -> tuple[int, int, int]:
+    """(input rows pushed through the streamed encoder at once, rows of a band of tiles, columns
+    of a tile) for an image `width` pixels wide. A sixteenth of the budget holds the encoder's live
+    maps for a chunk of rows, an eighth the band of feature rows the tiles of a band read (as wide
+    as the image), a quarter one tile's latent tables: wide images get shorter, wider tiles. The
+    rest is headroom for the allocator, which cannot reuse every freed block of varying sizes."""
+    budget = max(default_budget(device) if max_memory is None else max_memory, 1 << 24)
+    feature_row = 4 * capabilities.feature_channels * width
+    chunk = int(min(MAX_STREAM_CHUNK, max(MIN_STREAM_CHUNK, budget // 16 // (ENCODER_LIVE_MAPS * feature_row))))
+    per_pixel = 4 * (3 * capabilities.latent_channels + capabilities.feature_channels)
+    margin = 2 * capabilities.decoder_margin
+    rows = int(min(math.sqrt(budget / 4 / per_pixel), budget / 8 / feature_row - chunk))
+    columns = int(budget / 4 / per_pixel / max(rows, 16))
+    return chunk, max(16, rows - margin), max(16, columns - margin)
+
+
+ENCODER_LIVE_MAPS = 4
+MIN_STREAM_CHUNK, MAX_STREAM_CHUNK = 8, 64
 
 
 def _free_memory(device: torch.device) -> int:

@@ -150,10 +150,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
                                p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
     lib.lmf_render.restype = None
-    lib.lmf_mark_taps.argtypes = [p, i64, i64, p, p, p, p, p, i64]
-    lib.lmf_mark_taps.restype = None
-    lib.lmf_blend.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
-    lib.lmf_blend.restype = None
+    lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, p]
+    lib.lmf_blend_rects.restype = None
 
 
 @functools.cache
@@ -246,52 +244,36 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     return into
 
 
-def mark_taps(hidden: int, mask: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear,
-              coarse_hw: tuple[int, int]) -> torch.Tensor:
-    """The pixels of a coarse grid that the masked output pixels sample bilinearly."""
-    lib = _loaded(hidden)
-    _check(int(rows.hi.max()) < coarse_hw[0] and int(cols.hi.max()) < coarse_hw[1]
-           and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
-    _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]), "mask has the wrong shape")
-    mask_u8 = _bytes(mask)
-    coarse = torch.zeros(coarse_hw, dtype=torch.bool)  # one byte of 0 or 1 each, as the kernel writes
-    lo_y, hi_y = rows.lo.contiguous(), rows.hi.contiguous()
-
-    def mark(r0: int, r1: int) -> None:  # bands may mark the same coarse byte: both write 1
-        lib.lmf_mark_taps(mask_u8[r0:r1].data_ptr(), r1 - r0, mask.shape[1], lo_y[r0:r1].data_ptr(),
-                          hi_y[r0:r1].data_ptr(), cols.lo.data_ptr(), cols.hi.data_ptr(), coarse.data_ptr(),
-                          coarse_hw[1])
-
-    _in_row_bands(mask.shape[0], mark)
-    return coarse
-
-
-def blend(hidden: int, into: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
-          cols: AxisBilinear) -> None:
-    """Write the bilinear sample of a coarse rendering into the masked pixels of `into`."""
+def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
+                cols: AxisBilinear) -> None:
+    """Write the bilinear sample of a coarse rendering (1, 3, h, w) into rectangles of `into` (1, 3,
+    rows, cols): rects (n, 4) int64 of (y0, y1, x0, x1) in its rows and columns, disjoint."""
     lib = _loaded(hidden)
     _check(int(rows.hi.max()) < coarse.shape[2] and int(cols.hi.max()) < coarse.shape[3]
            and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
-    _check(tuple(mask.shape) == (rows.lo.shape[0], cols.lo.shape[0]) == tuple(into.shape[2:]),
-           "mask and output view disagree")
-    mask_u8 = _bytes(mask)
+    _check(rows.lo.shape[0] == into.shape[2] and cols.lo.shape[0] == into.shape[3], "taps and output view disagree")
+    _check(rects.dtype == torch.int64 and rects.shape[-1] == 4 and bool((rects[:, 0::2] >= 0).all())
+           and int(rects[:, 1].max()) <= into.shape[2] and int(rects[:, 3].max()) <= into.shape[3],
+           "rectangles outside the output view")
+    rects = rects.contiguous()
     coarse = coarse[0].float().contiguous()
     fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()
-    lo_y, hi_y = rows.lo.contiguous(), rows.hi.contiguous()
+    lo_y, hi_y, lo_x, hi_x = rows.lo.contiguous(), rows.hi.contiguous(), cols.lo.contiguous(), cols.hi.contiguous()
     strides = _strides(into)
 
-    def draw(r0: int, r1: int) -> None:
-        lib.lmf_blend(mask_u8[r0:r1].data_ptr(), r1 - r0, mask.shape[1], coarse.data_ptr(), *coarse.shape[1:],
-                      lo_y[r0:r1].data_ptr(), hi_y[r0:r1].data_ptr(), fy[r0:r1].data_ptr(), cols.lo.data_ptr(),
-                      cols.hi.data_ptr(), fx.data_ptr(), into[:, :, r0:r1].data_ptr(), *strides)
+    def draw(k0: int, k1: int) -> None:  # disjoint rectangles: threads never write the same pixel
+        line = torch.empty(coarse.shape[2])  # the thread's scratch row
+        lib.lmf_blend_rects(rects[k0:k1].data_ptr(), k1 - k0, coarse.data_ptr(), *coarse.shape[1:],
+                            lo_y.data_ptr(), hi_y.data_ptr(), fy.data_ptr(), lo_x.data_ptr(), hi_x.data_ptr(),
+                            fx.data_ptr(), into.data_ptr(), *strides, line.data_ptr())
 
-    _in_row_bands(mask.shape[0], draw)
+    _in_row_bands(rects.shape[0], draw, per_thread=1)
 
 
-def _in_row_bands(n_rows: int, work: Callable[[int, int], None]) -> None:
-    """work(r0, r1) on contiguous bands of rows, one per thread (ctypes releases the GIL): CMSR's
-    marking and blending touch most output pixels, and on one thread they cost what they save."""
-    threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
+def _in_row_bands(n_rows: int, work: Callable[[int, int], None], per_thread: int = MIN_ROWS_PER_THREAD) -> None:
+    """work(r0, r1) on contiguous bands of rows (or rectangles), one per thread (ctypes releases
+    the GIL): CMSR's blending touches most output pixels at large scales."""
+    threads = max(1, min(torch.get_num_threads(), n_rows // per_thread))
     bounds = [n_rows * t // threads for t in range(threads + 1)]
     jobs = [_pool().submit(work, bounds[t], bounds[t + 1]) for t in range(1, threads)]
     try:

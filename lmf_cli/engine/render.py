@@ -73,12 +73,6 @@ def owners(start: int, stop: int, n_out: int, n_in: int, first: int, device: tor
     return torch.div((2 * i + 1) * n_in, 2 * n_out, rounding_mode="floor") - first
 
 
-def span(owner: torch.Tensor, first: int, last: int) -> tuple[int, int]:
-    """Output indices [start, stop) whose (sorted) owners lie in [first, last]."""
-    start = int(torch.searchsorted(owner, first))
-    return start, int(torch.searchsorted(owner, last, right=True))
-
-
 def coarse_taps(g: Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
                  cols_range: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], AxisBilinear, AxisBilinear]:
     """The window of a coarse grid that an output block samples, and the block's bilinear

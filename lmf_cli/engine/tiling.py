@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from lmf_cli.engine.budget import default_tile, render_block
-from lmf_cli.engine.cmsr import Schedule, render_levels
+from lmf_cli.engine.budget import plan_tile, render_block, stream_plan
+from lmf_cli.engine.cmsr import BLOCK, REGION_BLOCKS, Schedule, pays, render_levels, tile_levels
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
 from lmf_cli.models.base import ImplicitSR, Latents
+from lmf_cli.models.rows import cat_rows
 from lmf_cli.options import EngineOptions
 from lmf_cli.sizes import rel_cell_for
 
@@ -40,15 +41,30 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     """
     options = options or EngineOptions()
     h, w = inp.shape[-2:]
-    tile = options.tile or default_tile(model.capabilities, options.max_memory, inp.device)
+    capabilities = model.capabilities
+    # CMSR levels belong to blocks of the global grid: tiles cut on it never encode a block twice
+    align = BLOCK if schedule is not None else 1
+    tile = _aligned(plan_tile(capabilities, (h, w), options.tile, options.max_memory, inp.device), align)
     run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats)
-    boxes = [(0, h, 0, w)] if cores is None else cores
-    tiles = [(r, min(r1, r + tile), c, min(c1, c + tile)) for r0, r1, c0, c1 in boxes
-             for r in range(r0, r1, tile) for c in range(c0, c1, tile)]
-    for done, core in enumerate(tiles, 1):
-        run.tile(*core)
-        if progress:
-            progress(done, len(tiles))
+    streamed = cores is None and capabilities.streams_rows and (h > tile or w > tile)
+    if streamed:
+        chunk, rows, columns = stream_plan(capabilities, options.max_memory, inp.device, w)
+        rows, columns = (_aligned(options.tile or side, align) for side in (rows, columns))
+        try:
+            run.stream(min(chunk, rows), (rows, columns), progress)
+        except torch.OutOfMemoryError:
+            warnings.warn("out of memory while streaming the encoder; tiling with margins instead", stacklevel=2)
+            if inp.device.type == "cuda":
+                torch.cuda.empty_cache()
+            streamed = False
+    if not streamed:
+        boxes = [(0, h, 0, w)] if cores is None else cores
+        tiles = [(r, min(r1, r + tile), c, min(c1, c + tile)) for r0, r1, c0, c1 in boxes
+                 for r in range(r0, r1, tile) for c in range(c0, c1, tile)]
+        for done, core in enumerate(tiles, 1):
+            run.tile(*core)
+            if progress:
+                progress(done, len(tiles))
     if inp.device.type == "cuda":
         torch.cuda.synchronize(inp.device)  # the non-blocking copies into the canvas have landed
     return run.canvas
@@ -89,6 +105,60 @@ class _TiledRun:
                 if sub[1] > sub[0] and sub[3] > sub[2]:
                     self.tile(*sub)
 
+    def stream(self, chunk: int, side: tuple[int, int], progress: Callable[[int, int], None] | None) -> None:
+        """The whole image in tiles of `side` (rows, columns) without recomputed margins: the encoder
+        runs once down the image over row chunks (models/rows.py), and each band of tiles decodes
+        from the feature rows it needs plus the decoder's small margin (latent stage, ensemble).
+        Feature rows stay in the chunks they were made in; a tile copies out only its own piece."""
+        (h, w), model = self.in_hw, self.model
+        margin = model.capabilities.decoder_margin
+        encoder = model.stream_encoder(h)
+        held: list[torch.Tensor] = []  # feature rows [first, made), chunk by chunk
+        first = made = pushed = done = 0
+        step = BLOCK if self.schedule is not None else 1
+        bands, columns = range(0, h, _even(h, side[0], step)), range(0, w, _even(w, side[1], step))
+        for r0 in bands:
+            r1 = min(h, r0 + bands.step)
+            top, bottom = max(0, r0 - margin), min(h, r1 + margin)
+            while made < bottom:
+                rows = encoder.push(self.inp[:, :, pushed:pushed + chunk])
+                pushed += chunk
+                if rows.shape[2]:
+                    held.append(rows)
+                    made += rows.shape[2]
+            while first + held[0].shape[2] <= top:
+                first += held.pop(0).shape[2]
+            for c0 in columns:
+                c1 = min(w, c0 + columns.step)
+                left, right = max(0, c0 - margin), min(w, c1 + margin)
+                parts, row = [], first
+                for rows in held:
+                    a, b = max(top, row), min(bottom, row + rows.shape[2])
+                    if a < b:
+                        parts.append(rows[:, :, a - row:b - row, left:right])
+                    row += rows.shape[2]
+                self._decode_piece(cat_rows(parts), (top, bottom, left, right), (r0, r1, c0, c1))
+                done += 1
+                if progress:
+                    progress(done, len(bands) * len(columns))
+
+    def _decode_piece(self, feat: torch.Tensor, box: tuple[int, int, int, int],
+                      core: tuple[int, int, int, int]) -> None:
+        """Latents of streamed features `feat` covering input `box`; render the outputs of `core`."""
+        (h, w), (big_h, big_w), model = self.in_hw, self.out_hw, self.model
+        (i0, i1), (j0, j1) = output_span(core[0], core[1], h, big_h), output_span(core[2], core[3], w, big_w)
+        if i1 <= i0 or j1 <= j0:
+            return
+        if model.encoder_dtype is not None and not bool(torch.isfinite(feat).all()):
+            self.tile(*core)  # the margin path recomputes a reduced-precision overflow in float32
+            return
+        top, bottom, left, right = box
+        piece = self.inp[:, :, top:bottom, left:right]
+        batch_latents = model.latents(feat, self.rel_cell)
+        for b in range(piece.shape[0]):
+            latents = {k: v[b:b + 1] for k, v in batch_latents.items()} if piece.shape[0] > 1 else batch_latents
+            self._render_image(b, piece[b:b + 1], latents, (top, left), (i0, i1), (j0, j1))
+
     def _render_tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
         (h, w), (big_h, big_w), model = self.in_hw, self.out_hw, self.model
         (i0, i1), (j0, j1) = output_span(r0, r1, h, big_h), output_span(c0, c1, w, big_w)
@@ -104,24 +174,47 @@ class _TiledRun:
     def _render_image(self, b: int, piece: torch.Tensor, latents: Latents, origin: tuple[int, int],
                       rows_range: tuple[int, int], cols_range: tuple[int, int]) -> None:
         model = self.model
-        levels = self.schedule.levels(model.modulation_intensity(latents)[0]) if self.schedule else None
+        scale = max(o / i for o, i in zip(self.out_hw, self.in_hw, strict=True))
+        levels = None if self.schedule is None or not pays(scale, self.fused) else tile_levels(
+            model, self.schedule, self.inp[b:b + 1], latents, origin, self.out_hw, rows_range, cols_range,
+            self.rel_cell[b:b + 1], self.margin)
         geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)
         block_h, block_w = self.block
+        chunk = None
+        if levels is not None and not self.fused:
+            # CMSR through PyTorch: regions of REGION_BLOCKS^2 render blocks, so that each level's
+            # rectangles and coarse pixels are handled once per region, not once per small block; the
+            # rendering itself still goes a cache-sized block at a time
+            chunk = self.block
+            block_h, block_w = block_h * REGION_BLOCKS, block_w * REGION_BLOCKS
         (i0, i1), (j0, j1) = rows_range, cols_range
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
                 region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
                 if levels is not None and self.on_host:  # every pixel is drawn by one level, in place
-                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region).add_(1).mul_(0.5)
+                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region,
+                                  block=chunk).add_(1).mul_(0.5)
                 elif levels is not None:
-                    out = render_levels(model, geometry, self.schedule, levels, rows, cols)
+                    out = render_levels(model, geometry, self.schedule, levels, rows, cols, block=chunk)
                     region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
                 elif self.fused:  # the kernel writes straight into the canvas
                     render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
                 else:
                     out = render_region(model, geometry, self.out_hw, rows, cols)
                     region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
+
+
+def _aligned(side: int, multiple: int) -> int:
+    return max(multiple, side // multiple * multiple)
+
+
+def _even(n: int, side: int, multiple: int = 1) -> int:
+    """Tile side at most `side` (a multiple of `multiple`) that cuts n into near-equal tiles: no sliver
+    at the end, whose few columns would make BLAS and oneDNN choose other kernels (last-bit
+    differences) and waste calls."""
+    even = -(-n // -(-n // side))
+    return -(-even // multiple) * multiple
 
 
 def output_span(start: int, stop: int, n_in: int, n_out: int) -> tuple[int, int]:

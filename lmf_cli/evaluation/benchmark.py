@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lmf_cli.engine import native
-from lmf_cli.engine.cmsr import Schedule, schedule_for
-from lmf_cli.engine.render import encode_image, render_region
+from lmf_cli.engine.cmsr import MIN_SCALE, TORCH_MIN_SCALE, Schedule, pays, schedule_for
+from lmf_cli.engine.render import encode_image, render_region, renders_fused
 from lmf_cli.engine.reuse import Previous
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.evaluation.protocol import bicubic_method, evaluate, model_method
@@ -194,6 +194,24 @@ def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sc
     macs["render"] *= fraction
     return Row(name, scale, enc, latent, render, total, macs, out_hw[0] * out_hw[1] / 1e6 / total.median_s,
                peak_memory_mb(device), fraction, note=_spread_note(enc, latent, render, total))
+
+
+def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
+                   warmup: int, tables: dict | None, key: str) -> Row | None:
+    """The CMSR row of a scale above x4, where CMSR applies (None at x4 and below, or where the
+    model has no table for `key`). Where no coarse level would pay at this scale (levels whose
+    pixels nearly fill their blocks: `schedule_for`), the engine renders exactly, and the row is
+    that run, saying so."""
+    if not tables or key not in tables or scale <= MIN_SCALE:
+        return None
+    schedule = schedule_for(tables, key, scale)
+    row = benchmark_model(name, model, inputs, scale, repeats, warmup, schedule)
+    why = ("no coarse level pays at this scale" if schedule is None
+           else None if pays(scale, renders_fused(model, inputs[0]))
+           else f"CMSR does not pay on the PyTorch renderer below x{TORCH_MIN_SCALE:g}")
+    if why:
+        row.note = "; ".join(n for n in (f"rendered exactly: {why}", row.note) if n)
+    return row
 
 
 def _spread_note(*stages: Timing) -> str:
@@ -413,3 +431,71 @@ def benchmark_reuse(up: SequenceUpscaler, name: str, clip: np.ndarray, scale: fl
         previous = Previous(frame, reused[0])
     n = len(clip) - 1
     return ReuseRow(name, n, copied / total, n / seconds[False], n / seconds[True], identical)
+
+
+# The paper's headline (He et al., CVPR 2024): LM-CiaoSR against CiaoSR on the same encoder.
+PAPER_MACS_SAVED = 0.999
+PAPER_SPEEDUP = 57.0
+
+
+def ciaosr_pair(device: torch.device) -> tuple[ImplicitSR, ImplicitSR]:
+    """CiaoSR and LM-CiaoSR in their official configurations on one EDSR-baseline encoder module
+    (random weights: only their cost is measured)."""
+    from lmf_cli import models as registry
+
+    torch.manual_seed(0)
+    lm = registry.make(registry.lmciaosr_spec()).to(device).eval()
+    ciao = registry.make(registry.ciaosr_spec()).to(device).eval()
+    ciao.encoder = lm.encoder
+    return ciao, lm
+
+
+def benchmark_extrapolated(name: str, model: ImplicitSR, inp: torch.Tensor, scale: float, repeats: int,
+                           warmup: int, window: int = 64) -> Row:
+    """A model too slow to render whole outputs here: the encoder and latent stage timed on the
+    whole input, the render on a window x window output crop in the engine's blocks, scaled to the
+    whole output (its cost is linear in output pixels); MACs for the whole output."""
+    from lmf_cli.engine.budget import render_block
+
+    device = inp.device
+    in_hw = tuple(inp.shape[-2:])
+    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
+    crop = (min(window, out_hw[0]), min(window, out_hw[1]))
+    factor = out_hw[0] * out_hw[1] / (crop[0] * crop[1])
+    block_h, block_w = render_block(model.capabilities, None, device=device)
+    with torch.inference_mode():
+        enc = _time(lambda: model.run_encoder(inp), device, repeats, warmup)
+        both = _time(lambda: encode_image(model, inp, out_hw), device, repeats, warmup)
+        g = encode_image(model, inp, out_hw)
+
+        def render() -> None:
+            for r in range(0, crop[0], block_h):
+                for c in range(0, crop[1], block_w):
+                    render_region(model, g, out_hw, (r, min(crop[0], r + block_h)), (c, min(crop[1], c + block_w)))
+
+        part = _time(render, device, repeats, warmup)
+    latent = [max(0.0, b - e) for b, e in zip(both, enc, strict=True)]
+    rendered = [p * factor for p in part]
+    total = [b + r for b, r in zip(both, rendered, strict=True)]
+    note = f"render timed on a {crop[1]}x{crop[0]} crop, scaled x{factor:.1f}" if factor > 1 else ""
+    return Row(name, scale, Timing.of(enc), Timing.of(latent), Timing.of(rendered), Timing.of(total),
+               model_macs(model, in_hw, out_hw), out_hw[0] * out_hw[1] / 1e6 / statistics.median(total),
+               peak_memory_mb(device), note=note)
+
+
+def ciaosr_rows(inputs: list[torch.Tensor], scale: float, repeats: int, warmup: int, window: int = 64,
+                pair: tuple[ImplicitSR, ImplicitSR] | None = None) -> list[Row]:
+    """LM-CiaoSR (whole upscales, as LMF's rows) and CiaoSR (`benchmark_extrapolated`) at one scale."""
+    ciao, lm = pair or ciaosr_pair(inputs[0].device)
+    return [benchmark_model("LM-CiaoSR (random weights)", lm, inputs, scale, repeats, warmup),
+            benchmark_extrapolated("CiaoSR (random weights)", ciao, inputs[0], scale, repeats, warmup, window)]
+
+
+def ciaosr_claim(lm: Row, ciao: Row) -> str:
+    """One line per scale: decoder MACs saved and whole-upscale speed-up, beside the paper's."""
+    lm_dec = lm.macs["latent"] + lm.macs["render"]
+    ciao_dec = ciao.macs["latent"] + ciao.macs["render"]
+    return (f"x{lm.scale:g}: decoder {ciao_dec / 1e9:,.0f} vs {lm_dec / 1e9:,.0f} GMACs, {1 - lm_dec / ciao_dec:.2%} "
+            f"fewer (paper: up to {PAPER_MACS_SAVED:.1%}); whole upscale {ciao.total.median_s:.1f} vs "
+            f"{lm.total.median_s:.1f} s, {ciao.total.median_s / lm.total.median_s:.1f}x faster (paper: up to "
+            f"{PAPER_SPEEDUP:g}x)")

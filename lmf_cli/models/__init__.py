@@ -14,10 +14,12 @@ from torch import nn
 
 from lmf_cli.errors import UnsupportedModelError
 from lmf_cli.models.base import ImplicitSR
+from lmf_cli.models.ciaosr import CiaoSR, LMCiaoSR
 from lmf_cli.models.diif import DIIF
 from lmf_cli.models.encoders import EDSR, RDN
 from lmf_cli.models.liif import LIIF, LTE
 from lmf_cli.models.lmf import LMLIIF, LMLTE
+from lmf_cli.models.swinir import SwinIR
 
 Spec = dict[str, Any]
 
@@ -43,6 +45,20 @@ def _rdn(G0: int = 64, RDNkSize: int = 3, RDNconfig: str = "B", no_upsampling: b
     return RDN(G0, d, c, g)
 
 
+def _swinir(no_upsampling: bool = True, img_size: int = 48, embed_dim: int = 180,
+            depths: list[int] | None = None, num_heads: list[int] | None = None, window_size: int = 8,
+            mlp_ratio: float = 2.0, patch_size: int = 1, ape: bool = False, patch_norm: bool = True,
+            resi_connection: str = "1conv", upsampler: str = "none", **_: Any) -> SwinIR:
+    """SwinIR as LMF's `swinir` encoder builds it (the official factory takes no arguments: these
+    are the SwinIR class's, with its defaults, so smaller variants load too)."""
+    _need_no_upsampling(no_upsampling)
+    if (patch_size, ape, patch_norm, resi_connection, upsampler) != (1, False, True, "1conv", "none"):
+        raise UnsupportedModelError("SwinIR encoders other than patch 1, no absolute position embedding, "
+                                    "patch norm, '1conv' residual and no upsampler are not supported")
+    return SwinIR(img_size, embed_dim, tuple(depths or (6,) * 6), tuple(num_heads or (6,) * 6), window_size,
+                  mlp_ratio)
+
+
 def _need_no_upsampling(flag: bool) -> None:
     if not flag:
         raise UnsupportedModelError("encoders with their own upsampler are not implicit models")
@@ -52,6 +68,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "edsr-baseline": _edsr_baseline,
     "edsr": _edsr,
     "rdn": _rdn,
+    "swinir": _swinir,
 }
 
 
@@ -118,12 +135,49 @@ def _diif(encoder_spec: Spec, imnet_spec: Spec | None = None, single_slice: bool
                 fine_cell_decode=fine_cell_decode, fixed_area=fixed_area, bilinear_skip=bilinear_skip)
 
 
+def _attention_args(local_size: int, feat_unfold: bool, multi_scale: list[int]) -> tuple[int, ...]:
+    if local_size not in (1, 2):
+        raise UnsupportedModelError(f"a local ensemble of size {local_size} is not supported (1 or 2)")
+    if not feat_unfold:
+        raise UnsupportedModelError("CiaoSR and LM-CiaoSR without feat_unfold are not supported "
+                                    "(the official code does not run them)")
+    if not set(multi_scale) <= {2, 3, 4}:
+        raise UnsupportedModelError(f"cross-scale attention scales {multi_scale} are not supported (2, 3, 4)")
+    return tuple(multi_scale)
+
+
+def _lmciaosr(encoder: Spec, prenet_q: Spec, hypernet_q: Spec, imnet_q: Spec, imnet_k: Spec, imnet_v: Spec,
+              local_size: int = 2, feat_unfold: bool = True, non_local_attn: bool = True,
+              multi_scale: list[int] = (2,), softmax_scale: float = 1, mod_input: bool = False,
+              **_: Any) -> LMCiaoSR:
+    """The official `lmciaosr` arguments (`cmsr_spec`, the official code's test-time CMSR, is ignored:
+    lmf calibrates its own tables)."""
+    scales = _attention_args(local_size, feat_unfold, list(multi_scale))
+    return LMCiaoSR(make_encoder(encoder), **_render_args(imnet_q, 8),
+                    prenet_hidden=_mlp_hidden(prenet_q, [256]), hypernet_hidden=_mlp_hidden(hypernet_q, [288]),
+                    key_hidden=_mlp_hidden(imnet_k, [256]), value_hidden=_mlp_hidden(imnet_v, [256]),
+                    local_size=local_size, non_local_attn=non_local_attn, multi_scale=scales,
+                    softmax_scale=float(softmax_scale), mod_input=mod_input)
+
+
+def _ciaosr(encoder: Spec, imnet_q: Spec, imnet_k: Spec, imnet_v: Spec, local_size: int = 2,
+            feat_unfold: bool = True, non_local_attn: bool = True, multi_scale: list[int] = (2,),
+            softmax_scale: float = 1, **_: Any) -> CiaoSR:
+    """The official `ciaosr` arguments (LMF's port of the CiaoSR authors' model)."""
+    scales = _attention_args(local_size, feat_unfold, list(multi_scale))
+    return CiaoSR(make_encoder(encoder), _mlp_hidden(imnet_q, [256] * 4), _mlp_hidden(imnet_k, [256] * 4),
+                  _mlp_hidden(imnet_v, [256] * 4), local_size=local_size, non_local_attn=non_local_attn,
+                  multi_scale=scales, softmax_scale=float(softmax_scale))
+
+
 MODELS: dict[str, Callable[..., ImplicitSR]] = {
     "liif": _liif,
     "lte": _lte,
     "lmliif": _lmliif,
     "lmlte": _lmlte,
     "diif": _diif,
+    "lmciaosr": _lmciaosr,
+    "ciaosr": _ciaosr,
 }
 
 
@@ -202,3 +256,30 @@ def edsr_spec(n_resblocks: int = 16, n_feats: int = 64) -> Spec:
 
 def rdn_spec() -> Spec:
     return {"name": "rdn", "args": {"no_upsampling": True}}
+
+
+def swinir_spec() -> Spec:
+    """SwinIR as LMF's configs use it (180 channels, 6 x 6 blocks, window 8)."""
+    return {"name": "swinir", "args": {"no_upsampling": True}}
+
+
+def lmciaosr_spec(encoder: Spec | None = None) -> Spec:
+    """LM-CiaoSR as the official config (train_edsr-baseline-lmciaosr.yaml)."""
+    return {"name": "lmciaosr", "args": {
+        "encoder": encoder or _edsr_spec(),
+        "prenet_q": {"name": "mlp", "args": {"out_dim": 256, "hidden_list": [256]}},
+        "hypernet_q": {"name": "mlp", "args": {"out_dim": 288, "hidden_list": [288]}},
+        "imnet_q": {"name": "lmmlp", "args": {"out_dim": 3, "hidden_dim": 16, "hidden_depth": 8,
+                                               "mod_scale": True, "mod_shift": True}},
+        "imnet_k": {"name": "mlp", "args": {"out_dim": 256, "hidden_list": [256]}},
+        "imnet_v": {"name": "mlp", "args": {"out_dim": 256, "hidden_list": [256]}},
+        "local_size": 2, "feat_unfold": True, "non_local_attn": True, "multi_scale": [2],
+        "softmax_scale": 1, "mod_input": True}}
+
+
+def ciaosr_spec(encoder: Spec | None = None) -> Spec:
+    """CiaoSR as its authors configure it (query, key and value MLPs 256 x 4)."""
+    mlp = {"name": "mlp", "args": {"hidden_list": [256] * 4}}
+    return {"name": "ciaosr", "args": {
+        "encoder": encoder or _edsr_spec(), "imnet_q": mlp, "imnet_k": mlp, "imnet_v": mlp,
+        "local_size": 2, "feat_unfold": True, "non_local_attn": True, "multi_scale": [2], "softmax_scale": 1}}

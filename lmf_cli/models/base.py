@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmf_cli.models.geometry import AREA_EPS, AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
+from lmf_cli.models.rows import RowStream
 from lmf_cli.sizes import TRAINED_MAX_SCALE
 
 Latents = dict[str, torch.Tensor]
@@ -42,6 +43,12 @@ class Capabilities:
     whole_cells: bool = False  # decodes every pixel of an LR cell at once: training samples whole cells
     trained_max_scale: float = TRAINED_MAX_SCALE
     precisions: tuple[str, ...] = PRECISIONS  # encoder compute precisions (the MLPs stay float32)
+    # The model's reach, for tiling: tiles are exact when their cores start on multiples of this many
+    # input pixels (1 for convolutions; SwinIR's attention window) and their margin is tile_margin.
+    # None: the reach is global (attention over the whole feature map), so no margin makes tiles exact.
+    tile_grid: int | None = 1
+    streams_rows: bool = False  # the encoder runs over row bands (stream_encoder): large images tile without margins
+    decoder_margin: int = 0  # of tile_margin, what the stages after the encoder read beyond a core (streamed tiles)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,11 @@ class ImplicitSR(nn.Module):
         layout tensor cores want on GPUs."""
         self.encoder.to(memory_format=torch.channels_last)
         self.channels_last = True
+
+    def stream_encoder(self, height: int) -> FeatureRows:
+        """run_encoder over row bands pushed in order (the engine's streamed tiling); needs an
+        encoder that `streams_rows` (capabilities.streams_rows)."""
+        return FeatureRows(self, self.encoder.rows(height))
 
     def run_encoder(self, inp: torch.Tensor) -> torch.Tensor:
         """Encoder features in float32, optionally computed in a lower precision."""
@@ -191,6 +203,22 @@ class ImplicitSR(nn.Module):
         return out
 
 
+class FeatureRows:
+    """Encoder features of input rows pushed top to bottom, in run_encoder's layout and precision."""
+
+    def __init__(self, model: ImplicitSR, stream: RowStream) -> None:
+        self.model, self.stream = model, stream
+
+    def push(self, rows: torch.Tensor) -> torch.Tensor:
+        """The feature rows these input rows complete, float32 (B, C, n, w); n may be 0."""
+        if self.model.channels_last:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        if self.model.encoder_dtype is None:
+            return self.stream.push(rows).float()
+        with torch.autocast(rows.device.type, dtype=self.model.encoder_dtype):
+            return self.stream.push(rows).float()
+
+
 def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
     """(nr, nc, Kr, Kc) weights: LIIF's normalised areas with their 1e-9 floor, exactly
     (computed in float64 from per-axis factors: see AxisSlots)."""
@@ -242,10 +270,14 @@ def gather(latents_map: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return gather_latents(latents_map.reshape(b, h * w, c), index)
 
 
+# What a decoder with a 3x3 latent stage reads beyond a tile's core, in input pixels: the 3x3
+# latent conv/unfold, the ensemble neighbour and the bilinear skip's second tap.
+DECODER_MARGIN = 3
+
+
 def encoder_margin(encoder: nn.Module) -> int:
-    """Tile margin of a decoder on `encoder`: its receptive field, the 3x3 latent conv/unfold,
-    the ensemble neighbour and the bilinear skip's second tap."""
-    return int(encoder.receptive_radius) + 3
+    """Tile margin of a decoder on `encoder`: its receptive field plus DECODER_MARGIN."""
+    return int(encoder.receptive_radius) + DECODER_MARGIN
 
 
 def linear_macs(layers: list[nn.Linear]) -> float:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmf_cli.models.base import (
+    DECODER_MARGIN,
     TRAINED_MAX_SCALE,
     Capabilities,
     ImplicitSR,
@@ -171,7 +172,9 @@ class DIIF(ImplicitSR):
         table is budgeted as a 3x3-unfolded feature; the C2F-MLP has no modulations (no CMSR)."""
         width = self.encoder.out_dim
         return Capabilities("diif", encoder_margin(self.encoder), width, 9 * width,
-                            max(layer.out_features for layer in self.imnet.linears), whole_cells=True)
+                            max(layer.out_features for layer in self.imnet.linears), whole_cells=True,
+                            streams_rows=self.encoder.streams_rows, decoder_margin=DECODER_MARGIN,
+                            tile_grid=self.encoder.tile_grid)
 
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         """All of DIIF's decoder is counted as rendering: per slice (head) and per pixel (tail)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmf_cli.models.rows import RowConv, RowQueue, RowStream, Scratch
+
 
 def _conv(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
@@ -51,9 +53,38 @@ class EDSR(nn.Module):
         self.out_dim = n_feats
         self.receptive_radius = 2 * n_resblocks + 2
 
+    streams_rows = True
+    tile_grid = 1  # convolutions: tiles exact at any offset
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(x)
         return self.body(x).add_(x)
+
+    def rows(self, height: int) -> RowStream:
+        """This forward over row bands of an image `height` rows tall (models/rows.py)."""
+        return _EDSRRows(self, height)
+
+
+class _EDSRRows(RowStream):
+    def __init__(self, net: EDSR, height: int) -> None:
+        scratch = Scratch()
+        self.head = RowConv(net.head[0], height, scratch)
+        self.blocks = [(RowConv(block.body[0], height, scratch), RowConv(block.body[2], height, scratch), RowQueue(),
+                        block.res_scale) for block in net.body[:-1]]
+        self.tail = RowConv(net.body[-1], height, scratch)
+        self.skip = RowQueue()
+
+    def push(self, rows: torch.Tensor) -> torch.Tensor:
+        x = self.head.push(rows)
+        self.skip.put(x)
+        for first, second, skip, res_scale in self.blocks:
+            skip.put(x)
+            res = second.push(first.push(x).relu_())
+            if res_scale != 1:
+                res.mul_(res_scale)
+            x = skip.add_to(res)
+        out = self.tail.push(x)
+        return self.skip.add_to(out)
 
 
 class _RDBConv(nn.Module):
@@ -87,6 +118,9 @@ class RDN(nn.Module):
         self.out_dim = G0
         self.receptive_radius = 2 + D * C + 1
 
+    streams_rows = True
+    tile_grid = 1  # convolutions: tiles exact at any offset
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f1 = self.SFENet1(x)
         x = self.SFENet2(f1)
@@ -95,3 +129,38 @@ class RDN(nn.Module):
             x = block(x)
             outs.append(x)
         return self.GFF(torch.cat(outs, 1)).add_(f1)
+
+    def rows(self, height: int) -> RowStream:
+        """This forward over row bands of an image `height` rows tall (models/rows.py)."""
+        return _RDNRows(self, height)
+
+
+class _RDNRows(RowStream):
+    """Each dense layer's input waits in a queue for its convolution; the global fusion waits
+    for the deepest block (each block lags the one before by its C rows)."""
+
+    def __init__(self, net: RDN, height: int) -> None:
+        scratch = Scratch()
+        self.first = RowConv(net.SFENet1, height, scratch)
+        self.second = RowConv(net.SFENet2, height, scratch)
+        self.blocks = [([(RowConv(layer.conv[0], height, scratch), RowQueue()) for layer in block.convs],
+                        RowConv(block.LFF, height, scratch), RowQueue()) for block in net.RDBs]
+        self.outs = [RowQueue() for _ in net.RDBs]
+        self.fuse, self.spread = RowConv(net.GFF[0], height, scratch), RowConv(net.GFF[1], height, scratch)
+        self.skip = RowQueue()
+
+    def push(self, rows: torch.Tensor) -> torch.Tensor:
+        f1 = self.first.push(rows)
+        self.skip.put(f1)
+        x = self.second.push(f1)
+        for (dense, lff, skip), out in zip(self.blocks, self.outs, strict=True):
+            skip.put(x)
+            for conv, inputs in dense:
+                inputs.put(x)
+                grown = conv.push(x).relu_()
+                x = torch.cat((inputs.take(grown.shape[2]), grown), 1)
+            x = skip.add_to(lff.push(x))
+            out.put(x)
+        n = min(len(out) for out in self.outs)
+        fused = self.spread.push(self.fuse.push(torch.cat([out.take(n) for out in self.outs], 1)))
+        return self.skip.add_to(fused)

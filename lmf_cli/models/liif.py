@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmf_cli.models.base import (
+    DECODER_MARGIN,
     Capabilities,
     ImplicitSR,
     Latents,
@@ -126,5 +127,7 @@ def _plain_capabilities(model: LIIF | LTE, family: str) -> Capabilities:
     a 3x3-unfolded feature (LIIF's), which also bounds LTE's coef and freq tables."""
     width = model.encoder.out_dim
     return Capabilities(family, encoder_margin(model.encoder), width, 9 * width,
-                        max(layer.out_features for layer in model.imnet.linears))
+                        max(layer.out_features for layer in model.imnet.linears),
+                        streams_rows=model.encoder.streams_rows, decoder_margin=DECODER_MARGIN,
+                        tile_grid=model.encoder.tile_grid)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmf_cli.models.base import (
+    DECODER_MARGIN,
     Capabilities,
     ImplicitSR,
     Latents,
@@ -253,7 +254,9 @@ def _modulated_capabilities(model: LMLIIF | LMLTE, family: str, kernel: bool) ->
     return Capabilities(family, encoder_margin(model.encoder), model.encoder.out_dim,
                         model.hypernet.linears[-1].out_features,
                         max(layer.out_features for layer in model.imnet.linears), cmsr=True,
-                        kernel_width=model.imnet.hidden_dim if kernel else None, renders_pairs=True)
+                        kernel_width=model.imnet.hidden_dim if kernel else None, renders_pairs=True,
+                        streams_rows=model.encoder.streams_rows, decoder_margin=DECODER_MARGIN,
+                        tile_grid=model.encoder.tile_grid)
 
 
 

@@ -107,3 +107,39 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     known = ", ".join(SHIPPED)
     raise CheckpointError(f"{key}: no such weights file or model name (shipped models: {known})")
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What a decoder family lmf loads can do, as its Capabilities declare it (for `lmf models`)."""
+
+    name: str
+    tiling: str
+    cmsr: str
+    renderer: str
+
+
+# Architectures with official checkpoints lmf loads, named as in their `model.name`.
+FAMILY_NAMES = {"lmliif": "LM-LIIF", "lmlte": "LM-LTE", "lmciaosr": "LM-CiaoSR", "liif": "LIIF", "lte": "LTE",
+                "ciaosr": "CiaoSR", "diif": "DIIF"}
+
+
+def family_facts() -> list[FamilyFacts]:
+    """Each registered family's declared abilities, read from a small instance of it (EDSR-baseline
+    with one block: the abilities do not depend on the encoder's size). With a SwinIR encoder,
+    exact tiles also start on its 8-pixel window grid."""
+    from lmf_cli import models
+
+    encoder = {"name": "edsr-baseline", "args": {"n_resblocks": 1, "n_feats": 64}}
+    builders = {"lmliif": models.lmliif_spec, "lmlte": models.lmlte_spec, "lmciaosr": models.lmciaosr_spec,
+                "liif": models.liif_spec, "lte": models.lte_spec, "ciaosr": models.ciaosr_spec,
+                "diif": models.diif_spec}
+    facts = []
+    for family, build in builders.items():
+        caps = models.make(build(encoder)).capabilities
+        tiling = ("not exact: attends over the whole image, so rendered whole (tiles only with a warning)"
+                  if caps.tile_grid is None else "exact (tiled = whole image)")
+        cmsr = "yes (calibrated tables)" if caps.cmsr else "no"
+        renderer = "compiled kernel on CPUs" if caps.kernel_width is not None else "PyTorch"
+        facts.append(FamilyFacts(FAMILY_NAMES.get(family, family), tiling, cmsr, renderer))
+    return facts

@@ -1,7 +1,8 @@
 """CMSR calibration: Scale2Mod tables (target scale -> decode scale -> intensity threshold).
 
 It renders training images at every decode scale and keeps, bin by bin, the intensities
-whose coarse rendering stays within the MSE threshold of the full one. It trains tables,
+whose coarse rendering stays within the MSE threshold of the full one. An output pixel's
+intensity is its LR owner's block intensity, as the engine chooses levels (`cmsr.BLOCK`). It trains tables,
 so it lives with training; inference reads them in `lmf_cli.engine.cmsr`.
 """
 
@@ -12,38 +13,41 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lmf_cli.engine.cmsr import DECODE_SCALES, DEFAULT_THRESHOLD, TARGET_SCALES, level_grid
+from lmf_cli.engine.cmsr import DECODE_SCALES, DEFAULT_THRESHOLD, TARGET_SCALES, block_strength, level_grid
 from lmf_cli.engine.render import encode_image, owners, render_coarse, render_region
 from lmf_cli.errors import InputError
 from lmf_cli.imaging.resample import make_pair
 from lmf_cli.models.base import ImplicitSR
 
-BIN_STEP, BIN_HALF_WIDTH = 0.01, 0.001
+BIN_STEP = 0.01
 
 
 def calibrate_image(render_full, render_grid, strength_of_output: torch.Tensor,
                     scale: float, decode_scales: tuple[float, ...], threshold: float) -> dict[float, float]:
-    """Thresholds from one image, following the official sweep: bins of intensity 0..1 (step
-    0.01, pixels within +-0.001), accepted at a decode scale while their MSE against the
-    full rendering stays <= threshold, starting where the previous decode scale stopped."""
+    """Thresholds from one image, after the official sweep: pixels binned by intensity (steps
+    of 0.01), bins accepted at a decode scale in increasing order while their MSE against the
+    full rendering stays <= threshold, starting where the previous decode scale stopped; the
+    threshold is the lower edge of the first bin that fails.
+
+    Two departures, because block intensities (the largest of 64 LR pixels) take a few dozen
+    values per image: bins are whole steps (the official +-0.001 around each step leaves most
+    blocks out), and intensities an image has no block at do not limit its threshold (an image
+    that fails nowhere gives 1), so that, merged by the minimum, the images with evidence decide.
+    """
     reference = render_full()
-    bins = list(np.round(np.arange(0, 1 + BIN_STEP / 2, BIN_STEP), 4))
+    index = torch.round(strength_of_output.flatten() / BIN_STEP).long().clamp_(min=0)
+    count = torch.bincount(index).double()
+    present = torch.nonzero(count).flatten()
     found: dict[float, float] = {}
-    last = 0.0
+    accepted = 0  # bins of `present` accepted so far, at this decode scale or a smaller one
     for d in decode_scales:
         if d >= scale:
             break
-        err = (render_grid(d) - reference).pow(2).mean(1).flatten()
-        for mid in list(bins):
-            mask = (strength_of_output - mid).abs().flatten() <= BIN_HALF_WIDTH
-            if not bool(mask.any()):
-                continue
-            if float(err[mask].mean()) <= threshold:
-                bins.remove(mid)
-                last = max(last, float(mid))
-            else:
-                break
-        found[d] = last
+        err = (render_grid(d) - reference).pow(2).mean(1).flatten().double()
+        mse = (torch.bincount(index, err, minlength=count.numel()) / count.clamp(min=1))[present]
+        while accepted < present.numel() and float(mse[accepted]) <= threshold:
+            accepted += 1
+        found[d] = 1.0 if accepted == present.numel() else round((float(present[accepted]) - 0.5) * BIN_STEP, 4)
     return found
 
 
@@ -79,7 +83,7 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
                 g = encode_image(model, inp, out_hw)
                 own_r = owners(0, out_hw[0], out_hw[0], lr.shape[0], 0, inp.device)
                 own_c = owners(0, out_hw[1], out_hw[1], lr.shape[1], 0, inp.device)
-                strength = model.modulation_intensity(g.latents)[0][own_r][:, own_c]
+                strength = block_strength(model.modulation_intensity(g.latents)[0])[own_r][:, own_c]
                 whole = (0, out_hw[0]), (0, out_hw[1])
 
                 def full(g=g, out_hw=out_hw, whole=whole):
