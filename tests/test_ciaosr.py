@@ -14,7 +14,7 @@ from lmf_cli.engine import upscale_tensor
 from lmf_cli.engine.budget import WHOLE_IMAGE, default_tile, plan_tile
 from lmf_cli.engine.cmsr import Schedule
 from lmf_cli.models.geometry import official_centres
-from tests.official.weights import load_case
+from tests.official.weights import save_cases
 
 CASES = ["lmciaosr-edsr", "ciaosr-edsr"]
 SCALES = ["2", "3", "3.5", "8"]
@@ -23,13 +23,7 @@ SCALES = ["2", "3", "3.5", "8"]
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """name -> (path of the official checkpoint, arrays of official inputs and outputs)."""
-    folder = tmp_path_factory.mktemp("official")
-    found = {}
-    for name in CASES:
-        ckpt, arrays = load_case(name)
-        torch.save(ckpt, folder / f"{name}.pth")
-        found[name] = (folder / f"{name}.pth", arrays)
-    return found
+    return save_cases(tmp_path_factory.mktemp("official"), CASES)
 
 
 def _load(path) -> Upscaler:

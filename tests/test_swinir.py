@@ -11,7 +11,7 @@ from lmf_cli import EngineOptions, Upscaler
 from lmf_cli import models as registry
 from lmf_cli.engine import upscale_tensor
 from lmf_cli.models.swinir import SwinIR
-from tests.official.weights import load_case
+from tests.official.weights import save_cases
 
 CASES = ["lmliif-swinir", "lmlte-swinir", "lmciaosr-swinir"]
 SCALES = ["2", "3", "3.5", "8"]
@@ -19,13 +19,7 @@ SCALES = ["2", "3", "3.5", "8"]
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("official-swinir")
-    found = {}
-    for name in CASES:
-        ckpt, arrays = load_case(name)
-        torch.save(ckpt, folder / f"{name}.pth")
-        found[name] = (folder / f"{name}.pth", arrays)
-    return found
+    return save_cases(tmp_path_factory.mktemp("official-swinir"), CASES)
 
 
 @pytest.mark.parametrize("name", CASES)

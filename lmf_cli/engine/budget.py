@@ -54,9 +54,8 @@ def default_tile(capabilities: Capabilities, max_memory: int | None, device: tor
     a few encoder feature maps plus the latent tables, per LR pixel."""
     if capabilities.tile_grid is None:  # global reach: never cut silently (plan_tile weighs the image)
         return WHOLE_IMAGE
-    budget = default_budget(device) if max_memory is None else max_memory
-    bytes_per_pixel = 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
-    side = int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)) - 2 * capabilities.tile_margin
+    side = int(math.sqrt(_tile_budget(max_memory, device) / _tile_bytes_per_pixel(capabilities)))
+    side -= 2 * capabilities.tile_margin
     # A core at least as wide as the margin: encoders that see far (SwinIR's ~260 pixels) would otherwise
     # get 16-pixel cores, each encoding a piece ~35 times its area (the whole of a small image).
     return _on_grid(side, max(16, capabilities.tile_margin), capabilities)
@@ -72,6 +71,16 @@ TILE_STEP = 16
 # input in 48- and 64-pixel tiles at x2 and x4: LM-CiaoSR 0.8-1.5 (0.1-0.3% of pixels over half a
 # level), CiaoSR 4.5-9.8 (11-16% of pixels over half a level).
 GLOBAL_TILE_DIFFERENCE = {"lmciaosr": 1.5, "ciaosr": 10.0}
+
+
+def _tile_budget(max_memory: int | None, device: torch.device) -> int:
+    """The budget a tile is sized from: max_memory or the device default, never under 16 MiB."""
+    return max(default_budget(device) if max_memory is None else max_memory, 1 << 24)
+
+
+def _tile_bytes_per_pixel(capabilities: Capabilities) -> int:
+    """A tile's memory per LR pixel: a few encoder feature maps plus the latent tables."""
+    return 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
 
 
 def _on_grid(side: int, at_least: int, capabilities: Capabilities) -> int:
@@ -95,9 +104,8 @@ def plan_tile(capabilities: Capabilities, in_hw: tuple[int, int], tile: int | No
     budget; otherwise, and when a tile was asked for, tiles that differ from a whole-image run, said
     before any work starts (a warning with the measured size of the difference), never silently."""
     h, w = in_hw
-    budget = default_budget(device) if max_memory is None else max_memory
-    bytes_per_pixel = 4 * (4 * capabilities.feature_channels + 3 * capabilities.latent_channels)
-    if tile is None and h * w * bytes_per_pixel <= max(budget, 1 << 24):
+    budget, bytes_per_pixel = _tile_budget(max_memory, device), _tile_bytes_per_pixel(capabilities)
+    if tile is None and h * w * bytes_per_pixel <= budget:
         return WHOLE_IMAGE  # one piece: no margin recomputed, whatever the reach
     if capabilities.tile_grid is not None:
         if tile is None:
@@ -106,7 +114,7 @@ def plan_tile(capabilities: Capabilities, in_hw: tuple[int, int], tile: int | No
         return -(-tile // grid) * grid
     why = "a tile size was asked for" if tile is not None else "the image does not fit the memory budget"
     if tile is None:
-        tile = max(16, int(math.sqrt(max(budget, 1 << 24) / bytes_per_pixel)))
+        tile = max(16, int(math.sqrt(budget / bytes_per_pixel)))
     if tile >= max(h, w):
         return WHOLE_IMAGE
     warnings.warn(f"{capabilities.family} attends over the whole image, so {tile}-pixel tiles will differ from "
@@ -122,7 +130,7 @@ def stream_plan(capabilities: Capabilities, max_memory: int | None, device: torc
     maps for a chunk of rows, an eighth the band of feature rows the tiles of a band read (as wide
     as the image), a quarter one tile's latent tables: wide images get shorter, wider tiles. The
     rest is headroom for the allocator, which cannot reuse every freed block of varying sizes."""
-    budget = max(default_budget(device) if max_memory is None else max_memory, 1 << 24)
+    budget = _tile_budget(max_memory, device)
     feature_row = 4 * capabilities.feature_channels * width
     chunk = int(min(MAX_STREAM_CHUNK, max(MIN_STREAM_CHUNK, budget // 16 // (ENCODER_LIVE_MAPS * feature_row))))
     per_pixel = 4 * (3 * capabilities.latent_channels + capabilities.feature_channels)

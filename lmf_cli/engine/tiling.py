@@ -42,14 +42,12 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     options = options or EngineOptions()
     h, w = inp.shape[-2:]
     capabilities = model.capabilities
-    # CMSR levels belong to blocks of the global grid: tiles cut on it never encode a block twice
-    align = BLOCK if schedule is not None else 1
-    tile = _aligned(plan_tile(capabilities, (h, w), options.tile, options.max_memory, inp.device), align)
     run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats)
+    tile = _aligned(plan_tile(capabilities, (h, w), options.tile, options.max_memory, inp.device), run.align)
     streamed = cores is None and capabilities.streams_rows and (h > tile or w > tile)
     if streamed:
         chunk, rows, columns = stream_plan(capabilities, options.max_memory, inp.device, w)
-        rows, columns = (_aligned(options.tile or side, align) for side in (rows, columns))
+        rows, columns = (_aligned(options.tile or side, run.align) for side in (rows, columns))
         try:
             run.stream(min(chunk, rows), (rows, columns), progress)
         except torch.OutOfMemoryError:
@@ -76,6 +74,8 @@ class _TiledRun:
     def __init__(self, model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], schedule: Schedule | None,
                  max_memory: int | None, stats: dict[str, int] | None) -> None:
         self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
+        # CMSR levels belong to blocks of the global grid: tiles cut on it never encode a block twice
+        self.align = BLOCK if schedule is not None else 1
         self.in_hw = tuple(inp.shape[-2:])
         self.margin = model.capabilities.tile_margin
         self.rel_cell = inp.new_tensor([rel_cell_for(self.in_hw, out_hw)]).expand(inp.shape[0], 2)
@@ -115,8 +115,7 @@ class _TiledRun:
         encoder = model.stream_encoder(h)
         held: list[torch.Tensor] = []  # feature rows [first, made), chunk by chunk
         first = made = pushed = done = 0
-        step = BLOCK if self.schedule is not None else 1
-        bands, columns = range(0, h, _even(h, side[0], step)), range(0, w, _even(w, side[1], step))
+        bands, columns = range(0, h, _even(h, side[0], self.align)), range(0, w, _even(w, side[1], self.align))
         for r0 in bands:
             r1 = min(h, r0 + bands.step)
             top, bottom = max(0, r0 - margin), min(h, r1 + margin)

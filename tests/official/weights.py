@@ -50,3 +50,14 @@ def load_case(name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     buffers = {k[len("buffer:"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("buffer:")}
     sd = official_state(meta["layout"], buffers, meta["seed"])
     return {"model": {"name": meta["name"], "args": meta["args"], "sd": sd}}, arrays
+
+
+def save_cases(folder: Path, names: list[str]) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """name -> (the case's official checkpoint saved as `folder/name.pth`, its arrays): what the
+    fidelity tests load as a user would."""
+    found = {}
+    for name in names:
+        ckpt, arrays = load_case(name)
+        torch.save(ckpt, folder / f"{name}.pth")
+        found[name] = (folder / f"{name}.pth", arrays)
+    return found
