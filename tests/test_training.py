@@ -324,3 +324,50 @@ def test_the_best_validated_weights_are_kept_beside_the_run(tiny_data, tmp_path)
     best = load_file(str(tmp_path / "v" / "best.safetensors"))
     first = saved[0]  # step 4 was better at x2 but worse at x4, step 6 worse at x2: the first stays the best
     assert all(torch.allclose(best[k], first[k].float()) for k in best)
+
+
+def test_cosine_restarts_return_to_the_peak_at_each_cycle():
+    cfg = TrainConfig(spec={}, data=[], out_dir="", steps=110, lr=1e-3, warmup=10, schedule="cosine", restarts=1)
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3) and learning_rate(cfg, 60) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 59) < 1e-4 and learning_rate(cfg, 109) < 1e-4
+    assert learning_rate(cfg, 35) == pytest.approx(learning_rate(cfg, 85))
+    assert learning_rate(cfg, 200) == pytest.approx(2e-5)  # past the run: the floor, not a new cycle
+
+
+def test_accumulated_batches_make_the_step_of_one_larger_batch(tiny_data, tmp_path):
+    """Two batches of 2 summed into one step = one batch of the same 4 samples (the stream draws
+    them in the same order)."""
+    def one_step(out, batch, accumulate):
+        cfg = _config(tiny_data, tmp_path / out, steps=1)
+        cfg.batch, cfg.accumulate, cfg.warmup, cfg.bf16 = batch, accumulate, 0, False
+        return load_file(str(train(cfg, log=lambda _: None)))
+
+    big, summed, small = one_step("big", 4, 1), one_step("summed", 2, 2), one_step("small", 2, 1)
+    assert all(torch.allclose(big[k], summed[k], atol=1e-6) for k in big)
+    assert not all(torch.allclose(big[k], small[k], atol=1e-6) for k in big)
+
+
+def test_fft_loss_is_l1_plus_the_spectrum_distance_of_square_windows(tiny_data):
+    """The sampler's window is a contiguous square of the HR crop in row order; the loss adds
+    FFT_WEIGHT x the mean modulus of the orthonormal spectra's difference (numpy's FFT)."""
+    from lmf_cli.training.config import FFT_WEIGHT
+    from lmf_cli.training.data import PatchSampler, load_training_images
+    from lmf_cli.training.loop import batch_loss
+
+    cfg = _config(tiny_data, "", steps=1)
+    cfg.loss, cfg.queries = "l1+fft", 100
+    sampler = PatchSampler(load_training_images(cfg.data, lambda _: None), cfg, seed=3)
+    batch = sampler.batch()
+    coord = batch["coord"][0].view(10, 10, 2)
+    assert torch.allclose(coord[1:, :, 0] - coord[:-1, :, 0], coord[1, 0, 0] - coord[0, 0, 0])
+    assert torch.allclose(coord[:, 1:, 1] - coord[:, :-1, 1], coord[0, 1, 1] - coord[0, 0, 1])
+    model = registry.make(cfg.spec).eval()
+    with torch.no_grad():
+        pred = model(batch["inp"], batch["coord"], batch["cell"])
+        got = batch_loss(model, batch, "l1+fft").item()
+    p, g = (t.double().numpy().reshape(2, 10, 10, 3) for t in (pred, batch["gt"]))
+    spectrum = np.abs(np.fft.rfft2(p, axes=(1, 2), norm="ortho") - np.fft.rfft2(g, axes=(1, 2), norm="ortho"))
+    assert got == pytest.approx(np.abs(p - g).mean() + FFT_WEIGHT * spectrum.mean(), rel=1e-5)
+    cfg.queries = 99
+    with pytest.raises(ValueError, match="square"):
+        PatchSampler(sampler.images, cfg, seed=3)

@@ -42,6 +42,14 @@ def train(
     lr: float = typer.Option(1e-4, "--lr"),
     warmup: int = typer.Option(0, "--warmup", help="Linear warm-up steps."),
     schedule: str = typer.Option("step", "--schedule", help="step (official halvings) or cosine."),
+    restarts: int = typer.Option(0, "--restarts", help="With --schedule cosine: restart it from the peak this "
+                                 "many times (equal cycles)."),
+    loss: str = typer.Option("l1", "--loss", help="l1 (official), or l1+fft: L1 plus the L1 of the spectra of "
+                             "square query windows (sharper detail)."),
+    scale_min: float = typer.Option(1.0, "--scale-min", help="Smallest training scale (scales are drawn "
+                                    "uniformly up to 4)."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Sum the gradients of this many batches per step "
+                                   "(a larger batch in the same memory)."),
     skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF, DIIF: add a bilinear upsample of the input."),
     latent_hidden: int = typer.Option(208, "--latent-hidden", help="LM-LIIF: width of the latent MLP's hidden layer."),
     render_depth: int = typer.Option(6, "--render-depth", help="LM-LIIF: modulated hidden layers of the render MLP."),
@@ -75,7 +83,7 @@ def train(
     from lmf_cli.evaluation.protocol import evaluate, model_method
     from lmf_cli.imaging.degradations import PRESETS
     from lmf_cli.io.images import list_images
-    from lmf_cli.training.config import TrainConfig
+    from lmf_cli.training.config import LOSSES, TrainConfig
     from lmf_cli.training.data import DEFAULT_TRAIN_SETS
     from lmf_cli.training.loop import resolve_device
     from lmf_cli.training.loop import train as run_training
@@ -91,6 +99,14 @@ def train(
         fail("--loader-threads must be 0 or more")
     if not 0 <= ema < 1:
         fail("--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999")
+    if loss not in LOSSES:
+        fail(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    if restarts < 0 or (restarts and schedule != "cosine"):
+        fail("--restarts must be 0 or more, and needs --schedule cosine")
+    if accumulate < 1:
+        fail("--accumulate must be 1 or more")
+    if not 1.0 <= scale_min < 4.0:
+        fail("--scale-min must be in [1, 4)")
     if fit_schedule and time_budget is None:
         fail("--fit-schedule needs --time-budget")
     try:
@@ -125,7 +141,7 @@ def train(
                       degrade=degrade,
                       init_encoder=str(_resolved(init_encoder)) if init_encoder else None,
                       save_minutes=save_every, device=str(torch_device), loader_threads=loader_threads,
-                      ema=ema)
+                      ema=ema, restarts=restarts, loss=loss, scale_min=scale_min, accumulate=accumulate)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train.log").open("a")
 

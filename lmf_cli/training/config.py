@@ -16,10 +16,14 @@ class TrainConfig:
     batch: int = 16
     patch: int = 48
     queries: int = 2304
+    scale_min: float = 1.0  # scales drawn uniformly in [scale_min, scale_max]
     scale_max: float = 4.0
     lr: float = 1e-4
     warmup: int = 0
     schedule: str = "step"  # "step": halve at 1/6..5/6 of the run (official); "cosine"
+    restarts: int = 0  # cosine only: the run is that many + 1 equal cycles, each from the peak (SGDR)
+    loss: str = "l1"  # "l1", or "l1+fft": L1 plus FFT_WEIGHT x L1 of the 2D spectra of square query windows
+    accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     seed: int = 0
     bf16: bool = True
     val_every: int = 500
@@ -33,11 +37,20 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and shipped (0: off)
 
 
+LOSSES = ("l1", "l1+fft")
+# The spectrum term's weight in "l1+fft", as in deblurring work that pairs the two (MIMO-UNet's
+# 0.1): with orthonormal FFTs a coefficient's error is on the scale of a pixel's, so the spectrum
+# nudges the high frequencies without outweighing the pixels.
+FFT_WEIGHT = 0.1
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "cosine":
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        cycle = max(1, cfg.steps - cfg.warmup) / (cfg.restarts + 1)
+        done = step - cfg.warmup
+        t = 1.0 if done >= cycle * (cfg.restarts + 1) else (done % cycle) / cycle
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
     milestones = [cfg.steps * k // 6 for k in range(1, 6)]
     return cfg.lr * 0.5 ** sum(step >= m for m in milestones)

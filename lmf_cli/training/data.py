@@ -50,6 +50,10 @@ class PatchSampler:
         self.images = [im for im in images if min(im.shape[:2]) >= min_side]
         if not self.images:
             raise ValueError(f"no training image is at least {min_side} px on its short side")
+        if cfg.loss == "l1+fft" and (whole_cells or math.isqrt(cfg.queries) ** 2 != cfg.queries
+                                     or cfg.queries > cfg.patch ** 2):
+            raise ValueError("the l1+fft loss takes a square window of queries (a square number, at most "
+                             "patch x patch) from decoders that render single pixels")
         self.cfg = cfg
         self.preset = training_preset(cfg.degrade)
         self.rng = np.random.default_rng(seed)
@@ -85,7 +89,7 @@ class PatchSampler:
     def _sample(self, rng: np.random.Generator) -> tuple:
         cfg = self.cfg
         img = self.images[rng.integers(len(self.images))]
-        s = rng.uniform(1, cfg.scale_max)
+        s = rng.uniform(cfg.scale_min, cfg.scale_max)
         hr_size = round(cfg.patch * s)
         y0 = rng.integers(img.shape[0] - hr_size + 1)
         x0 = rng.integers(img.shape[1] - hr_size + 1)
@@ -97,8 +101,13 @@ class PatchSampler:
             count = min(cfg.patch * cfg.patch, max(1, math.ceil(cfg.queries / s ** 2)))
             pick = rng.choice(cfg.patch * cfg.patch, count, replace=False)
             return lr, hr, torch.from_numpy(np.stack(np.divmod(pick, cfg.patch), -1))[None]
-        pick = rng.choice(hr_size * hr_size, cfg.queries, replace=False)
-        ys, xs = np.divmod(pick, hr_size)
+        if cfg.loss == "l1+fft":  # a square window in row order, so the loss can take its spectrum
+            side = math.isqrt(cfg.queries)
+            wy, wx = rng.integers(hr_size - side + 1, size=2)
+            ys, xs = (a.ravel() for a in np.mgrid[wy:wy + side, wx:wx + side])
+        else:
+            pick = rng.choice(hr_size * hr_size, cfg.queries, replace=False)
+            ys, xs = np.divmod(pick, hr_size)
         coord = np.stack([(2 * ys + 1) / hr_size - 1, (2 * xs + 1) / hr_size - 1], -1)
         return lr, coord, np.full((cfg.queries, 2), 2 / hr_size), hr[ys, xs]
 

@@ -17,6 +17,7 @@ on a GPU resumes on a CPU and back.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -33,7 +34,7 @@ from lmf_cli.errors import option_name
 from lmf_cli.files import atomic_write
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.models.checkpoints import load_weights, read_metadata, save_weights
-from lmf_cli.training.config import TrainConfig, learning_rate
+from lmf_cli.training.config import FFT_WEIGHT, TrainConfig, learning_rate
 from lmf_cli.training.data import (
     PatchSampler,
     Prefetcher,
@@ -81,11 +82,19 @@ def _restore_optimizer(opt: torch.optim.Adam, model: torch.nn.Module, tensors: d
         }
 
 
-def batch_loss(model: ImplicitSR, batch: dict) -> torch.Tensor:
+def batch_loss(model: ImplicitSR, batch: dict, loss: str = "l1") -> torch.Tensor:
     """L1 in normalised units: on sampled pixels, or on every pixel of sampled LR cells for
-    decoders that decode whole slices (DIIF), one patch at a time as each has its own scale."""
+    decoders that decode whole slices (DIIF), one patch at a time as each has its own scale.
+    "l1+fft" adds the L1 distance of the windows' orthonormal 2D spectra (FFT_WEIGHT)."""
     if "cells" not in batch:
-        return (model(batch["inp"], batch["coord"], batch["cell"]) - batch["gt"]).abs().mean()
+        pred, gt = model(batch["inp"], batch["coord"], batch["cell"]), batch["gt"]
+        value = (pred - gt).abs().mean()
+        if loss == "l1+fft":
+            side = math.isqrt(gt.shape[1])
+            spectra = [torch.fft.rfft2(t.float().unflatten(1, (side, side)), dim=(1, 2), norm="ortho")
+                       for t in (pred, gt)]
+            value = value + FFT_WEIGHT * (spectra[0] - spectra[1]).abs().mean()
+        return value
     inp = batch["inp"]
     latents = model.encode(inp, None)
     losses = [model.decode_cells(inp[b:b + 1], {k: v[b:b + 1] for k, v in latents.items()}, tuple(hr.shape[-2:]),
@@ -252,19 +261,20 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             if time_budget is not None and time.monotonic() - start_time >= time_budget:
                 break
             t0 = time.monotonic()
-            batch = prefetch.next()
-            if not on_cpu:
-                batch = normalize_batch(batch_to(batch, device))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss = batch_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for _ in range(cfg.accumulate):
+                batch = prefetch.next()
+                if not on_cpu:
+                    batch = normalize_batch(batch_to(batch, device))
+                loss = batch_loss(model, batch, cfg.loss) / cfg.accumulate
+                loss.backward()
             opt.step()
             if average is not None:
                 average.update()
             step += 1
-            loss_value = loss.item()  # waits for the step on a GPU, so dt is its real time
+            loss_value = loss.item() * cfg.accumulate  # waits for the step on a GPU, so dt is its real time
             dt = time.monotonic() - t0
             elapsed += dt
             if fitting and step - start_step == FIT_FROM:
