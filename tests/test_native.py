@@ -77,6 +77,36 @@ def test_mask_draws_exactly_the_masked_pixels(kernel_available, butterfly):
     assert torch.equal((part - skip)[0][:, ~mask], torch.zeros(3, int((~mask).sum())))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_unit_output_is_the_normalised_one_moved_to_unit_range_bit_for_bit(kernel_available, butterfly, fused):
+    """`unit` writes (v + 1) * 0.5 in the same pass: the same bits as PyTorch's add and mul after,
+    on both renderers, for plain and masked windows, and for a CMSR coarse level's blend."""
+    from dataclasses import replace
+
+    from lmf_cli.engine.cmsr import _draw_coarse
+
+    model = VARIANTS["lm-liif, skip"]()
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out_hw = (100, 120)
+    mask = torch.from_numpy(np.random.default_rng(1).random((50, 85)) < 0.4)
+    with torch.no_grad():
+        g = replace(encode_image(model, inp, out_hw), fused=fused)
+        for wanted in (None, mask):
+            normalised = render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted,
+                                       into=torch.full((1, 3, 50, 85), -1.0))
+            unit = render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted,
+                                 into=torch.zeros(1, 3, 50, 85), unit=True)
+            assert torch.equal(unit, normalised.add(1).mul(0.5))
+        rects = torch.tensor([[0, 20, 0, 85], [20, 50, 40, 85]])
+        outs = [torch.zeros(1, 3, 50, 85) for _ in range(2)]
+        for out, unit in zip(outs, (False, True), strict=True):
+            _draw_coarse(model, g, (40, 48), rects, (10, 5), out, None, unit)
+    drawn = torch.zeros(50, 85, dtype=torch.bool)
+    drawn[:20], drawn[20:, 40:] = True, True
+    assert outs[0][0][:, drawn].std() > 0.01
+    assert torch.equal(outs[1][0][:, drawn], outs[0][0][:, drawn].add(1).mul(0.5))
+
+
 def test_kernel_not_used_where_it_cannot_be(monkeypatch):
     model = VARIANTS["lm-lte"]()
     assert not native.usable(model, torch.device("meta"))

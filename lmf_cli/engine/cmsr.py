@@ -172,14 +172,17 @@ def level_grid(out_hw: tuple[int, int], scale: float, decode_scale: float) -> tu
 
 def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: torch.Tensor,
                   rows_range: tuple[int, int], cols_range: tuple[int, int],
-                  into: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                  into: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                  unit: bool = False) -> torch.Tensor:
     """One output region under CMSR: each level present is drawn where the pixels' LR owners
     chose it. The region is cut into rectangles of one level (runs of LR pixels, found on the LR
-    grid); the full level is drawn pixel by pixel under a mask, each coarse level renders the
+    grid); the full level is drawn rectangle by rectangle (the kernel) or under a mask (PyTorch),
+    each coarse level renders the
     coarse pixels its rectangles sample and writes their bilinear samples. Every output pixel
     belongs to exactly one level, so the levels fill `into` (a view of the canvas) whole.
     `block` (rows, cols): the most output pixels rendered at once (the PyTorch renderer's cache
-    budget); None: the whole region."""
+    budget); None: the whole region. `unit`: written in the canvas's [0, 1] units, as each level
+    writes (no extra pass over the pixels)."""
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
@@ -193,15 +196,19 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
     by_level = _runs(window, own_r, own_c)
     out = g.piece.new_zeros(1, 3, b - a, cb - ca) if into is None else into
     for level, rects in by_level.items():
-        if level == full_level:
+        if level == full_level and g.fused:  # rectangle by rectangle: no mask read per pixel
+            for y0, y1, x0, x1 in rects.tolist():
+                render_region(model, g, g.out_hw, (a + y0, a + y1), (ca + x0, ca + x1),
+                              into=out[:, :, y0:y1, x0:x1], unit=unit)
+        elif level == full_level:  # PyTorch: under a mask, so a block's latents decode together
             r0, r1, c0, c1 = _bounds(rects)
             chosen = window == level
             mask = None if len(by_level) == 1 else chosen.index_select(1, own_c[c0:c1]).index_select(0, own_r[r0:r1])
             _render_chunked(model, g, g.out_hw, (a + r0, a + r1), (ca + c0, ca + c1), mask,
-                            out[:, :, r0:r1, c0:c1], block)
+                            out[:, :, r0:r1, c0:c1], block, unit)
         else:
             grid = level_grid(g.out_hw, scale, schedule.decode_scales[level])
-            _draw_coarse(model, g, grid, rects, (a, ca), out, block)
+            _draw_coarse(model, g, grid, rects, (a, ca), out, block, unit)
     return out
 
 
@@ -239,7 +246,7 @@ def _bounds(rects: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows: tuple[int, int],
                     cols: tuple[int, int], mask: torch.Tensor | None, into: torch.Tensor,
-                    block: tuple[int, int] | None) -> None:
+                    block: tuple[int, int] | None, unit: bool = False) -> None:
     """render_region into `into` in sub-blocks of at most `block` (rows, cols), as exact
     rendering cuts its blocks; sub-blocks with no masked pixel are skipped, and the mask is
     dropped where a sub-block is all wanted (then it is exact rendering)."""
@@ -255,13 +262,14 @@ def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows:
                 if bool(part.all()):
                     part = None
             render_region(model, g, grid, (rows[0] + r, rows[0] + r1), (cols[0] + c, cols[0] + c1), mask=part,
-                          into=into[:, :, r:r1, c:c1])
+                          into=into[:, :, r:r1, c:c1], unit=unit)
 
 
 def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: torch.Tensor,
-                 origin: tuple[int, int], out: torch.Tensor, block: tuple[int, int] | None) -> None:
+                 origin: tuple[int, int], out: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
     """A coarse level: render the coarse pixels that its rectangles (output rows and columns of
-    the region at `origin`) sample, then write each rectangle's bilinear samples of them."""
+    the region at `origin`) sample, then write each rectangle's bilinear samples of them (in
+    [0, 1] units with `unit`; the coarse pixels stay normalised)."""
     r0, r1, c0, c1 = _bounds(rects)
     a, ca = origin
     coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, (a + r0, a + r1), (ca + c0, ca + c1))
@@ -272,12 +280,13 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
     _render_chunked(model, g, grid, coarse_rows, coarse_cols, needed, coarse, block)
     region = out[:, :, r0:r1, c0:c1]
     if g.fused:
-        native.blend_rects(model.capabilities.kernel_width, region, local, coarse, taps_r, taps_c)
+        native.blend_rects(model.capabilities.kernel_width, region, local, coarse, taps_r, taps_c, unit)
         return
     for y0, y1, x0, x1 in local.tolist():
         sub_r = AxisBilinear(taps_r.lo[y0:y1], taps_r.hi[y0:y1], taps_r.frac[y0:y1])
         sub_c = AxisBilinear(taps_c.lo[x0:x1], taps_c.hi[x0:x1], taps_c.frac[x0:x1])
-        region[:, :, y0:y1, x0:x1] = bilinear_grid(coarse, sub_r, sub_c)
+        sample = bilinear_grid(coarse, sub_r, sub_c)
+        region[:, :, y0:y1, x0:x1] = sample.add_(1).mul_(0.5) if unit else sample
 
 
 def _tapped(rects: torch.Tensor, taps_r: AxisBilinear, taps_c: AxisBilinear,

@@ -148,9 +148,9 @@ def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
-                               p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64]
+                               p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64, i32]
     lib.lmf_render.restype = None
-    lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, p]
+    lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, p, i32]
     lib.lmf_blend_rects.restype = None
 
 
@@ -188,9 +188,10 @@ def _bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | None = None,
            skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None,
-           into: torch.Tensor | None = None) -> torch.Tensor:
+           into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
     """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
-    `skip` = (image (1, 3, h, w), row taps, column taps) sampled bilinearly if given.
+    `skip` = (image (1, 3, h, w), row taps, column taps) sampled bilinearly if given; with
+    `unit`, in [0, 1] units ((v + 1) / 2, the canvas's).
 
     With a boolean `mask` (rows, cols), only those pixels are computed; the others are 0,
     or, when writing `into` a (1, 3, rows, cols) view of a larger image, left as they are.
@@ -232,7 +233,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
                        mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
                        rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
                        rows.lat.shape[1], first, n_rows, threads, n_cols,
-                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), stride, plane)
+                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), stride, plane, int(unit))
 
     jobs = [_pool().submit(run, t) for t in range(1, threads)]
     try:
@@ -245,9 +246,10 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
 
 
 def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
-                cols: AxisBilinear) -> None:
+                cols: AxisBilinear, unit: bool = False) -> None:
     """Write the bilinear sample of a coarse rendering (1, 3, h, w) into rectangles of `into` (1, 3,
-    rows, cols): rects (n, 4) int64 of (y0, y1, x0, x1) in its rows and columns, disjoint."""
+    rows, cols): rects (n, 4) int64 of (y0, y1, x0, x1) in its rows and columns, disjoint; with
+    `unit`, in [0, 1] units ((v + 1) / 2) from a normalised coarse rendering."""
     lib = _loaded(hidden)
     _check(int(rows.hi.max()) < coarse.shape[2] and int(cols.hi.max()) < coarse.shape[3]
            and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
@@ -265,7 +267,7 @@ def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: to
         line = torch.empty(coarse.shape[2])  # the thread's scratch row
         lib.lmf_blend_rects(rects[k0:k1].data_ptr(), k1 - k0, coarse.data_ptr(), *coarse.shape[1:],
                             lo_y.data_ptr(), hi_y.data_ptr(), fy.data_ptr(), lo_x.data_ptr(), hi_x.data_ptr(),
-                            fx.data_ptr(), into.data_ptr(), *strides, line.data_ptr())
+                            fx.data_ptr(), into.data_ptr(), *strides, line.data_ptr(), int(unit))
 
     _in_row_bands(rects.shape[0], draw, per_thread=1)
 

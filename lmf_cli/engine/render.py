@@ -97,8 +97,9 @@ def render_coarse(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
 
 def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows_range: tuple[int, int],
                   cols_range: tuple[int, int], mask: torch.Tensor | None = None,
-                  into: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised.
+                  into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
+    """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised
+    (with `unit`, in the canvas's [0, 1] units).
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
@@ -111,7 +112,7 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
     if mlp is not None:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
-        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None, into)
+        out = native.render(mlp, rows, cols, mask, (g.piece, bil_rows, bil_cols) if bil else None, into, unit)
         drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
@@ -120,6 +121,8 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
         pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.capabilities.renders_pairs else None
         out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
         drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
+        if unit:
+            out.add_(1).mul_(0.5)
         if into is not None:
             out = into.copy_(out if mask is None else torch.where(mask, out, into))
     g.counts["rendered"] = g.counts.get("rendered", 0) + drawn

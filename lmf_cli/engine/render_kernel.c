@@ -132,7 +132,9 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
  * mask (rows x width, may be NULL): pixels to render; others are left untouched.
  * skip (3 x skip_h x skip_w, may be NULL): an image added bilinearly at taps sy_lo/sy_hi/sy_frac
  * per row and sx_* per column (LM-LTE's and our LM-LIIF's input skip).
- * out: channel c of pixel (y, x) at out[c * plane + y * stride + x].
+ * out: channel c of pixel (y, x) at out[c * plane + y * stride + x]; with `unit`, the value written
+ * is (v + 1) * 0.5, the canvas's [0, 1] units (the same float operations as PyTorch's add and mul,
+ * in one pass instead of two over every pixel).
  * The output layer is linear, so it runs once per pixel on the area-weighted sum of the
  * neighbours' last hidden layers instead of once per neighbour.
  */
@@ -143,7 +145,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 int64_t taps, int64_t y0, int64_t y1, int64_t step, int64_t width, const uint8_t *mask,
                 const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
                 const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
-                float *out, int64_t stride, int64_t plane) {
+                float *out, int64_t stride, int64_t plane, int unit) {
     const Model m = {table, row, depth, kind == AFFINE ? 1 : 0, layers, code, base, extra, weights, biases};
     float h[BATCH][HIDDEN];
     int64_t lat[BATCH];
@@ -183,7 +185,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                             const float right = lo[sx_hi[xx]] * (1 - fy) + hi[sx_hi[xx]] * fy;
                             v += left * (1 - fx) + right * fx;
                         }
-                        out[c * plane + pixel[s]] = v;
+                        out[c * plane + pixel[s]] = unit ? (v + 1.0f) * 0.5f : v;
                     }
                 }
                 n = 0;
@@ -218,10 +220,12 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
  * coarse-grid taps are lo_y, hi_y, fy per row and lo_x, hi_x, fx per column; taps increase
  * with the index). The rectangles are the runs of LR blocks at one level: no mask is read, so
  * a level costs its own pixels. Each output row first mixes its two coarse rows over the
- * columns it taps (`line`, coarse_w floats of scratch), then every pixel mixes two of those. */
+ * columns it taps (`line`, coarse_w floats of scratch), then every pixel mixes two of those.
+ * With `unit` the coarse values are normalised and the written ones in [0, 1] units, as lmf_render. */
 void lmf_blend_rects(const int64_t *rects, int64_t n, const float *coarse, int64_t coarse_h, int64_t coarse_w,
                      const int64_t *lo_y, const int64_t *hi_y, const float *fy, const int64_t *lo_x,
-                     const int64_t *hi_x, const float *fx, float *out, int64_t stride, int64_t plane, float *line) {
+                     const int64_t *hi_x, const float *fx, float *out, int64_t stride, int64_t plane, float *line,
+                     int unit) {
     for (int64_t k = 0; k < n; k++) {
         const int64_t y0 = rects[4 * k], y1 = rects[4 * k + 1], x0 = rects[4 * k + 2], x1 = rects[4 * k + 3];
         const int64_t first = lo_x[x0], last = hi_x[x1 - 1];
@@ -232,7 +236,11 @@ void lmf_blend_rects(const int64_t *rects, int64_t n, const float *coarse, int64
                 const float wy = fy[y], vy = 1 - wy;
                 for (int64_t j = first; j <= last; j++) line[j] = lo[j] * vy + hi[j] * wy;
                 float *dst = out + c * plane + y * stride;
-                for (int64_t x = x0; x < x1; x++) dst[x] = line[lo_x[x]] * (1 - fx[x]) + line[hi_x[x]] * fx[x];
+                if (unit)
+                    for (int64_t x = x0; x < x1; x++)
+                        dst[x] = (line[lo_x[x]] * (1 - fx[x]) + line[hi_x[x]] * fx[x] + 1.0f) * 0.5f;
+                else
+                    for (int64_t x = x0; x < x1; x++) dst[x] = line[lo_x[x]] * (1 - fx[x]) + line[hi_x[x]] * fx[x];
             }
     }
 }

@@ -191,17 +191,17 @@ class _TiledRun:
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
                 region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
-                if levels is not None and self.on_host:  # every pixel is drawn by one level, in place
-                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region,
-                                  block=chunk).add_(1).mul_(0.5)
+                # every pixel is written once, in the canvas's [0, 1] units (`unit`)
+                if levels is not None and self.on_host:  # each pixel drawn by one level, in place
+                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region, block=chunk,
+                                  unit=True)
                 elif levels is not None:
-                    out = render_levels(model, geometry, self.schedule, levels, rows, cols, block=chunk)
-                    region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
+                    out = render_levels(model, geometry, self.schedule, levels, rows, cols, block=chunk, unit=True)
+                    region.copy_(out, non_blocking=True)
                 elif self.fused:  # the kernel writes straight into the canvas
-                    render_region(model, geometry, self.out_hw, rows, cols, into=region).add_(1).mul_(0.5)
+                    render_region(model, geometry, self.out_hw, rows, cols, into=region, unit=True)
                 else:
-                    out = render_region(model, geometry, self.out_hw, rows, cols)
-                    region.copy_(out.add_(1).mul_(0.5), non_blocking=True)
+                    region.copy_(render_region(model, geometry, self.out_hw, rows, cols, unit=True), non_blocking=True)
 
 
 def _aligned(side: int, multiple: int) -> int:
