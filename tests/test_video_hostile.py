@@ -32,11 +32,13 @@ from typer.testing import CliRunner
 
 from lmf_cli.cli import app
 from lmf_cli.errors import InputError, option_name
-from lmf_cli.io.video import plan as planning
+from lmf_cli.io.video import streams as stream_planning
 from lmf_cli.io.video.decode import DecodeReport, frames_after
+from lmf_cli.io.video.errors import short_error
 from lmf_cli.io.video.mux import mux
-from lmf_cli.io.video.plan import StreamPlan, VideoPlan, plan_video, short_error
+from lmf_cli.io.video.plan import VideoPlan, plan_video
 from lmf_cli.io.video.segments import MANIFEST, Manifest, SegmentWriter, headers
+from lmf_cli.io.video.streams import StreamPlan
 
 SRT = "1\n00:00:00,100 --> 00:00:00,200\nearly\n\n2\n00:00:00,300 --> 00:00:01,020\nlate\n"
 
@@ -132,8 +134,8 @@ def test_an_encoder_that_will_not_open_fails_the_plan(tmp_path, monkeypatch):
     encoder's reason, not a crash in the mux after every frame is upscaled."""
     needs("aac")
     src = make_clip(tmp_path / "u8.mkv", audio="pcm_u8")
-    monkeypatch.setattr(planning, "AUDIO_CODECS", ("aac",))
-    monkeypatch.setattr(planning, "default_layout", lambda layout: layout, raising=False)
+    monkeypatch.setattr(stream_planning, "AUDIO_CODECS", ("aac",))
+    monkeypatch.setattr(stream_planning, "default_layout", lambda layout: layout, raising=False)
     with pytest.raises(InputError) as caught:
         plan_video(src, 2.0, suffix=".mp4", codec="libx264")
     message = str(caught.value)

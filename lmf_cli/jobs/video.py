@@ -42,8 +42,9 @@ from lmf_cli.engine.reuse import Previous
 from lmf_cli.errors import InputError, option_name
 from lmf_cli.files import atomic_write
 from lmf_cli.io.video.decode import DecodeReport, Source, frames_after, segment_frames
+from lmf_cli.io.video.errors import short_error
 from lmf_cli.io.video.mux import mux
-from lmf_cli.io.video.plan import SEGMENT_FRAMES, Size, VideoPlan, plan_video, short_error, work_dir
+from lmf_cli.io.video.plan import SEGMENT_FRAMES, Size, VideoPlan, plan_video, work_dir
 from lmf_cli.io.video.segments import (
     MANIFEST,
     Manifest,

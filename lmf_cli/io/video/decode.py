@@ -12,7 +12,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from lmf_cli.io.video.plan import Mender, VideoPlan
+from lmf_cli.io.video.plan import VideoPlan
+from lmf_cli.io.video.timeline import Mender
 
 Source = bytes | bytearray | memoryview | io.IOBase | None  # the input where it is not at plan.source
 

@@ -16,18 +16,11 @@ import numpy as np
 from av.error import FFmpegError
 from av.stream import Disposition
 
-from lmf_cli.io.video.plan import (
-    COVER_FILES,
-    StreamConverter,
-    StreamPlan,
-    VideoPlan,
-    clean_tags,
-    configure_encoder,
-    library_log,
-    packets_from,
-    short_error,
-)
+from lmf_cli.io.video.encoder import configure_encoder
+from lmf_cli.io.video.errors import library_log, short_error
+from lmf_cli.io.video.plan import VideoPlan
 from lmf_cli.io.video.segments import Manifest, read_segment
+from lmf_cli.io.video.streams import COVER_FILES, StreamConverter, StreamPlan, clean_tags, packets_from
 
 
 def mux(plan: VideoPlan, manifest: Manifest, tmp: Path) -> None:

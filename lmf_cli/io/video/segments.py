@@ -25,7 +25,8 @@ from av.video.reformatter import VideoReformatter
 
 from lmf_cli.errors import InputError
 from lmf_cli.files import atomic_write
-from lmf_cli.io.video.plan import SWS_COLORSPACE, VideoPlan, open_encoder
+from lmf_cli.io.video.encoder import SWS_COLORSPACE, open_encoder
+from lmf_cli.io.video.plan import VideoPlan
 
 MANIFEST = "manifest.json"
 INDEX = "frames.json"  # the job's frame timestamps, kept where segments were encoded out of order
