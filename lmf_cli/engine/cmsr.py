@@ -176,8 +176,7 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
                   unit: bool = False) -> torch.Tensor:
     """One output region under CMSR: each level present is drawn where the pixels' LR owners
     chose it. The region is cut into rectangles of one level (runs of LR pixels, found on the LR
-    grid); the full level is drawn rectangle by rectangle (the kernel) or under a mask (PyTorch),
-    each coarse level renders the
+    grid); the full level is drawn pixel by pixel under a mask, each coarse level renders the
     coarse pixels its rectangles sample and writes their bilinear samples. Every output pixel
     belongs to exactly one level, so the levels fill `into` (a view of the canvas) whole.
     `block` (rows, cols): the most output pixels rendered at once (the PyTorch renderer's cache
@@ -196,11 +195,7 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
     by_level = _runs(window, own_r, own_c)
     out = g.piece.new_zeros(1, 3, b - a, cb - ca) if into is None else into
     for level, rects in by_level.items():
-        if level == full_level and g.fused:  # rectangle by rectangle: no mask read per pixel
-            for y0, y1, x0, x1 in rects.tolist():
-                render_region(model, g, g.out_hw, (a + y0, a + y1), (ca + x0, ca + x1),
-                              into=out[:, :, y0:y1, x0:x1], unit=unit)
-        elif level == full_level:  # PyTorch: under a mask, so a block's latents decode together
+        if level == full_level:
             r0, r1, c0, c1 = _bounds(rects)
             chosen = window == level
             mask = None if len(by_level) == 1 else chosen.index_select(1, own_c[c0:c1]).index_select(0, own_r[r0:r1])

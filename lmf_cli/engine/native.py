@@ -190,7 +190,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
            skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None,
            into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
     """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
-    `skip` = (image (1, 3, h, w), row taps, column taps) sampled bilinearly if given; with
+    `skip` = (image (3, h, w), row taps, column taps) sampled bilinearly if given; with
     `unit`, in [0, 1] units ((v + 1) / 2, the canvas's).
 
     With a boolean `mask` (rows, cols), only those pixels are computed; the others are 0,
@@ -216,7 +216,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     if skip is None:
         image, skip_taps = None, [None] * 6
     else:
-        image, sy, sx = skip[0][0].float().contiguous(), skip[1], skip[2]
+        image, sy, sx = skip[0].float().contiguous(), skip[1], skip[2]
         _check(int(sy.hi.max()) < image.shape[1] and int(sx.hi.max()) < image.shape[2]
                and int(sy.lo.min()) >= 0 and int(sx.lo.min()) >= 0, "skip taps outside the image")
         skip_taps = [sy.lo.contiguous(), sy.hi.contiguous(), sy.frac.float().contiguous(),
