@@ -371,3 +371,16 @@ def test_fft_loss_is_l1_plus_the_spectrum_distance_of_square_windows(tiny_data):
     cfg.queries = 99
     with pytest.raises(ValueError, match="square"):
         PatchSampler(sampler.images, cfg, seed=3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss", "l2"], "--loss 'l2'"),
+    (["--restarts", "1"], "--restarts"),
+    (["--accumulate", "0"], "--accumulate"),
+    (["--scale-min", "4"], "--scale-min"),
+])
+def test_cli_refuses_bad_levers_in_one_line(tiny_data, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "run"), "--data", str(tiny_data), "--steps", "1",
+                                      "--val-every", "0", *args])
+    assert result.exit_code != 0
+    assert message in result.output and not (tmp_path / "run" / "state.safetensors").exists()
