@@ -40,7 +40,6 @@ class Geometry:
     counts: dict[str, int]
     fused: bool = False  # render through the compiled kernel
     packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
-    pixels: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
     def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
         """The kernel's per-latent tables for a grid: built once per tile and grid."""
@@ -49,13 +48,12 @@ class Geometry:
             self.packed[grid_hw] = model.fused_mlp(self.latents, rel_cell)
         return self.packed[grid_hw]
 
+    @functools.cached_property
     def kernel_pixels(self) -> torch.Tensor:
         """The piece as the kernel reads its skip, (3, h, w) contiguous float32: a tile's piece is a
         view into the input with its row stride, and copying it per rendered block or rectangle
         cost more than some of the blocks; copied once per tile."""
-        if not self.pixels:
-            self.pixels.append(self.piece[0].float().contiguous())
-        return self.pixels[0]
+        return self.piece[0].float().contiguous()
 
 
 def renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
@@ -121,7 +119,7 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
     if mlp is not None:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
-        out = native.render(mlp, rows, cols, mask, (g.kernel_pixels(), bil_rows, bil_cols) if bil else None, into, unit)
+        out = native.render(mlp, rows, cols, mask, (g.kernel_pixels, bil_rows, bil_cols) if bil else None, into, unit)
         drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)

@@ -48,9 +48,9 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "cosine":
-        cycle = max(1, cfg.steps - cfg.warmup) / (cfg.restarts + 1)
-        done = step - cfg.warmup
-        t = 1.0 if done >= cycle * (cfg.restarts + 1) else (done % cycle) / cycle
+        span, done = max(1, cfg.steps - cfg.warmup), step - cfg.warmup
+        cycle = span / (cfg.restarts + 1)
+        t = 1.0 if done >= span else (done % cycle) / cycle
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
     milestones = [cfg.steps * k // 6 for k in range(1, 6)]
     return cfg.lr * 0.5 ** sum(step >= m for m in milestones)
