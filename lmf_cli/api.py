@@ -148,33 +148,36 @@ class Upscaler:
         schedule = self._schedule(options, plan)
         self.last_stats: dict[str, int] = {}
 
-        def run(rgb: np.ndarray) -> np.ndarray:
-            """N x H x W x 3 in [0, 1] -> N x H' x W' x 3."""
+        # 8- and 16-bit colour comes back as the canvas's own samples (rounded as they are rendered);
+        # grey and alpha are averaged over channels first, so they are rounded after
+        samples = SAMPLE_DTYPES.get(dtype) if not gray else None
+
+        def run(rgb: np.ndarray, canvas: torch.dtype) -> np.ndarray:
+            """N x H x W x 3 in [0, 1] -> N x H' x W' x 3, as [0, 1] floats or `canvas` samples."""
             inp = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).to(self.device)
             out = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
-                                 self.last_stats)
-            return out.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+                                 self.last_stats, dtype=canvas)
+            return (out if canvas != torch.float32 else out.clamp(0, 1)).permute(0, 2, 3, 1).numpy()
 
         try:
-            out = run(np.repeat(colour, 3, axis=3) if gray else colour)
+            out = run(np.repeat(colour, 3, axis=3) if gray else colour, samples or torch.float32)
             if gray:
                 out = out.mean(axis=3, keepdims=True)
             if extra is not None:
                 if options.alpha == "bicubic":
                     a = np.stack([bicubic_resize_float(e, plan.out_hw) for e in extra])
                 else:
-                    a = run(np.repeat(extra, 3, axis=3)).mean(axis=3, keepdims=True)
-                out = np.concatenate([out, a], axis=3)
+                    a = run(np.repeat(extra, 3, axis=3), torch.float32).mean(axis=3, keepdims=True)
+                out = np.concatenate([_rounded(out, peak, dtype), _rounded(a, peak, dtype)], axis=3)
         except RuntimeError as exc:  # the CPU allocator's "can't allocate memory" (CUDA's goes to the caller)
             if isinstance(exc, torch.cuda.OutOfMemoryError) or "allocate" not in str(exc):
                 raise
-            raise InputError(f"out of memory for a {w} x {h} output ({len(batch) * h * w * 12 / 2**30:.3g} GiB "
-                             "as float32); ask for a smaller size") from exc
+            sample_bytes = 3 * (np.dtype(dtype).itemsize if samples else 4)
+            raise InputError(f"out of memory for a {w} x {h} output "
+                             f"({len(batch) * h * w * sample_bytes / 2**30:.3g} GiB); ask for a smaller size") from exc
         if first.ndim == 2:
             out = out[..., 0]
-        if peak == 1.0:
-            return np.ascontiguousarray(out, dtype=np.float32)
-        return np.round(out * peak).astype(dtype)
+        return _rounded(out, peak, dtype)
 
     def upscale_sequence(self, frames: np.ndarray | Sequence[np.ndarray], scale: Scale | None = None,
                          size: tuple[int, int] | None = None, *, previous: Previous | None = None,
@@ -214,19 +217,22 @@ class Upscaler:
                                         reach(self.capabilities, schedule, stack.shape[1:3]))
         spans = output_boxes(boxes, stack.shape[1:3], plan.out_hw)
         peak = PEAKS.get(stack.dtype, 1.0)
+        samples = SAMPLE_DTYPES.get(stack.dtype, torch.float32)
         self.last_stats = {}
         canvas = None
         if fresh:  # as upscale_batch: the same conversions, so the same bytes
             data, _ = _unit_range(stack[fresh])
             inp = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))).to(self.device)
             canvas = upscale_tensor(self.model, inp.mul(2).sub(1), plan.out_hw, options, schedule, progress,
-                                    self.last_stats, boxes)
-        out = np.empty((len(stack), h, w, 3), dtype=stack.dtype)
+                                    self.last_stats, boxes, samples)
         last = previous.output if previous is not None else None
         computed = np.zeros((h, w), dtype=bool)
         for i0, i1, j0, j1 in spans:
             computed[i0:i1, j0:j1] = True
         slot, whole = {k: n for n, k in enumerate(fresh)}, bool(computed.all())
+        if whole and len(fresh) == len(stack) and samples != torch.float32:  # the canvas is the frames
+            return canvas.permute(0, 2, 3, 1).numpy(), 0
+        out = np.empty((len(stack), h, w, 3), dtype=stack.dtype)
         for k in range(len(stack)):
             if k not in slot:
                 out[k] = last
@@ -234,8 +240,9 @@ class Upscaler:
                 if not whole:
                     out[k] = last
                 for i0, i1, j0, j1 in spans:
-                    region = canvas[slot[k], :, i0:i1, j0:j1].clamp(0, 1).permute(1, 2, 0).numpy()
-                    out[k, i0:i1, j0:j1] = np.round(region * peak) if peak != 1.0 else region
+                    region = canvas[slot[k], :, i0:i1, j0:j1]
+                    region = region if samples != torch.float32 else region.clamp(0, 1)
+                    out[k, i0:i1, j0:j1] = _rounded(region.permute(1, 2, 0).numpy(), peak, stack.dtype)
             last = out[k]
         copied = len(stack) * h * w - len(fresh) * int(computed.sum())
         return out, copied
@@ -285,6 +292,15 @@ class Upscaler:
 
 
 PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # float32 images have none: 1.0
+SAMPLE_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.uint16}
+
+
+def _rounded(out: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
+    """[0, 1] floats as samples of `dtype` (rounded half to even, in float32: render.to_samples's
+    operations); samples already of `dtype` and float images pass as they are."""
+    if out.dtype == dtype or peak == 1.0:
+        return np.ascontiguousarray(out, dtype=dtype)
+    return np.round(out * peak).astype(dtype)
 
 
 def _unit_range(stack: np.ndarray) -> tuple[np.ndarray, float]:

@@ -67,3 +67,15 @@ def test_gpu_tf32_matmuls_would_stay_within_1e3(official_files, butterfly):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     assert np.abs(exact - tf32).max() < 1e-3
+
+
+def test_gpu_8_bit_samples_are_the_float_output_rounded(official_files, butterfly):
+    """An 8-bit image is rounded to samples on the GPU before its blocks come back (a quarter of the
+    bytes): the same bytes as the float output rounded by numpy, and within 1 of the CPU's."""
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cuda", "fp32"))
+    samples = up.upscale(butterfly, scale=3.5)
+    unit = up.upscale(butterfly.astype(np.float32) / 255, scale=3.5)
+    assert samples.dtype == np.uint8
+    assert np.array_equal(samples, np.round(unit * 255.0).astype(np.uint8))
+    cpu = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "fp32")).upscale(butterfly, scale=3.5)
+    assert np.abs(samples.astype(int) - cpu.astype(int)).max() <= 1

@@ -77,18 +77,33 @@ def test_mask_draws_exactly_the_masked_pixels(kernel_available, butterfly):
     assert torch.equal((part - skip)[0][:, ~mask], torch.zeros(3, int((~mask).sum())))
 
 
+def _as_samples(unit: torch.Tensor, peak: float, dtype: np.dtype) -> torch.Tensor:
+    """numpy's way from [0, 1] floats to an image's samples (what the API did after rendering)."""
+    return torch.from_numpy(np.round(unit.clamp(0, 1).numpy() * peak).astype(dtype))
+
+
+SAMPLES = [(torch.uint8, 255.0, np.uint8), (torch.uint16, 65535.0, np.uint16)]
+
+
 @pytest.mark.parametrize("fused", [True, False])
-def test_unit_output_is_the_normalised_one_moved_to_unit_range_bit_for_bit(kernel_available, butterfly, fused):
+def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(kernel_available, butterfly, fused):
     """`unit` writes (v + 1) * 0.5 in the same pass: the same bits as PyTorch's add and mul after,
-    on both renderers, for plain and masked windows, and for a CMSR coarse level's blend."""
+    on both renderers, for plain and masked windows, and for a CMSR coarse level's blend; into a
+    uint8 or uint16 view (strided, pixel-interleaved, as the canvas), the bytes numpy's clamp,
+    multiply and round give."""
     from dataclasses import replace
 
     from lmf_cli.engine.cmsr import _draw_coarse
 
     model = VARIANTS["lm-liif, skip"]()
     inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    inp[..., :4, :4] = 1.0  # saturated pixels, which render outside [0, 1] and are clamped
     out_hw = (100, 120)
     mask = torch.from_numpy(np.random.default_rng(1).random((50, 85)) < 0.4)
+
+    def interleaved(dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(1, 50, 85, 3, dtype=dtype).permute(0, 3, 1, 2)
+
     with torch.no_grad():
         g = replace(encode_image(model, inp, out_hw), fused=fused)
         for wanted in (None, mask):
@@ -97,14 +112,47 @@ def test_unit_output_is_the_normalised_one_moved_to_unit_range_bit_for_bit(kerne
             unit = render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted,
                                  into=torch.zeros(1, 3, 50, 85), unit=True)
             assert torch.equal(unit, normalised.add(1).mul(0.5))
+            assert (unit > 1).any() and (unit < 0).any()  # the clamp matters
+            for dtype, peak, np_dtype in SAMPLES:
+                samples = render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted, into=interleaved(dtype),
+                                        unit=True)
+                assert samples.dtype == dtype
+                expected = _as_samples(unit, peak, np_dtype)
+                if wanted is not None:
+                    expected = torch.where(wanted, expected, 0)
+                assert torch.equal(samples.to(torch.int64), expected.to(torch.int64))
         rects = torch.tensor([[0, 20, 0, 85], [20, 50, 40, 85]])
-        outs = [torch.zeros(1, 3, 50, 85) for _ in range(2)]
-        for out, unit in zip(outs, (False, True), strict=True):
+        outs = [torch.zeros(1, 3, 50, 85) for _ in range(2)] + [interleaved(dtype) for dtype, _, _ in SAMPLES]
+        for out, unit in zip(outs, (False, True, True, True), strict=True):
             _draw_coarse(model, g, (40, 48), rects, (10, 5), out, None, unit)
     drawn = torch.zeros(50, 85, dtype=torch.bool)
     drawn[:20], drawn[20:, 40:] = True, True
     assert outs[0][0][:, drawn].std() > 0.01
     assert torch.equal(outs[1][0][:, drawn], outs[0][0][:, drawn].add(1).mul(0.5))
+    for out, (_, peak, np_dtype) in zip(outs[2:], SAMPLES, strict=True):
+        assert torch.equal(out[0][:, drawn].to(torch.int64),
+                           _as_samples(outs[1][0][:, drawn], peak, np_dtype).to(torch.int64))
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_upscale_to_samples_is_the_float_upscale_rounded(kernel_available, butterfly, monkeypatch, path):
+    """A uint8 or uint16 canvas holds the bytes of the float canvas rounded as numpy does, exact and
+    under a CMSR schedule, and it is the image in memory (pixel-interleaved: no copy to save it)."""
+    from lmf_cli.engine.cmsr import Schedule
+
+    model = VARIANTS["lm-liif, skip"]()
+    inp = torch.from_numpy(butterfly[:24, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    monkeypatch.setenv("LMF_NATIVE", "1" if path == "kernel" else "0")
+    schedule = Schedule((2.0, 4.0), (0.5, 1.0))
+    with torch.no_grad():
+        for plan in (None, schedule):
+            stats: dict[str, int] = {}
+            unit = upscale_tensor(model, inp, (200, 200), schedule=plan, stats=stats)
+            assert (stats["rendered"] < stats["total"]) == (plan is not None)  # some blocks coarse
+            for dtype, peak, np_dtype in SAMPLES:
+                samples = upscale_tensor(model, inp, (200, 200), schedule=plan, dtype=dtype)
+                assert samples.dtype == dtype and samples.permute(0, 2, 3, 1).is_contiguous()
+                assert torch.equal(samples.to(torch.int64), _as_samples(unit, peak, np_dtype).to(torch.int64))
 
 
 def test_kernel_not_used_where_it_cannot_be(monkeypatch):

@@ -11,6 +11,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -44,10 +45,11 @@ def engine_calls(monkeypatch):
     real_engine = api_module.upscale_tensor
     real_tile, real_piece = tiling._TiledRun.tile, tiling._TiledRun._decode_piece
 
-    def engine(model, inp, out_hw, options=None, schedule=None, progress=None, stats=None, cores=None):
+    def engine(model, inp, out_hw, options=None, schedule=None, progress=None, stats=None, cores=None,
+               dtype=torch.float32):
         calls.append({"options": options, "schedule": schedule is not None, "dtype": model.encoder_dtype,
                       "device": inp.device.type, "in_hw": tuple(inp.shape[-2:]), "tiles": 0})
-        return real_engine(model, inp, out_hw, options, schedule, progress, stats, cores)
+        return real_engine(model, inp, out_hw, options, schedule, progress, stats, cores, dtype)
 
     def tile(self, *core):
         calls[-1]["tiles"] += 1

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lmf_cli.engine import native
-from lmf_cli.engine.render import Geometry, coarse_taps, encode_finite, owners, render_region
+from lmf_cli.engine.render import Geometry, coarse_taps, encode_finite, owners, render_region, to_samples
 from lmf_cli.errors import InputError
 from lmf_cli.models.base import Capabilities, ImplicitSR, Latents
 from lmf_cli.models.geometry import AxisBilinear, bilinear_grid, cell_owner
@@ -180,8 +180,8 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
     coarse pixels its rectangles sample and writes their bilinear samples. Every output pixel
     belongs to exactly one level, so the levels fill `into` (a view of the canvas) whole.
     `block` (rows, cols): the most output pixels rendered at once (the PyTorch renderer's cache
-    budget); None: the whole region. `unit`: written in the canvas's [0, 1] units, as each level
-    writes (no extra pass over the pixels)."""
+    budget); None: the whole region. `unit`: written in the canvas's units ([0, 1], or the samples of
+    a uint8 or uint16 `into`), as each level writes (no extra pass over the pixels)."""
     (h, w), (big_h, big_w) = g.in_hw, g.out_hw
     (a, b), (ca, cb) = rows_range, cols_range
     device = g.piece.device
@@ -263,8 +263,8 @@ def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows:
 def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: torch.Tensor,
                  origin: tuple[int, int], out: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
     """A coarse level: render the coarse pixels that its rectangles (output rows and columns of
-    the region at `origin`) sample, then write each rectangle's bilinear samples of them (in
-    [0, 1] units with `unit`; the coarse pixels stay normalised)."""
+    the region at `origin`) sample, then write each rectangle's bilinear samples of them (in the
+    canvas's units with `unit`, see render.to_samples; the coarse pixels stay normalised)."""
     r0, r1, c0, c1 = _bounds(rects)
     a, ca = origin
     coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, (a + r0, a + r1), (ca + c0, ca + c1))
@@ -281,7 +281,7 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
         sub_r = AxisBilinear(taps_r.lo[y0:y1], taps_r.hi[y0:y1], taps_r.frac[y0:y1])
         sub_c = AxisBilinear(taps_c.lo[x0:x1], taps_c.hi[x0:x1], taps_c.frac[x0:x1])
         sample = bilinear_grid(coarse, sub_r, sub_c)
-        region[:, :, y0:y1, x0:x1] = sample.add_(1).mul_(0.5) if unit else sample
+        region[:, :, y0:y1, x0:x1] = to_samples(sample, region.dtype, unit)
 
 
 def _tapped(rects: torch.Tensor, taps_r: AxisBilinear, taps_c: AxisBilinear,

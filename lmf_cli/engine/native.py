@@ -148,9 +148,10 @@ def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
-                               p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, i64, i64, i32]
+                               p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p,
+                               p, i64, i64, i64, i32]
     lib.lmf_render.restype = None
-    lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, p, i32]
+    lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, i64, p, i32]
     lib.lmf_blend_rects.restype = None
 
 
@@ -174,11 +175,18 @@ def _check(condition: bool, what: str) -> None:
         raise ValueError(f"render kernel: {what}")
 
 
-def _strides(out: torch.Tensor) -> tuple[int, int]:
-    """Row and channel strides of a (1, 3, rows, cols) float32 view with unit column stride."""
-    if out.dtype != torch.float32 or out.stride(3) != 1:
-        raise ValueError("the kernel writes float32 views with contiguous rows")
-    return out.stride(2), out.stride(1)
+# The kernel's output units (render_kernel.c, store()) by the output's dtype: float32 takes values
+# (normalised, or [0, 1] with `unit`), the integer types an image's samples.
+_UNITS = {torch.float32: 0, torch.uint8: 2, torch.uint16: 3}
+
+
+def _layout(out: torch.Tensor, unit: bool) -> tuple[int, int, int, int]:
+    """Row, channel and column strides of a (1, 3, rows, cols) view, and the units the kernel writes it in."""
+    if out.dtype not in _UNITS or any(s < 0 for s in out.stride()):
+        raise ValueError("the kernel writes float32, uint8 or uint16 views with positive strides")
+    if out.dtype != torch.float32 and not unit:
+        raise ValueError("image samples (uint8, uint16) are written from [0, 1] units")
+    return out.stride(2), out.stride(1), out.stride(3), _UNITS[out.dtype] + (out.dtype == torch.float32 and unit)
 
 
 def _bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -191,7 +199,8 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
            into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
     """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
     `skip` = (image (3, h, w), row taps, column taps) sampled bilinearly if given; with
-    `unit`, in [0, 1] units ((v + 1) / 2, the canvas's).
+    `unit`, in [0, 1] units ((v + 1) / 2, the canvas's), or, `into` a uint8 or uint16 view, as the
+    rounded samples of an 8- or 16-bit image (render.to_samples).
 
     With a boolean `mask` (rows, cols), only those pixels are computed; the others are 0,
     or, when writing `into` a (1, 3, rows, cols) view of a larger image, left as they are.
@@ -200,7 +209,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
     n_rows, n_cols = rows.lat.shape[0], cols.lat.shape[0]
     if into is None:
         into = torch.zeros(1, 3, n_rows, n_cols) if mask is not None else torch.empty(1, 3, n_rows, n_cols)
-    stride, plane = _strides(into)
+    layout = _layout(into, unit)
     table_h, table_w = mlp.table.shape[:2]
     _check(tuple(into.shape) == (1, 3, n_rows, n_cols), "output view has the wrong shape")
     _check(mask is None or tuple(mask.shape) == (n_rows, n_cols), "mask has the wrong shape")
@@ -233,7 +242,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
                        mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
                        rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
                        rows.lat.shape[1], first, n_rows, threads, n_cols,
-                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), stride, plane, int(unit))
+                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), *layout)
 
     jobs = [_pool().submit(run, t) for t in range(1, threads)]
     try:
@@ -248,8 +257,8 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
 def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,
                 cols: AxisBilinear, unit: bool = False) -> None:
     """Write the bilinear sample of a coarse rendering (1, 3, h, w) into rectangles of `into` (1, 3,
-    rows, cols): rects (n, 4) int64 of (y0, y1, x0, x1) in its rows and columns, disjoint; with
-    `unit`, in [0, 1] units ((v + 1) / 2) from a normalised coarse rendering."""
+    rows, cols): rects (n, 4) int64 of (y0, y1, x0, x1) in its rows and columns, disjoint; the
+    coarse rendering is normalised, `into` is written as `render` writes it."""
     lib = _loaded(hidden)
     _check(int(rows.hi.max()) < coarse.shape[2] and int(cols.hi.max()) < coarse.shape[3]
            and int(rows.lo.min()) >= 0 and int(cols.lo.min()) >= 0, "taps outside the coarse grid")
@@ -261,13 +270,15 @@ def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: to
     coarse = coarse[0].float().contiguous()
     fy, fx = rows.frac.float().contiguous(), cols.frac.float().contiguous()
     lo_y, hi_y, lo_x, hi_x = rows.lo.contiguous(), rows.hi.contiguous(), cols.lo.contiguous(), cols.hi.contiguous()
-    strides = _strides(into)
+    layout = _layout(into, unit)
+
+    widest = 6 * int((rects[:, 3] - rects[:, 2]).max())
 
     def draw(k0: int, k1: int) -> None:  # disjoint rectangles: threads never write the same pixel
-        line = torch.empty(coarse.shape[2])  # the thread's scratch row
+        scratch = torch.empty(widest)  # the thread's two sampled coarse rows
         lib.lmf_blend_rects(rects[k0:k1].data_ptr(), k1 - k0, coarse.data_ptr(), *coarse.shape[1:],
                             lo_y.data_ptr(), hi_y.data_ptr(), fy.data_ptr(), lo_x.data_ptr(), hi_x.data_ptr(),
-                            fx.data_ptr(), into.data_ptr(), *strides, line.data_ptr(), int(unit))
+                            fx.data_ptr(), into.data_ptr(), *layout[:3], scratch.data_ptr(), layout[3])
 
     _in_row_bands(rects.shape[0], draw, per_thread=1)
 

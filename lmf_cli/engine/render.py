@@ -56,6 +56,22 @@ class Geometry:
         return self.piece[0].float().contiguous()
 
 
+SAMPLE_PEAKS = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def to_samples(values: torch.Tensor, dtype: torch.dtype, unit: bool) -> torch.Tensor:
+    """Normalised `values` (overwritten) as a canvas of `dtype` holds them: float32 as they are, or
+    in [0, 1] with `unit`; uint8 / uint16 as an image's samples, the [0, 1] value clamped, times the
+    peak and rounded half to even, in float32 (numpy's and the kernel's operations: the same bytes)."""
+    if unit:
+        values.add_(1).mul_(0.5)
+    if dtype == torch.float32:
+        return values
+    if not unit:
+        raise ValueError("image samples are written from [0, 1] units")
+    return values.clamp_(0, 1).mul_(SAMPLE_PEAKS[dtype]).round_().to(dtype)
+
+
 def renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
     """Whether these images render through the compiled kernel (one image at a time)."""
     return native.usable(model, inp.device)
@@ -106,7 +122,8 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
                   cols_range: tuple[int, int], mask: torch.Tensor | None = None,
                   into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
     """Pixels [rows) x [cols) of a grid_hw rendering of the image, (1, 3, rows, cols), normalised
-    (with `unit`, in the canvas's [0, 1] units).
+    (with `unit`, in the canvas's units: [0, 1], or an image's samples where `into` is uint8 or
+    uint16, see to_samples).
 
     The latents (from `g.piece`, whose first LR pixel is (lr0, lc0)) must have been
     encoded for this image; the cell is the grid's own. A boolean `mask` (rows, cols) says
@@ -128,8 +145,7 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
         pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.capabilities.renders_pairs else None
         out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
         drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
-        if unit:
-            out.add_(1).mul_(0.5)
+        out = to_samples(out, torch.float32 if into is None else into.dtype, unit)
         if into is not None:
             out = into.copy_(out if mask is None else torch.where(mask, out, into))
     g.counts["rendered"] = g.counts.get("rendered", 0) + drawn

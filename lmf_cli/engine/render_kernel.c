@@ -36,6 +36,30 @@
 #define M_PI 3.14159265358979323846
 #endif
 
+/* What is written for a normalised value v (the `units` of the output). */
+enum { NORMALISED = 0, UNIT = 1, CODES8 = 2, CODES16 = 3 };
+
+/* Store v at out[at] in `units`: NORMALISED as it is; UNIT (v + 1) * 0.5 (PyTorch's add then mul);
+ * CODES8 / CODES16 that clamped to [0, 1], times 255 / 65535 and rounded half to even into an 8- or
+ * 16-bit sample: the float32 operations numpy and PyTorch do to make an image's samples, so the bytes
+ * are theirs, written in the rendering pass instead of three more passes over every pixel. */
+static inline void store(void *out, int64_t at, float v, int units) {
+    if (units == NORMALISED) {
+        ((float *)out)[at] = v;
+        return;
+    }
+    const float u = (v + 1.0f) * 0.5f;
+    if (units == UNIT) {
+        ((float *)out)[at] = u;
+        return;
+    }
+    const float clamped = u > 0.0f ? (u < 1.0f ? u : 1.0f) : 0.0f; /* NaN -> 0 */
+    if (units == CODES8)
+        ((uint8_t *)out)[at] = (uint8_t)nearbyintf(clamped * 255.0f);
+    else
+        ((uint16_t *)out)[at] = (uint16_t)nearbyintf(clamped * 65535.0f);
+}
+
 /* acc = h W + b for a batch. Queries go SLOTS at a time, so their accumulators (SLOTS x
  * HIDDEN floats) stay in vector registers while each weight row is read once per group.
  * With AVX2 and FMA the registers are named: left to the compiler, the fully unrolled loops
@@ -132,9 +156,8 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
  * mask (rows x width, may be NULL): pixels to render; others are left untouched.
  * skip (3 x skip_h x skip_w, may be NULL): an image added bilinearly at taps sy_lo/sy_hi/sy_frac
  * per row and sx_* per column (LM-LTE's and our LM-LIIF's input skip).
- * out: channel c of pixel (y, x) at out[c * plane + y * stride + x]; with `unit`, the value written
- * is (v + 1) * 0.5, the canvas's [0, 1] units (the same float operations as PyTorch's add and mul,
- * in one pass instead of two over every pixel).
+ * out: channel c of pixel (y, x) at out[c * plane + y * stride + x * pitch], in `units` (store()):
+ * the canvas is an image's samples, pixel-interleaved (plane 1, pitch 3), in the units it is saved in.
  * The output layer is linear, so it runs once per pixel on the area-weighted sum of the
  * neighbours' last hidden layers instead of once per neighbour.
  */
@@ -145,7 +168,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 int64_t taps, int64_t y0, int64_t y1, int64_t step, int64_t width, const uint8_t *mask,
                 const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
                 const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
-                float *out, int64_t stride, int64_t plane, int unit) {
+                void *out, int64_t stride, int64_t plane, int64_t pitch, int units) {
     const Model m = {table, row, depth, kind == AFFINE ? 1 : 0, layers, code, base, extra, weights, biases};
     float h[BATCH][HIDDEN];
     int64_t lat[BATCH];
@@ -185,7 +208,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                             const float right = lo[sx_hi[xx]] * (1 - fy) + hi[sx_hi[xx]] * fy;
                             v += left * (1 - fx) + right * fx;
                         }
-                        out[c * plane + pixel[s]] = unit ? (v + 1.0f) * 0.5f : v;
+                        store(out, c * plane + pixel[s], v, units);
                     }
                 }
                 n = 0;
@@ -206,7 +229,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                     input_stage(h[n], &m, kind, lat[n], (float)ry[a], (float)rx[b]);
                     /* LIIF's ensemble: each neighbour takes the diagonally opposite area */
                     weight[n] = taps == 2 ? (float)(area[1 - a][1 - b] * inv_total) : 1.0f;
-                    pixel[n] = y * stride + x;
+                    pixel[n] = y * stride + x * pitch;
                     row_of[n] = y;
                     col_of[n] = x;
                     n++;
@@ -215,32 +238,79 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
     }
 }
 
+/* Columns x0..x1 of coarse row r (planar, 3 x coarse_h x coarse_w) sampled at the output columns'
+ * taps, pixel-interleaved: row[(x - x0) * 3 + c]. */
+static void columns_of(float *row, const float *coarse, int64_t coarse_h, int64_t coarse_w, int64_t r,
+                       const int64_t *lo_x, const int64_t *hi_x, const float *fx, int64_t x0, int64_t x1) {
+    for (int c = 0; c < 3; c++) {
+        const float *src = coarse + (c * coarse_h + r) * coarse_w;
+        for (int64_t x = x0; x < x1; x++) row[(x - x0) * 3 + c] = src[lo_x[x]] * (1 - fx[x]) + src[hi_x[x]] * fx[x];
+    }
+}
+
+/* The samples of one output row, lo * (1 - wy) + hi * wy for n interleaved values, stored at
+ * out[at + k] (contiguous: the canvas's layout) with the units branch outside the loop, so the
+ * loop vectorises. */
+static void mix_contiguous(void *out, int64_t at, const float *lo, const float *hi, float wy, int64_t n, int units) {
+    const float vy = 1 - wy;
+    switch (units) {
+    case NORMALISED:
+        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, NORMALISED);
+        break;
+    case UNIT:
+        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, UNIT);
+        break;
+    case CODES8:
+        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, CODES8);
+        break;
+    default:
+        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, CODES16);
+    }
+}
+
 /* CMSR's coarse levels: write the bilinear sample of `coarse` (3 x coarse_h x coarse_w) into n
  * rectangles of out (rects: n x (y0, y1, x0, x1), in the block's rows and columns, whose
  * coarse-grid taps are lo_y, hi_y, fy per row and lo_x, hi_x, fx per column; taps increase
  * with the index). The rectangles are the runs of LR blocks at one level: no mask is read, so
- * a level costs its own pixels. Each output row first mixes its two coarse rows over the
- * columns it taps (`line`, coarse_w floats of scratch), then every pixel mixes two of those.
- * With `unit` the coarse values are normalised and the written ones in [0, 1] units, as lmf_render. */
+ * a level costs its own pixels. Separable, columns first: each coarse row a rectangle taps is
+ * sampled at its output columns once (into `rows`, scratch of 2 x 3 x its width floats, the two
+ * coarse rows an output row mixes), so the pass over every output pixel is a contiguous
+ * multiply-add per sample, in the canvas's interleaved layout (plane 1, pitch 3); other layouts
+ * go pixel by pixel. The coarse values are normalised; out is written as lmf_render writes it. */
 void lmf_blend_rects(const int64_t *rects, int64_t n, const float *coarse, int64_t coarse_h, int64_t coarse_w,
                      const int64_t *lo_y, const int64_t *hi_y, const float *fy, const int64_t *lo_x,
-                     const int64_t *hi_x, const float *fx, float *out, int64_t stride, int64_t plane, float *line,
-                     int unit) {
+                     const int64_t *hi_x, const float *fx, void *out, int64_t stride, int64_t plane, int64_t pitch,
+                     float *rows, int units) {
+    const int interleaved = plane == 1 && pitch == 3;
     for (int64_t k = 0; k < n; k++) {
         const int64_t y0 = rects[4 * k], y1 = rects[4 * k + 1], x0 = rects[4 * k + 2], x1 = rects[4 * k + 3];
-        const int64_t first = lo_x[x0], last = hi_x[x1 - 1];
-        for (int64_t y = y0; y < y1; y++)
-            for (int c = 0; c < 3; c++) {
-                const float *img = coarse + c * coarse_h * coarse_w;
-                const float *lo = img + lo_y[y] * coarse_w, *hi = img + hi_y[y] * coarse_w;
-                const float wy = fy[y], vy = 1 - wy;
-                for (int64_t j = first; j <= last; j++) line[j] = lo[j] * vy + hi[j] * wy;
-                float *dst = out + c * plane + y * stride;
-                if (unit)
-                    for (int64_t x = x0; x < x1; x++)
-                        dst[x] = (line[lo_x[x]] * (1 - fx[x]) + line[hi_x[x]] * fx[x] + 1.0f) * 0.5f;
-                else
-                    for (int64_t x = x0; x < x1; x++) dst[x] = line[lo_x[x]] * (1 - fx[x]) + line[hi_x[x]] * fx[x];
+        const int64_t width = 3 * (x1 - x0);
+        float *slot[2] = {rows, rows + width};
+        int64_t held[2] = {-1, -1}; /* the coarse row in each slot */
+        for (int64_t y = y0; y < y1; y++) {
+            const int64_t lo = lo_y[y], hi = hi_y[y];
+            int s0 = held[0] == lo ? 0 : held[1] == lo ? 1 : -1;
+            if (s0 < 0) { /* into the slot that does not hold the other tap's row */
+                s0 = held[0] == hi ? 1 : 0;
+                columns_of(slot[s0], coarse, coarse_h, coarse_w, lo, lo_x, hi_x, fx, x0, x1);
+                held[s0] = lo;
             }
+            const int s1 = held[s0] == hi ? s0 : 1 - s0;
+            if (held[s1] != hi) {
+                columns_of(slot[s1], coarse, coarse_h, coarse_w, hi, lo_x, hi_x, fx, x0, x1);
+                held[s1] = hi;
+            }
+            const float *mixed[2] = {slot[s0], slot[s1]};
+            if (interleaved) {
+                mix_contiguous(out, y * stride + x0 * 3, mixed[0], mixed[1], fy[y], width, units);
+                continue;
+            }
+            const float wy = fy[y], vy = 1 - wy;
+            for (int64_t x = x0; x < x1; x++)
+                for (int c = 0; c < 3; c++) {
+                    const int64_t i = (x - x0) * 3 + c;
+                    store(out, c * plane + y * stride + x * pitch, mixed[0][i] * vy + mixed[1][i] * wy, units);
+                }
+        }
     }
 }

@@ -26,8 +26,12 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
                    options: EngineOptions | None = None, schedule: Schedule | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    stats: dict[str, int] | None = None,
-                   cores: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
-    """Upscale a (B, 3, h, w) tensor in [-1, 1] to a (B, 3, H, W) CPU tensor in [0, 1] units.
+                   cores: list[tuple[int, int, int, int]] | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Upscale a (B, 3, h, w) tensor in [-1, 1] to a (B, 3, H, W) CPU tensor in [0, 1] units, or
+    with `dtype` uint8 / uint16 to the samples of an 8- or 16-bit image (render.to_samples: the
+    bytes numpy's rounding of the [0, 1] values gives), written as each pixel is rendered. Its
+    memory is pixel-interleaved, (B, H, W, 3): `.permute(0, 2, 3, 1)` is the image, no copy.
 
     The input is cut into tiles of options.tile input pixels a side (None: from
     options.max_memory, else a share of free memory); each tile is encoded with a margin
@@ -42,7 +46,7 @@ def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]
     options = options or EngineOptions()
     h, w = inp.shape[-2:]
     capabilities = model.capabilities
-    run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats)
+    run = _TiledRun(model, inp, out_hw, schedule, options.max_memory, stats, dtype)
     tile = _aligned(plan_tile(capabilities, (h, w), options.tile, options.max_memory, inp.device), run.align)
     streamed = cores is None and capabilities.streams_rows and (h > tile or w > tile)
     if streamed:
@@ -72,7 +76,7 @@ class _TiledRun:
     """State of one upscale: the host canvas and what every tile shares."""
 
     def __init__(self, model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int], schedule: Schedule | None,
-                 max_memory: int | None, stats: dict[str, int] | None) -> None:
+                 max_memory: int | None, stats: dict[str, int] | None, dtype: torch.dtype) -> None:
         self.model, self.inp, self.out_hw, self.schedule = model, inp, out_hw, schedule
         # CMSR levels belong to blocks of the global grid: tiles cut on it never encode a block twice
         self.align = BLOCK if schedule is not None else 1
@@ -82,8 +86,9 @@ class _TiledRun:
         # On a GPU the canvas is pinned host memory: blocks are copied back without waiting for
         # them (non_blocking), and the one wait is at the end of the upscale.
         self.on_host = inp.device.type == "cpu"
-        self.canvas = torch.empty(inp.shape[0], 3, *out_hw, dtype=torch.float32,
-                                  pin_memory=inp.device.type == "cuda")
+        # Pixel-interleaved, as images are saved: the samples are written where they will be read
+        self.canvas = torch.empty(inp.shape[0], *out_hw, 3, dtype=dtype,
+                                  pin_memory=inp.device.type == "cuda").permute(0, 3, 1, 2)
         self.fused = renders_fused(model, inp)
         self.block = render_block(model.capabilities, max_memory, self.fused, inp.device)
         self.counts = stats if stats is not None else {}
@@ -191,17 +196,17 @@ class _TiledRun:
             for ca in range(j0, j1, block_w):
                 rows, cols = (a, min(i1, a + block_h)), (ca, min(j1, ca + block_w))
                 region = self.canvas[b:b + 1, :, rows[0]:rows[1], cols[0]:cols[1]]
-                # every pixel is written once, in the canvas's [0, 1] units (`unit`)
-                if levels is not None and self.on_host:  # each pixel drawn by one level, in place
-                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=region, block=chunk,
+                # every pixel is written once, in the canvas's units (`unit`): on the CPU in place (the
+                # kernel straight into the canvas), from a GPU through a block of its own
+                target = region if self.on_host else torch.empty(region.shape, dtype=region.dtype,
+                                                                 device=self.inp.device)
+                if levels is not None:  # each pixel drawn by one level
+                    render_levels(model, geometry, self.schedule, levels, rows, cols, into=target, block=chunk,
                                   unit=True)
-                elif levels is not None:
-                    out = render_levels(model, geometry, self.schedule, levels, rows, cols, block=chunk, unit=True)
-                    region.copy_(out, non_blocking=True)
-                elif self.fused:  # the kernel writes straight into the canvas
-                    render_region(model, geometry, self.out_hw, rows, cols, into=region, unit=True)
                 else:
-                    region.copy_(render_region(model, geometry, self.out_hw, rows, cols, unit=True), non_blocking=True)
+                    render_region(model, geometry, self.out_hw, rows, cols, into=target, unit=True)
+                if not self.on_host:
+                    region.copy_(target, non_blocking=True)
 
 
 def _aligned(side: int, multiple: int) -> int:

@@ -181,7 +181,9 @@ def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sc
 
     def runner(inp: torch.Tensor) -> Callable[[], object]:
         def run() -> object:
-            out = upscale_tensor(model, inp, out_hw, EngineOptions(tile=max(in_hw)), schedule, stats=stats)
+            # into 8-bit samples, as `lmf upscale` renders an 8-bit image
+            out = upscale_tensor(model, inp, out_hw, EngineOptions(tile=max(in_hw)), schedule, stats=stats,
+                                 dtype=torch.uint8)
             drawn.append(stats["rendered"] / stats["total"] if stats.get("total") else 1.0)
             return out
         return run

@@ -63,7 +63,7 @@ def _measure(model: ImplicitSR, options: EngineOptions, threads: int, way: str, 
     for _ in range(repeats):
         start = time.perf_counter()
         upscale_tensor(model, inp, out_hw, call, progress=lambda done, total: tiles.__setitem__(0, total),
-                       cores=cores)
+                       cores=cores, dtype=torch.uint8)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
