@@ -206,6 +206,20 @@ def test_the_kernel_is_built_once_into_the_cache(kernel_available, tmp_path, mon
     assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
 
 
+def test_the_kernel_is_built_from_the_source_this_process_imported(kernel_available, tmp_path, monkeypatch):
+    """A package updated under a long-running process (a kernel with other arguments on disk) must
+    not be built and called with this process's argument list: the source is read at import."""
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    changed = tmp_path / "render_kernel.c"
+    changed.write_text("void lmf_render(int a) {}\n")  # what a newer version on disk might say
+    monkeypatch.setattr(native, "SOURCE", changed)
+    lib = native._library.__wrapped__(16)
+    assert lib is not None
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1 and not list(tmp_path.rglob("kernels/*.c"))  # the temp source is gone
+    assert b"lmf_blend_rects" in built[0].read_bytes()  # built from the imported source
+
+
 def test_a_new_build_clears_week_old_ones(kernel_available, tmp_path, monkeypatch):
     import os
     import time

@@ -32,6 +32,19 @@ from lmf_cli.models.geometry import AxisBilinear, AxisTaps
 from lmf_cli.models.mlp import FusedMLP
 
 SOURCE = Path(__file__).with_name("render_kernel.c")
+
+
+def _read_source() -> bytes | None:
+    try:
+        return SOURCE.read_bytes()
+    except OSError:
+        return None
+
+
+# Read when this module is imported, and built from these bytes: the kernel's arguments must be the
+# ones _declare below gives, even when the package is updated under a long-running process (a
+# training run that first renders at its first validation, an hour in).
+SOURCE_BYTES = _read_source()
 # Tried in order; the first set the compiler accepts is kept. No -ffast-math: with some
 # compilers it links code that switches the whole process to flush-to-zero.
 FLAG_SETS = (
@@ -77,10 +90,10 @@ def _library(hidden: int) -> ctypes.CDLL | None:
     """The kernel built for a hidden width, compiled once per machine; None if it cannot be.
     A flag set that failed leaves a `.failed` marker, so no later process tries it again."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not enabled() or compiler is None or hidden % 2 or hidden > MAX_HIDDEN:
+    source = SOURCE_BYTES
+    if not enabled() or compiler is None or source is None or hidden % 2 or hidden > MAX_HIDDEN:
         return None
     try:
-        source = SOURCE.read_bytes()
         signature = cpu_signature()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -92,7 +105,7 @@ def _library(hidden: int) -> ctypes.CDLL | None:
         if failed.exists():
             continue
         if not target.exists():
-            if not _compile(compiler, flags, hidden, target):
+            if not _compile(compiler, flags, hidden, source, target):
                 _touch(failed)
                 continue
             _remove_stale(target)
@@ -124,25 +137,28 @@ def _remove_stale(kept: Path) -> None:
             pass
 
 
-def _compile(compiler: str, flags: tuple[str, ...], hidden: int, target: Path) -> bool:
-    """Build into a temp file and rename it, so concurrent processes never load half a file."""
+def _compile(compiler: str, flags: tuple[str, ...], hidden: int, source: bytes, target: Path) -> bool:
+    """Build `source` into a temp file and rename it, so concurrent processes never load half a file."""
+    made: list[str] = []  # the temp files, removed whatever happens
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError:
-        return False
-    cmd = [*shlex.split(compiler), *flags, f"-DHIDDEN={hidden}", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
-    try:
+        for suffix in (".c", ".so"):
+            fd, path = tempfile.mkstemp(suffix=suffix, dir=target.parent)
+            os.close(fd)
+            made.append(path)
+        code, library = made
+        Path(code).write_bytes(source)
+        cmd = [*shlex.split(compiler), *flags, f"-DHIDDEN={hidden}", "-shared", "-fPIC", "-o", library, code, "-lm"]
         done = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
         if done:
-            os.replace(tmp, target)
+            os.replace(library, target)
         return done
     except (OSError, subprocess.SubprocessError):
         return False
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in made:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
