@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lmf_cli import models as registry
 from lmf_cli.cli import app
-from lmf_cli.models.checkpoints import load_weights
+from lmf_cli.models.checkpoints import load_weights, read_metadata
 from lmf_cli.training.config import TrainConfig, learning_rate
 from lmf_cli.training.loop import train
 from tests.conftest import DATA
@@ -42,6 +42,20 @@ def test_resume_continues_bit_for_bit(tiny_data, tmp_path, degrade):
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_the_time_budget_is_the_runs_not_the_sittings(tiny_data, tmp_path):
+    """A run resumed with the budget it has already spent takes no step: the budget counts every
+    sitting's training time, so an interrupted run keeps its schedule instead of starting a new one."""
+    train(_config(tiny_data, tmp_path / "t"), max_steps=2, log=lambda _: None)
+    spent = float(read_metadata(tmp_path / "t" / "state.safetensors")["elapsed"])
+    steps = []
+    train(_config(tiny_data, tmp_path / "t"), resume=True, time_budget=spent, log=lambda _: None,
+          on_step=lambda step, loss, dt: steps.append(step))
+    assert steps == []
+    train(_config(tiny_data, tmp_path / "t"), resume=True, time_budget=spent + 3600, max_steps=1,
+          log=lambda _: None, on_step=lambda step, loss, dt: steps.append(step))
+    assert steps == [3]
 
 
 def test_ema_ships_the_average_of_the_steps_and_resumes_exactly(tiny_data, tmp_path):

@@ -59,7 +59,8 @@ def train(
                                 "(web/phone JPEGs) or real (JPEG q30+, noise, blur, H.264/H.265)."),
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation HR folder (default Set5)."),
-    time_budget: str | None = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 2h."),
+    time_budget: str | None = typer.Option(None, "--time-budget", help="Stop when the run has trained this long, "
+                                           "e.g. 2h (over every sitting: a resumed run keeps its schedule)."),
     fit_schedule: bool = typer.Option(False, "--fit-schedule", help="With --time-budget: set --steps so the "
                                       "schedule ends with the budget (from the measured s/step)."),
     save_every: float = typer.Option(5.0, "--save-every", help="Save the resumable state every this many minutes."),

@@ -189,10 +189,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
           fit_schedule: bool = False) -> Path:
     """Run (or continue) training; returns the path of the exported model weights.
 
-    Stops at cfg.steps, after `max_steps` more steps, at `time_budget` seconds, or on
-    Ctrl-C; in every case the state is saved first, so `resume=True` continues the run.
-    fit_schedule (with a time budget): set cfg.steps so the schedule ends with the budget,
-    from the speed of steps 5..30 of this sitting, refitted at each checkpoint.
+    Stops at cfg.steps, after `max_steps` more steps, when the run's training time (its step
+    times, over every sitting it resumes) reaches `time_budget` seconds, or on Ctrl-C; in every
+    case the state is saved first, so `resume=True` continues the run. fit_schedule (with a time
+    budget): set cfg.steps so the schedule ends with the budget, from the speed of steps 5..30 of
+    this sitting, refitted at each checkpoint. The budget is the run's, not the sitting's, so an
+    interrupted run resumed with the same budget keeps its schedule instead of stretching it.
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,13 +246,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
     last_save = time.monotonic()
-    start_step, start_time = step, time.monotonic()
+    start_step = step
     fitting = fit_schedule and time_budget is not None
     fit_start = None
 
     def fit() -> None:
         rate = (time.monotonic() - fit_start) / (step - start_step - FIT_FROM)
-        left = time_budget - (time.monotonic() - start_time)
+        left = time_budget - elapsed
         cfg.steps = step + max(1, int(0.98 * left / rate))
         log(f"schedule fitted to the time budget: {cfg.steps} steps ({rate:.3f} s/step, {left / 60:.1f} min left)")
 
@@ -258,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         while step < cfg.steps and not stop_requested.is_set():
             if max_steps is not None and step - start_step >= max_steps:
                 break
-            if time_budget is not None and time.monotonic() - start_time >= time_budget:
+            if time_budget is not None and elapsed >= time_budget:
                 break
             t0 = time.monotonic()
             for group in opt.param_groups:
