@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
     fit_start = None
 
     def fit() -> None:
-        rate = (time.monotonic() - fit_start) / (step - start_step - FIT_FROM)
+        rate = (elapsed - fit_start) / (step - start_step - FIT_FROM)  # step time, as the budget counts
         left = time_budget - elapsed
         cfg.steps = step + max(1, int(0.98 * left / rate))
         log(f"schedule fitted to the time budget: {cfg.steps} steps ({rate:.3f} s/step, {left / 60:.1f} min left)")
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             dt = time.monotonic() - t0
             elapsed += dt
             if fitting and step - start_step == FIT_FROM:
-                fit_start = time.monotonic()
+                fit_start = elapsed
             elif fitting and step - start_step == FIT_AT:
                 fit()
             if on_step:
