@@ -17,6 +17,7 @@ import torch
 
 from lmf_cli.engine.budget import frames_fitting, frames_per_call
 from lmf_cli.engine.cmsr import Schedule, reach, resolve_threshold, schedule_for
+from lmf_cli.engine.render import SAMPLE_PEAKS
 from lmf_cli.engine.reuse import Previous, frames_to_render, output_boxes
 from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.errors import InputError, OptionError, option_name
@@ -291,8 +292,8 @@ class Upscaler:
             raise OptionError("cmsr", options.cmsr, str(exc)) from exc
 
 
-PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # float32 images have none: 1.0
 SAMPLE_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.uint16}
+PEAKS = {kind: SAMPLE_PEAKS[samples] for kind, samples in SAMPLE_DTYPES.items()}  # float32 images have none: 1.0
 
 
 def _rounded(out: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
