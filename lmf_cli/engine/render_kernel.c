@@ -70,19 +70,29 @@ static inline void store(void *out, int64_t at, float v, int units) {
 #if defined(__AVX2__) && defined(__FMA__) && HIDDEN == 16
 #include <immintrin.h>
 #define LANES (HIDDEN / 8)
+/* a += h W for queries s0 .. s0 + SLOTS - 1. Each weight row is loaded once into registers for
+ * the group (the empty asm keeps GCC from folding the load into every FMA, a load per query that
+ * made the loop load-bound: 20% of the render time). */
+static inline void group_linear(__m256 a[SLOTS][LANES], float h[BATCH][HIDDEN], int s0, const float *w) {
+    for (int i = 0; i < HIDDEN; i++) {
+        __m256 wv[LANES];
+        for (int v = 0; v < LANES; v++) {
+            wv[v] = _mm256_loadu_ps(w + i * HIDDEN + 8 * v);
+            __asm__("" : "+x"(wv[v]));
+        }
+        for (int s = 0; s < SLOTS; s++) {
+            const __m256 hi = _mm256_broadcast_ss(&h[s0 + s][i]);
+            for (int v = 0; v < LANES; v++) a[s][v] = _mm256_fmadd_ps(wv[v], hi, a[s][v]);
+        }
+    }
+}
+
 static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
     for (int s0 = 0; s0 < rows; s0 += SLOTS) {
         __m256 a[SLOTS][LANES];
         for (int s = 0; s < SLOTS; s++)
             for (int v = 0; v < LANES; v++) a[s][v] = b ? _mm256_loadu_ps(b + 8 * v) : _mm256_setzero_ps();
-        for (int i = 0; i < HIDDEN; i++) {
-            __m256 wv[LANES];
-            for (int v = 0; v < LANES; v++) wv[v] = _mm256_loadu_ps(w + i * HIDDEN + 8 * v);
-            for (int s = 0; s < SLOTS; s++) {
-                const __m256 hi = _mm256_broadcast_ss(&h[s0 + s][i]);
-                for (int v = 0; v < LANES; v++) a[s][v] = _mm256_fmadd_ps(wv[v], hi, a[s][v]);
-            }
-        }
+        group_linear(a, h, s0, w);
         for (int s = 0; s < SLOTS; s++)
             for (int v = 0; v < LANES; v++) _mm256_storeu_ps(acc[s0 + s] + 8 * v, a[s][v]);
     }
@@ -112,6 +122,34 @@ typedef struct {
     const float *base, *extra, *weights, *biases;
 } Model;
 
+#if defined(__AVX2__) && defined(__FMA__) && HIDDEN == 16
+/* The modulated layers in place, SLOTS queries at a time: the accumulators get the bias, gain and
+ * shift and the ReLU while still in registers: the plain form's operations in its order, the
+ * multiply-add fused as GCC contracts it there, so the same bits. */
+static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int64_t l = 0; l < m->layers; l++) {
+        const int64_t k = m->first + l;
+        const float *bias = m->biases + l * HIDDEN;
+        for (int s0 = 0; s0 < BATCH; s0 += SLOTS) {
+            __m256 a[SLOTS][LANES];
+            for (int s = 0; s < SLOTS; s++)
+                for (int v = 0; v < LANES; v++) a[s][v] = _mm256_setzero_ps();
+            group_linear(a, h, s0, m->weights + l * HIDDEN * HIDDEN);
+            for (int s = 0; s < SLOTS; s++) {
+                const float *scale = m->table + lat[s0 + s] * m->row + k * HIDDEN;
+                const float *shift = scale + m->depth * HIDDEN;
+                for (int v = 0; v < LANES; v++) {
+                    const __m256 gain = _mm256_add_ps(one, _mm256_loadu_ps(scale + 8 * v));
+                    const __m256 sum = _mm256_add_ps(a[s][v], _mm256_loadu_ps(bias + 8 * v));
+                    const __m256 out = _mm256_fmadd_ps(sum, gain, _mm256_loadu_ps(shift + 8 * v));
+                    _mm256_storeu_ps(h[s0 + s] + 8 * v, _mm256_max_ps(out, zero));
+                }
+            }
+        }
+    }
+}
+#else
 static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
     for (int64_t l = 0; l < m->layers; l++) {
         float acc[BATCH][HIDDEN];
@@ -128,6 +166,7 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
         }
     }
 }
+#endif
 
 static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, float ry, float rx) {
     const float *row = m->table + lat * m->row;
