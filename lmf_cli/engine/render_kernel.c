@@ -60,6 +60,14 @@ static inline void store(void *out, int64_t at, float v, int units) {
         ((uint16_t *)out)[at] = (uint16_t)nearbyintf(clamped * 65535.0f);
 }
 
+/* The latent model: see the header. `layers` matrix layers, the first being modulated
+ * layer `first` (1 for AFFINE, whose layer 0 is the input stage; 0 for FOURIER). */
+typedef struct {
+    const float *table;
+    int64_t row, depth, first, layers, code;
+    const float *base, *extra, *weights, *biases;
+} Model;
+
 /* acc = h W + b for a batch. Queries go SLOTS at a time, so their accumulators (SLOTS x
  * HIDDEN floats) stay in vector registers while each weight row is read once per group.
  * With AVX2 and FMA the registers are named: left to the compiler, the fully unrolled loops
@@ -97,32 +105,7 @@ static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float
             for (int v = 0; v < LANES; v++) _mm256_storeu_ps(acc[s0 + s] + 8 * v, a[s][v]);
     }
 }
-#else
-static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
-    for (int s0 = 0; s0 < rows; s0 += SLOTS) {
-        float a[SLOTS][HIDDEN];
-        for (int s = 0; s < SLOTS; s++)
-            for (int o = 0; o < HIDDEN; o++) a[s][o] = b ? b[o] : 0.0f;
-        for (int i = 0; i < HIDDEN; i++)
-            for (int s = 0; s < SLOTS; s++) {
-                float hi = h[s0 + s][i];
-                for (int o = 0; o < HIDDEN; o++) a[s][o] += w[i * HIDDEN + o] * hi;
-            }
-        for (int s = 0; s < SLOTS; s++)
-            for (int o = 0; o < HIDDEN; o++) acc[s0 + s][o] = a[s][o];
-    }
-}
-#endif
 
-/* The latent model: see the header. `layers` matrix layers, the first being modulated
- * layer `first` (1 for AFFINE, whose layer 0 is the input stage; 0 for FOURIER). */
-typedef struct {
-    const float *table;
-    int64_t row, depth, first, layers, code;
-    const float *base, *extra, *weights, *biases;
-} Model;
-
-#if defined(__AVX2__) && defined(__FMA__) && HIDDEN == 16
 /* The modulated layers in place, SLOTS queries at a time: the accumulators get the bias, gain and
  * shift and the ReLU while still in registers: the plain form's operations in its order, the
  * multiply-add fused as GCC contracts it there, so the same bits. */
@@ -150,6 +133,21 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
     }
 }
 #else
+static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
+    for (int s0 = 0; s0 < rows; s0 += SLOTS) {
+        float a[SLOTS][HIDDEN];
+        for (int s = 0; s < SLOTS; s++)
+            for (int o = 0; o < HIDDEN; o++) a[s][o] = b ? b[o] : 0.0f;
+        for (int i = 0; i < HIDDEN; i++)
+            for (int s = 0; s < SLOTS; s++) {
+                float hi = h[s0 + s][i];
+                for (int o = 0; o < HIDDEN; o++) a[s][o] += w[i * HIDDEN + o] * hi;
+            }
+        for (int s = 0; s < SLOTS; s++)
+            for (int o = 0; o < HIDDEN; o++) acc[s0 + s][o] = a[s][o];
+    }
+}
+
 static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
     for (int64_t l = 0; l < m->layers; l++) {
         float acc[BATCH][HIDDEN];
