@@ -22,7 +22,7 @@ from lmf_cli.engine.cmsr import (
     schedule_for,
 )
 from lmf_cli.models.checkpoints import LoadedModel, load_weights
-from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
+from lmf_cli.models.geometry import axis_bilinear, bilinear_grid, bilinear_rows_last
 from lmf_cli.training.calibrate import calibrate, merge_tables
 from tests.conftest import official_checkpoint
 
@@ -92,6 +92,17 @@ def test_coverage_rule_follows_block_intensity(lm, butterfly, render_path):
     assert not np.array_equal(out[~owner_busy], full[~owner_busy])
 
 
+def test_channels_last_blend_equals_the_planar_one():
+    """The PyTorch renderer fills coarse levels channels last, columns first: the same bilinear
+    samples as bilinear_grid (rows first, planar) up to float rounding, borders included."""
+    coarse = torch.rand(1, 3, 13, 17, dtype=torch.float64)
+    rows, cols = axis_bilinear(61, 13, 3, 58), axis_bilinear(80, 17, 0, 80)
+    planar = bilinear_grid(coarse, rows, cols)[0].permute(1, 2, 0)
+    last = bilinear_rows_last(coarse[0].permute(1, 2, 0), rows, cols)
+    assert last.shape == planar.shape == (55, 80, 3)
+    assert torch.allclose(last, planar, rtol=0, atol=1e-12)
+
+
 def test_block_strength_is_the_block_max_on_the_global_grid():
     strength = torch.rand(13, 19)
     blocks = block_strength(strength)
@@ -147,6 +158,26 @@ def test_cmsr_with_tiles_equals_untiled(lm, butterfly, render_path):
     assert up.last_stats["rendered"] < 0.8 * up.last_stats["total"]
     tiled = up.upscale(butterfly.astype(np.float32) / 255, scale=9, options=EngineOptions(cmsr="balanced", tile=16))
     assert np.abs(whole - tiled).max() < 1e-4
+
+
+@pytest.mark.parametrize("region_blocks", [1, 2])
+def test_cmsr_regions_change_no_pixel(lm, butterfly, render_path, monkeypatch, region_blocks):
+    """Levels, coarse grids and taps are global: how many render blocks one CMSR region spans (its
+    bookkeeping, done once per region) changes which calls draw a pixel, not its value."""
+    from lmf_cli.engine import tiling
+
+    median = _median_intensity(lm, butterfly, 9)
+    up = _with_tables(lm, {"2e-05": {"12": {"1": median / 2, "3": median}}})
+    image = butterfly.astype(np.float32) / 255
+    options = EngineOptions(cmsr="balanced", tile=1000)
+    monkeypatch.setattr(tiling, "render_block", lambda *_args: (40, 56))  # several blocks a side
+    reference = up.upscale(image, scale=9, options=options)
+    drawn = up.last_stats["rendered"]
+    monkeypatch.setattr(tiling, "KERNEL_REGION_BLOCKS", region_blocks)
+    monkeypatch.setattr(tiling, "REGION_BLOCKS", region_blocks)
+    out = up.upscale(image, scale=9, options=options)
+    assert np.array_equal(out, reference)
+    assert up.last_stats["rendered"] < 0.8 * up.last_stats["total"] and drawn < 0.8 * up.last_stats["total"]
 
 
 def test_pytorch_renders_exactly_where_cmsr_would_not_pay(lm, butterfly, kernel, monkeypatch):

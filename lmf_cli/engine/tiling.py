@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lmf_cli.engine.budget import plan_tile, render_block, stream_plan
-from lmf_cli.engine.cmsr import BLOCK, REGION_BLOCKS, Schedule, pays, render_levels, tile_levels
+from lmf_cli.engine.cmsr import BLOCK, KERNEL_REGION_BLOCKS, REGION_BLOCKS, Schedule, pays, render_levels, tile_levels
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
 from lmf_cli.models.base import ImplicitSR, Latents
 from lmf_cli.models.rows import cat_rows
@@ -185,12 +185,13 @@ class _TiledRun:
         geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)
         block_h, block_w = self.block
         chunk = None
-        if levels is not None and not self.fused:
-            # CMSR through PyTorch: regions of REGION_BLOCKS^2 render blocks, so that each level's
-            # rectangles and coarse pixels are handled once per region, not once per small block; the
-            # rendering itself still goes a cache-sized block at a time
+        if levels is not None:
+            # CMSR: regions of several render blocks a side, so that each level's rectangles and coarse
+            # pixels are handled once per region, not once per block; the rendering itself still goes
+            # a block at a time
             chunk = self.block
-            block_h, block_w = block_h * REGION_BLOCKS, block_w * REGION_BLOCKS
+            side = KERNEL_REGION_BLOCKS if self.fused else REGION_BLOCKS
+            block_h, block_w = block_h * side, block_w * side
         (i0, i1), (j0, j1) = rows_range, cols_range
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):

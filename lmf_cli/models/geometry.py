@@ -331,3 +331,13 @@ def bilinear_grid(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -
     y = image.index_select(2, rows.lo) * (1 - fy) + image.index_select(2, rows.hi) * fy
     fx = cols.frac.view(1, 1, 1, -1).to(image.dtype)
     return y.index_select(3, cols.lo) * (1 - fx) + y.index_select(3, cols.hi) * fx
+
+
+def bilinear_rows_last(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:
+    """bilinear_grid of one (h, w, C) image, channels last, to (rows, cols, C): columns first, as
+    the render kernel blends, so the few coarse rows are resampled before the many output rows,
+    and every gather moves whole pixels."""
+    fx = cols.frac.view(1, -1, 1).to(image.dtype)
+    x = torch.lerp(image.index_select(1, cols.lo), image.index_select(1, cols.hi), fx)
+    fy = rows.frac.view(-1, 1, 1).to(image.dtype)
+    return torch.lerp(x.index_select(0, rows.lo), x.index_select(0, rows.hi), fy)
