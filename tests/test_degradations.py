@@ -73,10 +73,10 @@ def test_training_chains_reproduce_from_the_seed_and_vary(butterfly):
     assert np.array_equal(first[0], first[1])
     rng = np.random.default_rng(3)
     clean = dg.resize(hr, (20, 20), "bicubic")
-    outs = [dg.degrade_for_training(hr, (20, 20), preset, rng) for _ in range(60)]
+    outs = [dg.degrade_for_training(hr, (20, 20), preset, rng) for _ in range(120)]
     same = sum(np.array_equal(o, clean) for o in outs)
-    assert 3 <= same <= 25  # about a fifth stays clean (plus chains that change nothing)
-    assert len({o.tobytes() for o in outs}) > 40
+    assert 25 <= same <= 65  # about a third stays clean (plus chains that change nothing)
+    assert len({o.tobytes() for o in outs}) > 55
     with pytest.raises(ValueError, match="choose one of"):
         dg.training_preset("heavy")
 
@@ -130,3 +130,18 @@ def test_eval_on_degraded_inputs_records_beside_the_clean_card(official_files, t
     assert info["eval_bicubic_degraded"]["jpeg:40"]["Mini"]["2"] == runs["jpeg"]["bicubic"]
     bad = runner.invoke(app, ["eval", str(folder), "--model", str(weights), "--degrade", "jpg:40"])
     assert bad.exit_code == 1 and "unknown degradation" in bad.output
+
+
+def test_half_the_real_jpeg_draws_come_from_the_common_qualities(butterfly, monkeypatch):
+    qualities: list[int] = []
+    monkeypatch.setattr(dg, "jpeg", lambda img, quality: qualities.append(quality) or img)
+    preset = dg.training_preset("real")
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        dg.degrade_for_training(butterfly[:, :40], (20, 20), preset, rng)
+    low, high = preset.jpeg_common_quality
+    common = sum(low <= q <= high for q in qualities) / len(qualities)
+    uniform_only = (high - low + 1) / (preset.jpeg_quality[1] - preset.jpeg_quality[0] + 1)
+    # half from the common range, and the other half lands there at the uniform rate
+    assert common == pytest.approx(0.5 + 0.5 * uniform_only, abs=0.08)
+    assert min(qualities) < low and max(qualities) > high

@@ -140,6 +140,8 @@ class Preset:
     gray_noise_p: float
     jpeg_p: float
     jpeg_quality: tuple[int, int]
+    jpeg_common_p: float  # share of JPEG draws taken from `jpeg_common_quality` instead
+    jpeg_common_quality: tuple[int, int]
     video_p: float
     video_crf: tuple[int, int]
 
@@ -151,16 +153,20 @@ PRESETS: dict[str, Preset | None] = {
     "light": Preset(clean_share=0.3, blur_p=0.2, blur_sigma=(0.2, 0.8), anisotropic_p=0.2, sinc_p=0.0,
                     kernels=(("bicubic", 0.6), ("bilinear", 0.2), ("area", 0.2)),
                     noise_p=0.3, gaussian_sigma=(1.0, 5.0), poisson_scale=(0.05, 0.5), poisson_p=0.3,
-                    gray_noise_p=0.3, jpeg_p=0.5, jpeg_quality=(70, 95), video_p=0.0, video_crf=(18, 28)),
+                    gray_noise_p=0.3, jpeg_p=0.5, jpeg_quality=(70, 95),
+                    jpeg_common_p=0.0, jpeg_common_quality=(70, 95), video_p=0.0, video_crf=(18, 28)),
     # What people actually bring: re-saved JPEGs down to quality 30, sensor noise up to sigma
     # 12, soft focus, ringing from earlier resizes, frames of H.264/H.265 video up to CRF 35.
     # A third of the patches stays clean and blur is drawn less often, so the model does not
     # take every clean input for a soft one and over-sharpen or smooth it (with 20% clean and
-    # blur at 0.4 it gave up 1.0-1.9 dB on clean inputs).
+    # blur at 0.4 it gave up 1.0-1.9 dB on clean inputs). Half the JPEG draws come from
+    # quality 60-90, where most web and phone files sit: drawn uniformly over 30-95 alone,
+    # the mild files that look nearly clean lost ground as the clean share grew.
     "real": Preset(clean_share=0.35, blur_p=0.25, blur_sigma=(0.2, 1.2), anisotropic_p=0.4, sinc_p=0.1,
                    kernels=(("bicubic", 0.5), ("bilinear", 0.25), ("area", 0.25)),
                    noise_p=0.4, gaussian_sigma=(1.0, 12.0), poisson_scale=(0.05, 1.5), poisson_p=0.3,
-                   gray_noise_p=0.4, jpeg_p=0.7, jpeg_quality=(30, 95), video_p=0.15, video_crf=(18, 35)),
+                   gray_noise_p=0.4, jpeg_p=0.7, jpeg_quality=(30, 95),
+                   jpeg_common_p=0.5, jpeg_common_quality=(60, 90), video_p=0.15, video_crf=(18, 35)),
 }
 
 
@@ -192,7 +198,8 @@ def _noise_and_compression(img: np.ndarray, preset: Preset, rng: np.random.Gener
         crf = int(rng.integers(preset.video_crf[0], preset.video_crf[1] + 1))
         steps.append(lambda x: video(x, codec, crf))
     elif codec_draw < preset.video_p + preset.jpeg_p:
-        quality = int(rng.integers(preset.jpeg_quality[0], preset.jpeg_quality[1] + 1))
+        low, high = preset.jpeg_common_quality if rng.random() < preset.jpeg_common_p else preset.jpeg_quality
+        quality = int(rng.integers(low, high + 1))
         steps.append(lambda x: jpeg(x, quality))
     # Mostly noise then compression (a sensor, then a file), sometimes the other way round
     # (noise added by later processing of an already compressed file).
