@@ -15,6 +15,7 @@ from lmf_cli.engine.cmsr import (
     MAX_COARSE_SHARE,
     TORCH_MIN_SCALE,
     Schedule,
+    _runs,
     block_strength,
     coarse_share,
     pays,
@@ -298,3 +299,14 @@ def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly
     exact = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
     assert exact.rendered_fraction == 1.0 and "PyTorch renderer below x8" in exact.note
     assert benchmark_cmsr("cmsr", lm.model, [inp], 8.0, 1, 0, tables, "2e-05").rendered_fraction < 0.6
+
+
+def test_rectangles_of_one_level_grow_down_through_bands():
+    # LR levels: the left column stays at level 0 through three bands, the right changes
+    window = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    own = torch.arange(2).repeat_interleave(4)  # 4 output pixels per LR pixel
+    own_r = torch.arange(3).repeat_interleave(4)
+    rects = _runs(window, own_r, own)
+    assert rects[0].tolist() == [[0, 12, 0, 4]]
+    assert rects[1].tolist() == [[0, 4, 4, 8], [8, 12, 4, 8]]
+    assert rects[2].tolist() == [[4, 8, 4, 8]]

@@ -17,8 +17,8 @@ Two deliberate differences from the official code: coarse levels are upsampled s
 the target grid (not chained level to level), for accuracy at equal cost; and only the output
 pixels of the full level and the coarse pixels the other levels sample are drawn, on the
 global grid, so CMSR keeps exact tiling: by the compiled kernel pixel by pixel, or by
-PyTorch latent by latent (the latents owning those pixels decode their slots, in whole
-blocks, with batched matmuls). The upsampled levels are written rectangle by rectangle (runs
+PyTorch rectangle by rectangle (runs of blocks at one level, each an unmasked window decoded
+with batched matmuls). The upsampled levels are written rectangle by rectangle (runs
 of blocks at one level), so no step costs a pass over every output pixel per level.
 """
 
@@ -57,9 +57,9 @@ MAX_COARSE_SHARE = 0.7
 # kernel and the blend, against 0.6 s with 3 x 3 blocks (4 x 4: no better; one AMD EPYC thread).
 REGION_BLOCKS = 4
 KERNEL_REGION_BLOCKS = 3
-# The PyTorch renderer's CMSR costs about 1.4-1.5x the exact render per drawn pixel (each block's
-# ring of latents, decoded whole, and the masked decode), so it pays only where `balanced` draws
-# well under 2/3 of the pixels. Measured on B100 crops (lmf-edsr, one AMD EPYC thread): x5 draws
+# The PyTorch renderer's CMSR costs about 1.4-1.5x the exact render per drawn pixel (its windows are
+# a block's rows tall, where the exact render's are 128 pixels: more latents cut at window edges,
+# more calls), so it pays only where `balanced` draws well under 2/3 of the pixels. Measured on B100 crops (lmf-edsr, one AMD EPYC thread): x5 draws
 # 83% and takes 1.10x the exact render, x6 74% and 1.09x, x8 55% and 0.82x, x12 37% and 0.6x.
 # Below this scale the PyTorch renderer renders exactly (the compiled kernel pays from x5: 0.92x).
 TORCH_MIN_SCALE = 8.0
@@ -201,7 +201,9 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
     by_level = _runs(window, own_r, own_c)
     out = g.piece.new_zeros(1, 3, b - a, cb - ca) if into is None else into
     for level, rects in by_level.items():
-        if level == full_level:
+        if level == full_level and not g.fused:  # rectangle by rectangle, see _render_boxes
+            _render_boxes(model, g, g.out_hw, rects, (a, ca), out, block, unit)
+        elif level == full_level:
             r0, r1, c0, c1 = _bounds(rects)
             chosen = window == level
             mask = None if len(by_level) == 1 else chosen.index_select(1, own_c[c0:c1]).index_select(0, own_r[r0:r1])
@@ -216,7 +218,8 @@ def render_levels(model: ImplicitSR, g: Geometry, schedule: Schedule, levels: to
 def _runs(window: torch.Tensor, own_r: torch.Tensor, own_c: torch.Tensor) -> dict[int, torch.Tensor]:
     """Rectangles of one level, (n, 4) of output rows and columns (y0, y1, x0, x1) local to the
     region, by level: bands of identical LR rows, cut where the level changes along the band
-    (with levels per block, a run of blocks). Empty ones (LR pixels owning no output) are left out."""
+    (with levels per block, a run of blocks), and a rectangle continued by the same columns of the
+    next band grows down into it. Empty ones (LR pixels owning no output) are left out."""
     nr, nc = window.shape
     starts = torch.ones(nr, dtype=torch.bool, device=window.device)
     starts[1:] = (window[1:] != window[:-1]).any(1)
@@ -225,6 +228,7 @@ def _runs(window: torch.Tensor, own_r: torch.Tensor, own_c: torch.Tensor) -> dic
     out_r0 = torch.searchsorted(own_r, band_starts).tolist()
     out_r1 = torch.searchsorted(own_r, band_stops).tolist()
     found: dict[int, list[list[int]]] = {}
+    ending: dict[tuple[int, int, int], list[int]] = {}  # (level, x0, x1) -> its rectangle, by bottom row
     for band, (y0, y1) in enumerate(zip(out_r0, out_r1, strict=True)):
         if y1 <= y0:
             continue
@@ -235,8 +239,14 @@ def _runs(window: torch.Tensor, own_r: torch.Tensor, own_c: torch.Tensor) -> dic
         x0s = torch.searchsorted(own_c, col_starts).tolist()
         x1s = torch.searchsorted(own_c, col_stops).tolist()
         for level, x0, x1 in zip(row[col_starts].tolist(), x0s, x1s, strict=True):
-            if x1 > x0:
-                found.setdefault(level, []).append([y0, y1, x0, x1])
+            if x1 <= x0:
+                continue
+            above = ending.get((level, x0, x1))
+            if above is not None and above[1] == y0:
+                above[1] = y1
+            else:
+                ending[level, x0, x1] = [y0, y1, x0, x1]
+                found.setdefault(level, []).append(ending[level, x0, x1])
     return {level: torch.tensor(rects, dtype=torch.int64) for level, rects in found.items()}
 
 
@@ -266,6 +276,17 @@ def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows:
                           into=into[:, :, r:r1, c:c1], unit=unit)
 
 
+def _render_boxes(model: ImplicitSR, g: Geometry, grid: tuple[int, int], boxes: torch.Tensor,
+                  origin: tuple[int, int], into: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
+    """The PyTorch renderer's way to draw rectangles (n, 4) of a grid (local to `origin` on it, as
+    `into`): each as windows of its own, unmasked. A masked window decodes every slot of each
+    latent with one wanted pixel, the ring around a block and the parts of it in other render
+    blocks included: at x12 on B100 crops that cost 2-3x the exact render per drawn pixel."""
+    for y0, y1, x0, x1 in boxes.tolist():
+        _render_chunked(model, g, grid, (origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1), None,
+                        into[:, :, y0:y1, x0:x1], block, unit)
+
+
 def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: torch.Tensor,
                  origin: tuple[int, int], out: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
     """A coarse level: render the coarse pixels that its rectangles (output rows and columns of
@@ -275,10 +296,16 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
     a, ca = origin
     coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, (a + r0, a + r1), (ca + c0, ca + c1))
     local = rects - rects.new_tensor([r0, r0, c0, c0])
-    needed = _tapped(local, taps_r, taps_c, (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]))
+    boxes = _tapped(local, taps_r, taps_c)
     # only the pixels drawn are read: no need to clear the buffer
-    coarse = g.piece.new_empty(1, 3, *needed.shape)
-    _render_chunked(model, g, grid, coarse_rows, coarse_cols, needed, coarse, block)
+    coarse = g.piece.new_empty(1, 3, coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0])
+    if g.fused:
+        needed = torch.zeros(coarse.shape[-2:], dtype=torch.bool, device=coarse.device)
+        for y0, y1, x0, x1 in boxes.tolist():
+            needed[y0:y1, x0:x1] = True
+        _render_chunked(model, g, grid, coarse_rows, coarse_cols, needed, coarse, block)
+    else:
+        _render_boxes(model, g, grid, boxes, (coarse_rows[0], coarse_cols[0]), coarse, block, False)
     region = out[:, :, r0:r1, c0:c1]
     if g.fused:
         native.blend_rects(model.capabilities.kernel_width, region, local, coarse, taps_r, taps_c, unit)
@@ -293,14 +320,9 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
         region_hwc[y0:y1, x0:x1] = to_samples(sample, region.dtype, unit)
 
 
-def _tapped(rects: torch.Tensor, taps_r: AxisBilinear, taps_c: AxisBilinear,
-            coarse_hw: tuple[int, int]) -> torch.Tensor:
-    """The coarse pixels that the rectangles (in the taps' rows and columns) sample: a rectangle
-    of the coarse grid each, from its first row's and column's low taps to its last ones' high
-    taps (taps increase along an axis). A few dozen rectangles, not a pass over output pixels."""
-    lo_r, hi_r = taps_r.lo[rects[:, 0]].tolist(), (taps_r.hi[rects[:, 1] - 1] + 1).tolist()
-    lo_c, hi_c = taps_c.lo[rects[:, 2]].tolist(), (taps_c.hi[rects[:, 3] - 1] + 1).tolist()
-    needed = torch.zeros(coarse_hw, dtype=torch.bool, device=taps_r.lo.device)
-    for y0, y1, x0, x1 in zip(lo_r, hi_r, lo_c, hi_c, strict=True):
-        needed[y0:y1, x0:x1] = True
-    return needed
+def _tapped(rects: torch.Tensor, taps_r: AxisBilinear, taps_c: AxisBilinear) -> torch.Tensor:
+    """The coarse pixels that the rectangles (in the taps' rows and columns) sample, (n, 4): a
+    rectangle of the coarse grid each, from its first row's and column's low taps to its last
+    ones' high taps (taps increase along an axis)."""
+    return torch.stack([taps_r.lo[rects[:, 0]], taps_r.hi[rects[:, 1] - 1] + 1,
+                        taps_c.lo[rects[:, 2]], taps_c.hi[rects[:, 3] - 1] + 1], 1)
