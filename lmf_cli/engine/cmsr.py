@@ -59,8 +59,9 @@ REGION_BLOCKS = 4
 KERNEL_REGION_BLOCKS = 3
 # The PyTorch renderer's CMSR costs about 1.4-1.5x the exact render per drawn pixel (its windows are
 # a block's rows tall, where the exact render's are 128 pixels: more latents cut at window edges,
-# more calls), so it pays only where `balanced` draws well under 2/3 of the pixels. Measured on B100 crops (lmf-edsr, one AMD EPYC thread): x5 draws
-# 83% and takes 1.10x the exact render, x6 74% and 1.09x, x8 55% and 0.82x, x12 37% and 0.6x.
+# more calls), so it pays only where `balanced` draws well under 2/3 of the pixels. Measured on B100
+# crops (lmf-edsr, one AMD EPYC thread), before rectangles were drawn as windows of their own: x5
+# draws 83% and takes 1.10x the exact render, x6 74% and 1.09x, x8 55% and 0.82x, x12 37% and 0.6x.
 # Below this scale the PyTorch renderer renders exactly (the compiled kernel pays from x5: 0.92x).
 TORCH_MIN_SCALE = 8.0
 
@@ -280,8 +281,8 @@ def _render_boxes(model: ImplicitSR, g: Geometry, grid: tuple[int, int], boxes: 
                   origin: tuple[int, int], into: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
     """The PyTorch renderer's way to draw rectangles (n, 4) of a grid (local to `origin` on it, as
     `into`): each as windows of its own, unmasked. A masked window decodes every slot of each
-    latent with one wanted pixel, the ring around a block and the parts of it in other render
-    blocks included: at x12 on B100 crops that cost 2-3x the exact render per drawn pixel."""
+    latent with one wanted pixel, the ring around a block and its parts in other render blocks
+    included."""
     for y0, y1, x0, x1 in boxes.tolist():
         _render_chunked(model, g, grid, (origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1), None,
                         into[:, :, y0:y1, x0:x1], block, unit)
