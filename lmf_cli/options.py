@@ -29,7 +29,7 @@ class EngineOptions:
 
     device: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps.
     precision: the encoder's: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
-      fp32, bf16 or fp16. The MLPs always run in float32.
+      fp32, bf16 or fp16. In bf16 the latent MLP runs in it too; the render MLP always runs in float32.
     tile: tile side in input pixels (None: from `max_memory`). Tiling never changes the result.
     max_memory: working memory for a tile, in bytes (None: a share of what is free).
     cmsr: Controllable Multi-Scale Rendering level: exact (every pixel by the model), fine,

@@ -106,7 +106,7 @@ def test_out_of_memory_while_streaming_falls_back_to_margin_tiles(deep, butterfl
 
     monkeypatch.setattr(FeatureRows, "push", no_room)
     with pytest.warns(UserWarning, match="out of memory while streaming"):
-        out = deep.upscale(butterfly, scale=2, options=EngineOptions(tile=16))
+        out = deep.upscale(butterfly, scale=2, options=EngineOptions(precision="fp32", tile=16))
     assert np.array_equal(out, expected)
 
 
@@ -114,7 +114,7 @@ def test_reduced_precision_overflow_in_a_stream_is_recomputed_in_float32(deep, b
     expected = deep.upscale(butterfly, scale=2, options=EngineOptions(tile=10_000))
     push, forward = FeatureRows.push, deep.model.encoder.forward
 
-    def overflowing(self: FeatureRows, rows: torch.Tensor) -> torch.Tensor:  # bf16 overflows, here everywhere
+    def overflowing(self: FeatureRows, rows: torch.Tensor) -> torch.Tensor:  # fp16 overflows, here everywhere
         return push(self, rows) * float("nan")
 
     def overflowing_forward(x: torch.Tensor) -> torch.Tensor:  # and in the tile that retries it, until float32
@@ -122,9 +122,9 @@ def test_reduced_precision_overflow_in_a_stream_is_recomputed_in_float32(deep, b
 
     monkeypatch.setattr(FeatureRows, "push", overflowing)
     monkeypatch.setattr(deep.model.encoder, "forward", overflowing_forward)
-    monkeypatch.setattr(deep.model, "encoder_dtype", torch.bfloat16)
+    monkeypatch.setattr(deep.model, "encoder_dtype", torch.float16)
     with pytest.warns(UserWarning, match="float32"):
-        out = deep.upscale(butterfly, scale=2, options=EngineOptions(precision="bf16", tile=16))
+        out = deep.upscale(butterfly, scale=2, options=EngineOptions(precision="fp32", tile=16))
     assert np.array_equal(out, expected)
 
 

@@ -84,19 +84,27 @@ def test_reduced_precision_nan_falls_back_to_float32(deep_models, butterfly, mon
 
     def forward(x):
         out = real_forward(x)
-        return out * float("nan") if torch.is_autocast_cpu_enabled() else out
+        return out * float("nan") if torch.is_autocast_enabled("cpu") else out
 
     monkeypatch.setattr(up.model.encoder, "forward", forward)
-    monkeypatch.setattr(up.model, "encoder_dtype", torch.bfloat16)
+    monkeypatch.setattr(up.model, "encoder_dtype", torch.float16)
     with pytest.warns(UserWarning, match="float32"):
         out = up.upscale(butterfly, scale=2)
     assert np.array_equal(out, expected)
 
 
-def test_bf16_encoder_is_close_to_fp32(official_files, butterfly):
+def test_bf16_encoder_and_latent_mlp_are_close_to_fp32(official_files, butterfly):
     fp32 = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "fp32")).upscale(butterfly, scale=2)
     bf16 = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "bf16"))
-    assert bf16.precision == "bf16"
+    assert bf16.precision == "bf16" and bf16.model.latent_dtype == torch.bfloat16
+    model = bf16.model
+    feat, rel_cell = torch.randn(1, model.encoder.out_dim, 12, 10), torch.tensor([[0.5, 0.5]])
+    rounded = model.latent_tables(feat, rel_cell)["mod"]
+    model.latent_dtype = None
+    exact = model.latent_tables(feat, rel_cell)["mod"]
+    model.latent_dtype = torch.bfloat16
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # computed in bf16, handed on in fp32
+    assert (rounded - exact).norm() < 0.02 * exact.norm()
     diff = np.abs(bf16.upscale(butterfly, scale=2).astype(int) - fp32.astype(int))
     assert diff.mean() < 2 and diff.max() < 40
 
@@ -169,3 +177,31 @@ def test_eval_scores_the_self_ensemble(weights, tmp_path, butterfly):
     assert "(self-ensemble)" in both.output and "(self-ensemble)" not in one.output
     refused = CliRunner().invoke(app, [*args, "--self-ensemble", "--record"])
     assert refused.exit_code == 1 and "leave out --self-ensemble" in refused.output
+
+
+def test_eval_scores_in_float32_where_upscale_would_use_bf16(weights, tmp_path, butterfly, monkeypatch):
+    """The card's figures must not depend on the CPU that measured them: eval is fp32 by default even
+    where `auto` picks bf16, scores bf16 when asked, and records only fp32."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lmf_cli.cli import app
+
+    monkeypatch.setenv("LMF_CPU_BF16", "1")
+    Image.fromarray(butterfly).save(tmp_path / "b.png")
+    args = ["eval", str(tmp_path / "b.png"), "--model", str(weights), "--device", "cpu", "--scales", "2",
+            "--no-bicubic", "--json", "-"]
+    runs = {name: CliRunner().invoke(app, [*args, *extra]) for name, extra in
+            (("default", []), ("fp32", ["--precision", "fp32"]), ("auto", ["--precision", "auto"]))}
+    psnr = {}
+    for name, run in runs.items():
+        assert run.exit_code == 0, run.output
+        report = json.loads(run.output[run.output.index("{\n"):])
+        assert report["precision"] == ("bf16" if name == "auto" else "fp32")
+        psnr[name] = report["results"][0]["psnr"]
+    assert psnr["default"] == psnr["fp32"] != psnr["auto"]
+    assert abs(psnr["auto"] - psnr["fp32"]) < 0.05
+    refused = CliRunner().invoke(app, [*args, "--precision", "bf16", "--record"])
+    assert refused.exit_code == 1 and "leave out --precision" in refused.output

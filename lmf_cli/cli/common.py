@@ -55,8 +55,9 @@ Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Model act
                                              "else one per 1-4 cores).")]
 # The engine options `upscale` and `video` share: one EngineOptions value made by `engine_options`.
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
-Precision = Annotated[str, typer.Option("--precision", help="Encoder precision: auto (fp16 on CUDA, bf16 on CPUs "
-                                        "with native bf16, else fp32), fp32, bf16 or fp16.")]
+Precision = Annotated[str, typer.Option("--precision", help="Encoder precision (bf16 takes the latent MLP too): "
+                                        "auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16 "
+                                        "or fp16.")]
 Tile = Annotated[int | None, typer.Option("--tile", help="Tile side in input pixels (default: from memory); "
                                           "tiling never changes the result.")]
 MaxMemory = Annotated[str | None, typer.Option("--max-memory", help="Memory budget for tiles, e.g. 2G or 512M "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -23,6 +24,9 @@ from lmf_cli.cli.common import (
 from lmf_cli.errors import LmfError
 from lmf_cli.options import EngineOptions
 
+if TYPE_CHECKING:
+    from lmf_cli.api import Upscaler
+
 
 def evaluate_cmd(
     folders: list[Path] = typer.Argument(..., help="HR image folders or files (e.g. ../shared/data/Set5/HR)."),
@@ -30,6 +34,8 @@ def evaluate_cmd(
     scales: str = typer.Option("2,3,4", "--scales", help="Comma-separated, e.g. 2,3,4,6,8,12."),
     protocol: str = typer.Option("benchmark", "--protocol", help="benchmark (Y, shave=s) or div2k (RGB, s+6)."),
     device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32: the card's figures, alike on every machine; "
+                                  "auto, bf16 or fp16 to score what lmf upscale runs here."),
     no_bicubic: bool = typer.Option(False, "--no-bicubic", help="Skip the bicubic row."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here (- for stdout)."),
     record: bool = typer.Option(False, "--record", help="Store the PSNRs in the model's .safetensors card."),
@@ -50,13 +56,15 @@ def evaluate_cmd(
         fail("--protocol must be benchmark or div2k")
     if record and self_ensemble:
         fail("--record keeps the card's one-pass figures: leave out --self-ensemble")
+    if record and precision != "fp32":
+        fail("--record keeps the card's float32 figures: leave out --precision")
     try:
         degradation = parse_degradation(degrade) if degrade else None
     except ValueError as exc:
         fail(f"--degrade {exc}")
     try:
         scale_list = [float(s) for s in scales.split(",")]
-        up = open_upscaler(model, checked(EngineOptions, device))
+        up = open_upscaler(model, checked(EngineOptions, device, precision))
     except ValueError:
         fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
@@ -91,8 +99,8 @@ def evaluate_cmd(
             fail(str(exc))
         console.print(f"recorded in {source}", highlight=False)
     if json_out is not None:
-        text = json.dumps({"model": up.name, "protocol": protocol, "degradation": degradation.name if degradation
-                           else None, "results": rows}, indent=2)
+        text = json.dumps({"model": up.name, "protocol": protocol, "precision": up.precision,
+                           "degradation": degradation.name if degradation else None, "results": rows}, indent=2)
         if str(json_out) == "-":
             print(text)
         else:
@@ -183,7 +191,7 @@ def benchmark(
     diif_up = _optional_model(diif, device, precision) if diif else None
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"encoder in {up.precision}, rendering by {info['renderer']}, input {in_w} x {in_h}", highlight=False)
+                  f"{_precision_words(up)}, rendering by {info['renderer']}, input {in_w} x {in_h}", highlight=False)
     tables = up.loaded.cmsr_tables or {}
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []
@@ -262,7 +270,7 @@ def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int,
     clips["screen recording, H.264 CRF 18"] = bench.h264_round_trip(clips["screen recording"])
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"encoder in {up.precision}, input {in_w} x {in_h} from {source}; each clip {frames} frames, "
+                  f"{_precision_words(up)}, input {in_w} x {in_h} from {source}; each clip {frames} frames, "
                   "the first not timed; full and reuse timed in turns, frame by frame", highlight=False)
     rows = []
     for scale in scales:
@@ -297,7 +305,7 @@ def _tiling_benchmark(up, large_hw: tuple[int, int], crop_hw: tuple[int, int], s
     picture = large_picture(photo, *large_hw)
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"encoder in {up.precision}, x{scale:g}; {large_hw[1]} x {large_hw[0]} from {source}; each way in "
+                  f"{_precision_words(up)}, x{scale:g}; {large_hw[1]} x {large_hw[0]} from {source}; each way in "
                   "a process of its own", highlight=False)
     rows = benchmark_tiling(up.model, up.options, picture, crop_hw, scale, repeats)
     untiled = rows[0].us_per_pixel
@@ -311,6 +319,11 @@ def _tiling_benchmark(up, large_hw: tuple[int, int], crop_hw: tuple[int, int], s
         json_out.write_text(json.dumps({"machine": info, "model": up.name, "scale": scale, "input": source,
                                         "tiling": [{**asdict(row), "us_per_pixel": row.us_per_pixel}
                                                    for row in rows]}, indent=2))
+
+
+def _precision_words(up: Upscaler) -> str:
+    """What runs in reduced precision, for the benchmark's header."""
+    return f"encoder{' and latent MLP' if up.model.latent_dtype is not None else ''} in {up.precision}"
 
 
 def _optional_model(name: str, device: str, precision: str):

@@ -78,9 +78,9 @@ def renders_fused(model: ImplicitSR, inp: torch.Tensor) -> bool:
 
 
 def encode_finite(model: ImplicitSR, piece: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-    """Encode, falling back to float32 when a reduced-precision encoder overflowed."""
+    """Encode, falling back to float32 when an fp16 encoder overflowed."""
     latents = model.encode(piece, rel_cell)
-    if model.encoder_dtype is None or all(bool(torch.isfinite(t).all()) for t in latents.values()):
+    if not model.may_overflow or all(bool(torch.isfinite(t).all()) for t in latents.values()):
         return latents
     warnings.warn("reduced-precision encoder produced NaN/inf on a tile; recomputing it in float32", stacklevel=3)
     saved, model.encoder_dtype = model.encoder_dtype, None

@@ -153,12 +153,12 @@ class _TiledRun:
         (i0, i1), (j0, j1) = output_span(core[0], core[1], h, big_h), output_span(core[2], core[3], w, big_w)
         if i1 <= i0 or j1 <= j0:
             return
-        if model.encoder_dtype is not None and not bool(torch.isfinite(feat).all()):
+        if model.may_overflow and not bool(torch.isfinite(feat).all()):
             self.tile(*core)  # the margin path recomputes a reduced-precision overflow in float32
             return
         top, bottom, left, right = box
         piece = self.inp[:, :, top:bottom, left:right]
-        batch_latents = model.latents(feat, self.rel_cell)
+        batch_latents = model.latent_tables(feat, self.rel_cell)
         for b in range(piece.shape[0]):
             latents = {k: v[b:b + 1] for k, v in batch_latents.items()} if piece.shape[0] > 1 else batch_latents
             self._render_image(b, piece[b:b + 1], latents, (top, left), (i0, i1), (j0, j1))
