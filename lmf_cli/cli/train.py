@@ -53,8 +53,8 @@ def train(
     skip: bool = typer.Option(False, "--skip/--no-skip", help="LM-LIIF, DIIF: add a bilinear upsample of the input."),
     latent_hidden: int = typer.Option(208, "--latent-hidden", help="LM-LIIF: width of the latent MLP's hidden layer."),
     render_depth: int = typer.Option(6, "--render-depth", help="LM-LIIF: modulated hidden layers of the render MLP."),
-    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Encoder in bfloat16 autocast (default: bf16 "
-                                     "where the CPU has AMX or AVX-512 BF16, else fp32)."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Encoder and latent MLP in bfloat16 autocast "
+                                     "(default: bf16 where the CPU has AMX or AVX-512 BF16, else fp32)."),
     degrade: str = typer.Option("none", "--degrade", help="LR degradations: none (clean bicubic), light "
                                 "(web/phone JPEGs) or real (JPEG q30+, noise, blur, H.264/H.265)."),
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),

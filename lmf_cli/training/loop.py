@@ -2,9 +2,9 @@
 
 Recipe (DESIGN.md §1): per sample s ~ U(1, 4), a round(48 s) HR crop, antialiased bicubic
 LR 48x48, flips and transpose, 2304 random HR pixels as targets, L1 in normalised space,
-Adam. What we change, measured in weights/README.md: the encoder runs in bfloat16 under
-autocast with channels-last memory (3x faster on CPUs with AMX/AVX-512 BF16), the MLPs
-stay float32; batches are prepared on a background thread; optional warm-up + cosine
+Adam. What we change, measured in weights/README.md: the encoder and the latent MLP run in
+bfloat16 under autocast with channels-last memory (3x faster on CPUs with AMX/AVX-512 BF16),
+the render MLP stays float32; batches are prepared on a background thread; optional warm-up + cosine
 learning rate and a bilinear input skip for LM-LIIF.
 
 Devices: the model, the optimizer state and the batches live on `cfg.device` (cpu, cuda,
@@ -226,14 +226,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         model.encoder.load_state_dict(load_weights(cfg.init_encoder).model.encoder.state_dict())
         log(f"started from the encoder of {cfg.init_encoder}")
     if cfg.bf16:
-        model.encoder_dtype = torch.bfloat16
+        model.encoder_dtype = model.latent_dtype = torch.bfloat16
     model.use_channels_last()
     average = WeightAverage(model, cfg.ema, tensors) if cfg.ema else None
     model.train()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels
         log(f"training on {torch.cuda.get_device_name(device)} ({device}), encoder in "
-            f"{'bfloat16' if cfg.bf16 else 'float32'}")
+            f"{'bfloat16' if cfg.bf16 else 'float32'}, latent MLP likewise")
 
     sampler = PatchSampler(load_training_images(cfg.data, log), cfg, cfg.seed,
                            whole_cells=model.capabilities.whole_cells, threads=cfg.loader_threads)
@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             signal.signal(signal.SIGINT, previous)
     save_state(state_path, model, opt, cfg, step, resume_at, elapsed, history, average)
     log(f"saved {state_path} at step {step} ({elapsed / 60:.1f} min of training)")
-    model.encoder_dtype = None
+    model.encoder_dtype = model.latent_dtype = None
     model.channels_last = False
     model.encoder.to(memory_format=torch.contiguous_format)
     model.cpu()
