@@ -82,8 +82,6 @@ class Upscaler:
         self.device = pick_device(self.options.device)
         self.model = loaded.model.to(self.device).eval()
         self.model.encoder_dtype = encoder_dtype(self.options.precision, self.device, self.capabilities)
-        # bf16 (the range of float32) for the latent MLP as well; fp16 could overflow there, unchecked
-        self.model.latent_dtype = torch.bfloat16 if self.model.encoder_dtype == torch.bfloat16 else None
         self.model.use_channels_last()
         self._schedule_key(self.options)  # a CMSR level the model cannot do is refused now, not per image
         self.last_stats: dict[str, int] = {}

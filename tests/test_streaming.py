@@ -106,7 +106,7 @@ def test_out_of_memory_while_streaming_falls_back_to_margin_tiles(deep, butterfl
 
     monkeypatch.setattr(FeatureRows, "push", no_room)
     with pytest.warns(UserWarning, match="out of memory while streaming"):
-        out = deep.upscale(butterfly, scale=2, options=EngineOptions(precision="fp32", tile=16))
+        out = deep.upscale(butterfly, scale=2, options=EngineOptions(tile=16))
     assert np.array_equal(out, expected)
 
 

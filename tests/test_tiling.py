@@ -100,9 +100,9 @@ def test_bf16_encoder_and_latent_mlp_are_close_to_fp32(official_files, butterfly
     model = bf16.model
     feat, rel_cell = torch.randn(1, model.encoder.out_dim, 12, 10), torch.tensor([[0.5, 0.5]])
     rounded = model.latent_tables(feat, rel_cell)["mod"]
-    model.latent_dtype = None
+    model.encoder_dtype = None  # the latent MLP follows the encoder's precision
     exact = model.latent_tables(feat, rel_cell)["mod"]
-    model.latent_dtype = torch.bfloat16
+    model.encoder_dtype = torch.bfloat16
     assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # computed in bf16, handed on in fp32
     assert (rounded - exact).norm() < 0.02 * exact.norm()
     diff = np.abs(bf16.upscale(butterfly, scale=2).astype(int) - fp32.astype(int))

@@ -104,8 +104,13 @@ class ImplicitSR(nn.Module):
     local_ensemble: bool = True
     bilinear_skip: bool = False
     encoder_dtype: torch.dtype | None = None  # e.g. bfloat16: run the convolutions under autocast
-    latent_dtype: torch.dtype | None = None  # bfloat16: the latent MLP under autocast too (see latent_tables)
     channels_last: bool = False  # NHWC input for the encoder (oneDNN/cuDNN's fast layout)
+
+    @property
+    def latent_dtype(self) -> torch.dtype | None:
+        """The latent MLP's compute dtype: bf16 where the encoder runs in it (float32's range, so no
+        overflow to check); fp16 could overflow there, unchecked, so with fp16 it stays float32."""
+        return self.encoder_dtype if self.encoder_dtype == torch.bfloat16 else None
 
     @property
     def may_overflow(self) -> bool:
@@ -148,7 +153,7 @@ class ImplicitSR(nn.Module):
         return self.latent_tables(self.run_encoder(inp), rel_cell)
 
     def latent_tables(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
-        """`latents`, computed in `latent_dtype` where one is set, the tables in float32 for the renderers.
+        """`latents`, computed in `latent_dtype` where there is one, the tables in float32 for the renderers.
         The latent MLP reads encoder features, not coordinates, so bfloat16 costs it what it costs the
         encoder; on CPUs with native bf16 it takes 0.6x its float32 time (x4 on a Zen 5 EPYC)."""
         if self.latent_dtype is None:

@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
         model.encoder.load_state_dict(load_weights(cfg.init_encoder).model.encoder.state_dict())
         log(f"started from the encoder of {cfg.init_encoder}")
     if cfg.bf16:
-        model.encoder_dtype = model.latent_dtype = torch.bfloat16
+        model.encoder_dtype = torch.bfloat16  # the latent MLP follows it (ImplicitSR.latent_dtype)
     model.use_channels_last()
     average = WeightAverage(model, cfg.ema, tensors) if cfg.ema else None
     model.train()
@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None,
             signal.signal(signal.SIGINT, previous)
     save_state(state_path, model, opt, cfg, step, resume_at, elapsed, history, average)
     log(f"saved {state_path} at step {step} ({elapsed / 60:.1f} min of training)")
-    model.encoder_dtype = model.latent_dtype = None
+    model.encoder_dtype = None
     model.channels_last = False
     model.encoder.to(memory_format=torch.contiguous_format)
     model.cpu()
