@@ -691,13 +691,18 @@ class Decoded:
     meta: dict[str, Any]
 
 
+# A TIFF's strip and tile offsets and byte counts say where its compressed pixels lie in the file:
+# layout, not metadata; a pixel's last bit can change them.
+TIFF_LAYOUT_TAGS = {273, 279, 324, 325}
+
+
 def exif_tags(data: bytes | None) -> dict[str, Any]:
     """EXIF as tags (with the Exif and GPS IFDs), not bytes: another Pillow may lay them out otherwise."""
     if not data:
         return {}
     exif = Image.Exif()
     exif.load(data)
-    tags = {f"{k}": repr(v) for k, v in exif.items()}
+    tags = {f"{k}": repr(v) for k, v in exif.items() if k not in TIFF_LAYOUT_TAGS}
     for ifd in (0x8769, 0x8825):
         tags.update({f"{ifd}.{k}": repr(v) for k, v in exif.get_ifd(ifd).items()})
     return tags

@@ -8,6 +8,7 @@ import torch
 
 from lmf_cli import models
 from lmf_cli.engine import encode_image, native, render_region, upscale_tensor
+from lmf_cli.hardware import cpu_flags
 
 SMALL = {"name": "edsr-baseline", "args": {"n_resblocks": 2, "n_feats": 16, "no_upsampling": True}}
 
@@ -59,6 +60,27 @@ def test_kernel_equals_pytorch(kernel_available, butterfly, monkeypatch, variant
         slow = _upscale(model, inp, out_hw, monkeypatch, "pytorch")
     assert fast.std() > 0.01  # a real image, not a constant
     assert (fast - slow).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="needs a CPU with AVX-512 and AVX2")
+@pytest.mark.parametrize("variant", ["lm-liif, skip", "lm-lte"])
+def test_the_avx512_and_avx2_forms_give_the_same_bits(kernel_available, butterfly, tmp_path, monkeypatch, variant):
+    """A render must not depend on the CPU's vector width: both forms do the same multiply-adds."""
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    model = VARIANTS[variant]()
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    renders = []
+    try:
+        for narrower in ((), ("-mno-avx512f",)):
+            monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-march=native", *narrower, "-fno-math-errno"),))
+            native._library.cache_clear()
+            with torch.no_grad():
+                assert native.usable(model, inp.device)
+                renders.append(_upscale(model, inp, (140, 168), monkeypatch, "kernel"))
+    finally:
+        native._library.cache_clear()
+    assert len(list(tmp_path.rglob("*.so"))) == 2
+    assert torch.equal(*renders)
 
 
 def test_mask_draws_exactly_the_masked_pixels(kernel_available, butterfly):

@@ -53,9 +53,12 @@ def test_rdn_tiles(tmp_path, butterfly):
     rdn = {"name": "rdn", "args": {"G0": 8, "RDNkSize": 3, "RDNconfig": "A", "no_upsampling": True}}
     torch.save(official_checkpoint("lmliif", rdn), tmp_path / "rdn.pth")
     up = Upscaler.load(tmp_path / "rdn.pth", EngineOptions("cpu"))
-    image = butterfly[:30, :30]
+    image = butterfly[:30, :30].astype(np.float32) / 255
     whole = up.upscale(image, scale=2.5, options=EngineOptions(tile=10_000))
-    assert np.array_equal(whole, up.upscale(image, scale=2.5, options=EngineOptions(tile=16)))
+    tiled = up.upscale(image, scale=2.5, options=EngineOptions(tile=16))
+    # Equal to float rounding (a tile's convolutions may take other oneDNN kernels than the
+    # whole image's): uint8 outputs could differ by one level where a value sits on a half.
+    assert np.abs(whole - tiled).max() < 1e-5
 
 
 def test_out_of_memory_tile_is_split_and_retried(deep_models, butterfly, monkeypatch):

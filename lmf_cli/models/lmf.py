@@ -30,6 +30,7 @@ from lmf_cli.models.base import (
     rows_linear,
     slot_rel_pairs,
     slot_window,
+    table_linear,
 )
 from lmf_cli.models.mlp import AFFINE, FOURIER, MLP, FusedMLP, ModulatedMLP
 
@@ -117,7 +118,7 @@ class LMLIIF(ImplicitSR):
         hidden = channels_last_table(hidden)  # the conv's own output: cell term and ReLU go in place
         if self.cell_decode:
             hidden.add_((rel_cell @ first.weight[:, -2:].t())[:, None, None, :])
-        latents = {"mod": second(hidden.relu_())}
+        latents = {"mod": table_linear(hidden.relu_(), second)}
         if not self.mod_input:
             latents["code"] = channels_last_table(feat)
         return latents
@@ -204,7 +205,9 @@ class LMLTE(ImplicitSR):
         freq = channels_last_table(self.freq(feat))
         b, h, w, c = freq.shape
         phase = freq.view(b, h, w, c // 2, 2).sum(-1) + self.phase(rel_cell).view(b, 1, 1, c // 2)
-        mod = self.hypernet(coef * torch.cat([torch.cos(math.pi * phase), torch.sin(math.pi * phase)], -1))
+        first, second = self.hypernet.linears
+        hidden = table_linear(coef * torch.cat([torch.cos(math.pi * phase), torch.sin(math.pi * phase)], -1), first)
+        mod = table_linear(hidden.relu_(), second)
         if self.mod_input:
             return {"mod": mod}
         return {"mod": mod, "coef": coef, "freq": freq}
