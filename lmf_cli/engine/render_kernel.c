@@ -340,9 +340,13 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
  * taps, pixel-interleaved: row[(x - x0) * 3 + c]. */
 static void columns_of(float *row, const float *coarse, int64_t coarse_h, int64_t coarse_w, int64_t r,
                        const int64_t *lo_x, const int64_t *hi_x, const float *fx, int64_t x0, int64_t x1) {
-    for (int c = 0; c < 3; c++) {
-        const float *src = coarse + (c * coarse_h + r) * coarse_w;
-        for (int64_t x = x0; x < x1; x++) row[(x - x0) * 3 + c] = src[lo_x[x]] * (1 - fx[x]) + src[hi_x[x]] * fx[x];
+    const float *src[3] = {coarse + r * coarse_w, coarse + (coarse_h + r) * coarse_w,
+                           coarse + (2 * coarse_h + r) * coarse_w};
+    for (int64_t x = x0; x < x1; x++) { /* a column's taps read once for its three samples */
+        const int64_t lo = lo_x[x], hi = hi_x[x];
+        const float wx = fx[x], vx = 1 - wx;
+        float *at = row + (x - x0) * 3;
+        for (int c = 0; c < 3; c++) at[c] = src[c][lo] * vx + src[c][hi] * wx;
     }
 }
 
