@@ -124,3 +124,22 @@ def test_odd_scales_follow_the_official_float32_coordinates(official_files, arch
     ref = predict(block["name"], block["sd"], block["args"], torch.from_numpy(lr).permute(2, 0, 1)[None] / 255,
                   out_hw).numpy()
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_table_linear_is_the_linear_row_by_row_whatever_the_table():
+    """The latent MLP's second layer runs as a 1x1 convolution on the CPU: the same numbers as the
+    linear layer to float rounding, each row's bits independent of the table it sits in (tiles and
+    row bands must match a whole-image run), and gradients for training."""
+    from lmf_cli.models.base import table_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(208, 208)
+    table = torch.randn(1, 37, 53, 208)
+    out = table_linear(table, layer)
+    assert out.shape == (1, 37, 53, 208) and out.is_contiguous()
+    assert torch.allclose(out, layer(table), atol=1e-5)
+    for rows, cols in [(slice(0, 1), slice(0, 1)), (slice(5, 20), slice(3, 50)), (slice(36, 37), slice(0, 53))]:
+        assert torch.equal(table_linear(table[:, rows, cols].contiguous(), layer), out[:, rows, cols])
+    leaf = table[:, :4, :4].clone().requires_grad_()
+    table_linear(leaf, layer).sum().backward()
+    assert torch.allclose(leaf.grad, layer.weight.sum(0).expand_as(leaf), atol=1e-4)
