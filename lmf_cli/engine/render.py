@@ -137,14 +137,14 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
         out = native.render(mlp, rows, cols, mask, (g.kernel_pixels, bil_rows, bil_cols) if bil else None, into, unit)
-        drawn = out.shape[-2] * out.shape[-1] if mask is None else int(mask.sum())
+        drawn = out.shape[-2] * out.shape[-1] if mask is None else int(torch.count_nonzero(mask))
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)
         rel_cell = g.piece.new_tensor([rel_cell_for(g.in_hw, grid_hw)])
         pairs = wanted_pairs(rows, cols, mask) if mask is not None and model.capabilities.renders_pairs else None
         out = model.render(g.piece, g.latents, RenderWindow(rows, cols, bil_rows, bil_cols, rel_cell, pairs))
-        drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(mask.sum())
+        drawn = out.shape[-2] * out.shape[-1] if pairs is None else int(torch.count_nonzero(mask))
         out = to_samples(out, torch.float32 if into is None else into.dtype, unit)
         if into is not None:
             out = into.copy_(out if mask is None else torch.where(mask, out, into))
