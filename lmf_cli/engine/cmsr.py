@@ -268,10 +268,11 @@ def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows:
         for c in range(0, n_cols, step_c):
             r1, c1 = min(n_rows, r + step_r), min(n_cols, c + step_c)
             part = None if mask is None else mask[r:r1, c:c1]
-            if part is not None:
-                if not bool(part.any()):
+            if part is not None:  # one count, not an any() and an all() pass over the mask
+                wanted = int(torch.count_nonzero(part))
+                if wanted == 0:
                     continue
-                if bool(part.all()):
+                if wanted == part.numel():
                     part = None
             render_region(model, g, grid, (rows[0] + r, rows[0] + r1), (cols[0] + c, cols[0] + c1), mask=part,
                           into=into[:, :, r:r1, c:c1], unit=unit)
