@@ -81,6 +81,19 @@ def test_training_chains_reproduce_from_the_seed_and_vary(butterfly):
         dg.training_preset("heavy")
 
 
+def test_clean_video_is_clean_but_for_one_video_frame_in_ten(butterfly, monkeypatch):
+    codecs: list[tuple[str, int]] = []
+    monkeypatch.setattr(dg, "video", lambda img, codec, crf: codecs.append((codec, crf)) or img[::-1].copy())
+    hr = butterfly[:, :40]
+    clean = dg.resize(hr, (20, 20), "bicubic")
+    rng = np.random.default_rng(11)
+    outs = [dg.degrade_for_training(hr, (20, 20), dg.training_preset("clean-video"), rng) for _ in range(400)]
+    coded = [o for o in outs if not np.array_equal(o, clean)]
+    assert len(coded) == len(codecs) and 20 <= len(codecs) <= 60  # about one in ten, each a video frame
+    assert all(np.array_equal(o, clean[::-1]) for o in coded)  # the plain bicubic LR, then the codec only
+    assert {c for c, _ in codecs} == {"h264", "h265"} and all(18 <= crf <= 35 for _, crf in codecs)
+
+
 def test_eval_chains_parse_and_apply_in_order(lr):
     chain = dg.parse_degradation("noise:5+jpeg:75")
     assert chain.name == "noise:5+jpeg:75"
