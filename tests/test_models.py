@@ -130,7 +130,7 @@ def test_table_linear_is_the_linear_row_by_row_whatever_the_table():
     """The latent MLP's second layer runs as a 1x1 convolution on the CPU: the same numbers as the
     linear layer to float rounding, each row's bits independent of the table it sits in (tiles and
     row bands must match a whole-image run), and gradients for training."""
-    from lmf_cli.models.base import table_linear
+    from lmf_cli.models.mlp import table_linear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(208, 208)

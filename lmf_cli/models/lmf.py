@@ -30,9 +30,8 @@ from lmf_cli.models.base import (
     rows_linear,
     slot_rel_pairs,
     slot_window,
-    table_linear,
 )
-from lmf_cli.models.mlp import AFFINE, FOURIER, MLP, FusedMLP, ModulatedMLP
+from lmf_cli.models.mlp import AFFINE, FOURIER, MLP, FusedMLP, ModulatedMLP, table_linear
 
 # Slots per latent from which each latent's gain is folded into its own copy of the weights (one
 # batched matmul a layer); below it (CMSR's coarse levels: 4-25 slots a latent) those matmuls are
@@ -205,9 +204,7 @@ class LMLTE(ImplicitSR):
         freq = channels_last_table(self.freq(feat))
         b, h, w, c = freq.shape
         phase = freq.view(b, h, w, c // 2, 2).sum(-1) + self.phase(rel_cell).view(b, 1, 1, c // 2)
-        first, second = self.hypernet.linears
-        hidden = table_linear(coef * torch.cat([torch.cos(math.pi * phase), torch.sin(math.pi * phase)], -1), first)
-        mod = table_linear(hidden.relu_(), second)
+        mod = self.hypernet.on_table(coef * torch.cat([torch.cos(math.pi * phase), torch.sin(math.pi * phase)], -1))
         if self.mod_input:
             return {"mod": mod}
         return {"mod": mod, "coef": coef, "freq": freq}

@@ -20,6 +20,24 @@ def _stack(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def table_linear(table: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear` applied to every row of a (B, h, w, C) table, as a (B, h, w, out) table.
+
+    On the CPU in float32 it runs as oneDNN's 1x1 convolution over the channels-last image the
+    table already is: a plain matrix product goes to MKL, whose float32 kernels on AMD CPUs run at
+    0.6x oneDNN's (35 against 60 GMAC/s for a 208 x 208 layer on one thread of a Zen 5 EPYC; with
+    oneDNN held to AVX2, 62 ms against MKL's 73). Each output row depends on its input row only,
+    whatever the table's size, so tiles and row bands still match a whole-image run.
+    """
+    if (table.device.type != "cpu" or table.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.is_available()):
+        return linear(table)
+    image = table.permute(0, 3, 1, 2)  # (B, C, h, w), channels last: no copy
+    weight = linear.weight[:, :, None, None]
+    out = torch.mkldnn_convolution(image, weight, linear.bias, [0, 0], [1, 1], [1, 1], 1)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
 class MLP(nn.Module):
     """Plain ReLU MLP (LIIF's and LTE's decoder, LMF's latent MLP)."""
 
@@ -33,6 +51,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def on_table(self, table: torch.Tensor) -> torch.Tensor:
+        """`forward` over every row of a (B, h, w, C) latent table, each linear layer by `table_linear`."""
+        for layer in self.layers:
+            table = table_linear(table, layer) if isinstance(layer, nn.Linear) else layer(table)
+        return table
 
 
 class ModulatedMLP(nn.Module):
