@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -266,12 +267,17 @@ class Upscaler:
         return schedule_for(self.loaded.cmsr_tables, key, max(plan.scale)) if key else None
 
     def _call_options(self, options: EngineOptions | None) -> EngineOptions:
-        """This call's options: the Upscaler's, or `options` where its device and precision resolve to
-        the loaded ones (so EngineOptions(tile=256) works with any Upscaler loaded with the defaults)."""
+        """This call's options: the Upscaler's, or `options` where its device and precision match the
+        loaded ones. 'auto' means the loaded ones here, so EngineOptions(tile=256) works with any
+        Upscaler, also one loaded on the CPU of a machine that has a GPU."""
         if options is None:
             return self.options
         if not isinstance(options, EngineOptions):
             raise InputError(f"options must be an EngineOptions, not {type(options).__name__}")
+        if options.device == "auto":
+            options = replace(options, device=self.options.device)
+        if options.precision == "auto":
+            options = replace(options, precision=self.options.precision)
         if options.device != self.options.device and pick_device(options.device) != self.device:
             raise OptionError("device", options.device, f"the model is loaded on {self.device}; load it again "
                                                         "for another device")

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from lmf_cli import EngineOptions, InputError, Upscaler, plan_size
+from lmf_cli import EngineOptions, InputError, Upscaler, api, plan_size
+from lmf_cli.errors import OptionError
 
 
 @pytest.fixture(scope="module")
 def up(official_files):
     return Upscaler.load(official_files["lmliif"], EngineOptions("cpu"))
+
+
+def test_auto_options_mean_the_loaded_device_and_precision(official_files, butterfly, monkeypatch):
+    """EngineOptions(tile=...) with its device and precision left at 'auto' works with an Upscaler
+    loaded on the CPU of a machine whose 'auto' would be a GPU (simulated here)."""
+    up = Upscaler.load(official_files["lmliif"], EngineOptions("cpu", "fp32"))
+    expected = up.upscale(butterfly, scale=2)
+    monkeypatch.setattr(api, "pick_device", lambda device="auto": torch.device("cuda" if device == "auto" else device))
+    assert np.array_equal(up.upscale(butterfly, scale=2, options=EngineOptions(tile=16)), expected)
+    with pytest.raises(OptionError, match="loaded on cpu"):
+        up.upscale(butterfly, scale=2, options=EngineOptions("cuda", "fp32"))
 
 
 def test_dtypes_round_trip(up, butterfly):

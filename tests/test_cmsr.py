@@ -184,7 +184,9 @@ def test_cmsr_regions_change_no_pixel(lm, butterfly, render_path, monkeypatch, r
 def test_pytorch_renders_exactly_where_cmsr_would_not_pay(lm, butterfly, kernel, monkeypatch):
     """Below TORCH_MIN_SCALE the PyTorch renderer's CMSR costs more than it saves on photos: it
     renders exactly there, while the kernel still draws the coarse levels."""
-    assert pays(6.0, fused=True) and not pays(6.0, fused=False) and pays(TORCH_MIN_SCALE, fused=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert pays(6.0, True, cpu) and not pays(6.0, False, cpu) and pays(TORCH_MIN_SCALE, False, cpu)
+    assert not pays(30.0, False, gpu)  # on a GPU the exact render is faster than CMSR's bookkeeping
     up = _with_tables(lm, {"2e-05": {"6": {"2": 1e9}}})
     balanced = EngineOptions(cmsr="balanced")
     up.upscale(butterfly, scale=6, options=balanced)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -65,18 +66,22 @@ def test_out_of_memory_tile_is_split_and_retried(deep_models, butterfly, monkeyp
     up = deep_models["lmliif"]
     expected = up.upscale(butterfly, scale=2, options=EngineOptions(tile=10_000))
     real_encode = up.model.encode
-    calls = []
+    calls, failed_attempt, held_at_retry = [], [], []
 
     def encode(piece, rel_cell):
         calls.append(piece.shape)
-        if len(calls) == 1:  # the first, whole-image tile "does not fit"
+        if len(calls) == 1:  # the first, whole-image tile "does not fit", holding what it had made
+            workspace = torch.empty(1 << 20)
+            failed_attempt.append(weakref.ref(workspace))
             raise torch.OutOfMemoryError("simulated")
+        held_at_retry.append(failed_attempt[0]() is not None)
         return real_encode(piece, rel_cell)
 
     monkeypatch.setattr(up.model, "encode", encode)
     with pytest.warns(UserWarning, match="out of memory"):
         out = up.upscale(butterfly, scale=2, options=EngineOptions(tile=10_000))
     assert len(calls) == 5  # one failure, then four quarter tiles
+    assert not any(held_at_retry)  # retried after the failed attempt's memory was let go (on a GPU it must be)
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
 
 

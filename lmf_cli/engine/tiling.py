@@ -8,7 +8,8 @@ same ops and the same summation order whatever the tile and block sizes."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -21,7 +22,21 @@ from lmf_cli.options import EngineOptions
 from lmf_cli.sizes import rel_cell_for
 
 
+@contextmanager
+def ieee_float32_convolutions() -> Iterator[None]:
+    """cuDNN runs float32 convolutions in TF32 unless told not to (PyTorch's default): 10-bit
+    mantissas in an encoder asked for fp32, and tiles whose shapes pick other kernels then differ by
+    1e-4 (seen on an H200). fp32 here means IEEE float32, as on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.inference_mode()
+@ieee_float32_convolutions()
 def upscale_tensor(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int],
                    options: EngineOptions | None = None, schedule: Schedule | None = None,
                    progress: Callable[[int, int], None] | None = None,
@@ -97,18 +112,21 @@ class _TiledRun:
     def tile(self, r0: int, r1: int, c0: int, c1: int) -> None:
         try:
             self._render_tile(r0, r1, c0, c1)
+            return
         except torch.OutOfMemoryError:
             if max(r1 - r0, c1 - c0) <= 16:
                 raise
-            warnings.warn(f"out of memory on a {c1 - c0}x{r1 - r0} tile; retrying it as four smaller tiles",
-                          stacklevel=2)
-            if self.inp.device.type == "cuda":
-                torch.cuda.empty_cache()
-                self.block = tuple(max(16, side // 2) for side in self.block)  # sized from free memory: too big
-            rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
-            for sub in ((r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)):
-                if sub[1] > sub[0] and sub[3] > sub[2]:
-                    self.tile(*sub)
+        # Retried after the handler: inside it, the error's traceback still holds the failed attempt's
+        # tensors, and on a GPU the smaller tiles would run out of memory too.
+        warnings.warn(f"out of memory on a {c1 - c0}x{r1 - r0} tile; retrying it as four smaller tiles",
+                      stacklevel=2)
+        if self.inp.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.block = tuple(max(16, side // 2) for side in self.block)  # sized from free memory: too big
+        rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
+        for sub in ((r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)):
+            if sub[1] > sub[0] and sub[3] > sub[2]:
+                self.tile(*sub)
 
     def stream(self, chunk: int, side: tuple[int, int], progress: Callable[[int, int], None] | None) -> None:
         """The whole image in tiles of `side` (rows, columns) without recomputed margins: the encoder
@@ -179,7 +197,7 @@ class _TiledRun:
                       rows_range: tuple[int, int], cols_range: tuple[int, int]) -> None:
         model = self.model
         scale = max(o / i for o, i in zip(self.out_hw, self.in_hw, strict=True))
-        levels = None if self.schedule is None or not pays(scale, self.fused) else tile_levels(
+        levels = None if self.schedule is None or not pays(scale, self.fused, self.inp.device) else tile_levels(
             model, self.schedule, self.inp[b:b + 1], latents, origin, self.out_hw, rows_range, cols_range,
             self.rel_cell[b:b + 1], self.margin)
         geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)

@@ -208,8 +208,10 @@ def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sca
         return None
     schedule = schedule_for(tables, key, scale)
     row = benchmark_model(name, model, inputs, scale, repeats, warmup, schedule)
+    device = inputs[0].device
     why = ("no coarse level pays at this scale" if schedule is None
-           else None if pays(scale, renders_fused(model, inputs[0]))
+           else None if pays(scale, renders_fused(model, inputs[0]), device)
+           else f"CMSR does not pay on {device.type.upper()}" if device.type != "cpu"
            else f"CMSR does not pay on the PyTorch renderer below x{TORCH_MIN_SCALE:g}")
     if why:
         row.note = "; ".join(n for n in (f"rendered exactly: {why}", row.note) if n)
