@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,15 +31,15 @@ def make_clip(path: Path) -> None:
         c.mux(stream.encode(None))
 
 
-def main(out: Path) -> None:
-    clip = out / "clip1080.mp4"
+def main(out: Path, work: Path) -> None:
+    clip = work / "clip1080.mp4"
     make_clip(clip)
     results = {"gpu": torch.cuda.get_device_name(0), "frames": FRAMES}
     for name in ("lmf-edsr", "lmf-lite"):
         up = Upscaler.load(name, EngineOptions(device="cuda"))
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = upscale_video(clip, out / f"{name}_4k.mkv", up, (2160, 3840), codec="libx264", overwrite=True)
+        result = upscale_video(clip, work / f"{name}_4k.mkv", up, (2160, 3840), codec="libx264", overwrite=True)
         seconds = time.perf_counter() - start
         results[name] = {"fps": result.frames / seconds, "model_fps": result.fps,
                          "peak_vram_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
@@ -46,4 +47,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    with tempfile.TemporaryDirectory() as work:  # the clips stay on the machine; only the figures come back
+        main(Path(sys.argv[1]), Path(work))
