@@ -126,7 +126,9 @@ def read_clip(path: Path) -> dict:
     info["times"] = [round(float(f.pts * f.time_base), 4) for f in frames]
     info["size"] = (frames[0].width, frames[0].height)
     info["format"] = frames[0].format.name
-    info["hashes"] = [hashlib.md5(b"".join(bytes(p) for p in f.planes)).hexdigest() for f in frames]
+    # the visible samples only: a plane's buffer also holds the padding at the end of each row, whatever
+    # the decoder's pooled buffers held before (it made two decodes of one file hash differently)
+    info["hashes"] = [hashlib.md5(f.to_ndarray().tobytes()).hexdigest() for f in frames]
     info["colour"] = (frames[0].color_primaries, frames[0].color_trc, frames[0].colorspace, frames[0].color_range)
     info["rotation"] = frames[0].rotation
     return info
