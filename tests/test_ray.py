@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import zlib
@@ -26,6 +27,7 @@ from lmf_cli.api import Upscaler  # noqa: E402
 from lmf_cli.cli import app  # noqa: E402
 from lmf_cli.cluster import WorkerPool, run_video_on, upscale_files  # noqa: E402
 from lmf_cli.cluster import pool as pool_module  # noqa: E402
+from lmf_cli.cluster.connect import ClusterError  # noqa: E402
 from lmf_cli.cluster.pool import plan_shape  # noqa: E402
 from lmf_cli.io.video import plan_video, work_dir  # noqa: E402
 from lmf_cli.jobs.images import FileOptions, Sizing, expand_inputs, plan_jobs, upscale_file  # noqa: E402
@@ -132,6 +134,29 @@ def poisoned(weights: Path) -> Upscaler:
 
     loaded = Upscaler.load(weights, EngineOptions("cpu", "fp32"))
     return Poisoned(loaded.loaded, EngineOptions("cpu", "fp32"))
+
+
+def mixed(weights: Path, claim: Path) -> Upscaler:
+    """The first worker to load renders in fp32, the others in bf16: `--precision auto` on a cluster
+    whose nodes do and do not have bf16 units."""
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+        precision = "fp32"
+    except FileExistsError:
+        precision = "bf16"
+    return Upscaler.load(weights, EngineOptions("cpu", precision))
+
+
+def test_workers_that_would_render_differently_stop_the_pool(cluster, weights, tmp_path):
+    """A segment or image must not depend on which node rendered it: a worker whose precision differs
+    from the pool's stops the work with a line that says how to choose one."""
+    with WorkerPool.start("local", functools.partial(mixed, weights, tmp_path / "claim")) as pool:
+        first = pool.facts["precision"]  # whichever answered first
+        with pytest.raises(ClusterError) as refused:
+            list(pool.map(range(4), lambda actor, _: actor.describe.remote()))
+    other, host = {"fp32": "bf16", "bf16": "fp32"}[first], socket.gethostname()
+    assert str(refused.value).startswith(f"the Ray workers would not render alike: precision {other} on {host} "
+                                         f"against {first} on {host}; choose one with --device and --precision")
 
 
 def test_workers_that_die_are_replaced_and_their_work_retried(cluster, weights, tmp_path, butterfly, monkeypatch):

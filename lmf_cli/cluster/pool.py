@@ -184,6 +184,9 @@ class WorkerPool:
                 raise cause from None
             self.trouble = _short(result)
             return
+        if self.facts and (clash := _clash(self.facts, result)):
+            raise ClusterError(f"the Ray workers would not render alike: {clash}; choose one with --device and "
+                               "--precision, so that every segment and image is rendered the same way")
         self.facts = self.facts or result
         self.idle.append(actor)
 
@@ -269,6 +272,22 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RENDERING = ("name", "precision", "options")  # what must agree between workers for their outputs to agree
+
+
+def _clash(pool: dict[str, Any], worker: dict[str, Any]) -> str | None:
+    """How a worker's facts differ from the pool's where outputs depend on them (with `--precision auto`
+    a node with bf16 matrix units picks bf16, one without fp32), or None. The device type counts, its
+    number does not."""
+    for key in RENDERING:
+        if pool[key] != worker[key]:
+            return f"{key} {worker[key]} on {worker['host']} against {pool[key]} on {pool['host']}"
+    kinds = [facts["device"].split(":")[0] for facts in (pool, worker)]
+    if kinds[0] != kinds[1]:
+        return f"device {kinds[1]} on {worker['host']} against {kinds[0]} on {pool['host']}"
+    return None
 
 
 def _short(exc: BaseException) -> str:
