@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from lmf_cli.cluster.connect import ClusterError, Connection, connect, import_ray
-from lmf_cli.errors import LmfError
+from lmf_cli.errors import LmfError, option_name
 
 MAX_RESTARTS = 8  # per actor: a file that kills its worker costs MAX_TASK_RETRIES + 1 of them
 MAX_TASK_RETRIES = 2  # per call: an item is tried at most three times
@@ -185,8 +185,9 @@ class WorkerPool:
             self.trouble = _short(result)
             return
         if self.facts and (clash := _clash(self.facts, result)):
-            raise ClusterError(f"the Ray workers would not render alike: {clash}; choose one with --device and "
-                               "--precision, so that every segment and image is rendered the same way")
+            raise ClusterError(f"the Ray workers would not render alike: {clash}; choose one with "
+                               f"{option_name('device')} and {option_name('precision')}, so that every segment and "
+                               "image is rendered the same way")
         self.facts = self.facts or result
         self.idle.append(actor)
 
