@@ -5,7 +5,8 @@ at a time, as ray.util.ActorPool does: an actor that dies then takes only its ow
 Ray restarts a dead actor (up to MAX_RESTARTS times) and retries the call it was running (up to
 MAX_TASK_RETRIES times); a call that still fails comes back as a failure of its item, and an actor
 past its restarts leaves the pool. Errors a user can act on (LmfError) come back as they are, so
-a file is reported exactly as a local run reports it.
+a file is reported exactly as a local run reports it. Every actor must render alike (model, precision,
+options, device type): one that would not stops the run, so a video never mixes two renderings.
 """
 
 from __future__ import annotations
