@@ -418,3 +418,35 @@ def test_bf16_training_runs_the_latent_mlp_in_bf16_and_exports_float32(tiny_data
     weights = train(replace(_config(tiny_data, tmp_path / "r", steps=2), bf16=bf16), log=lambda _: None)
     assert seen and set(seen) == {bf16}
     assert all(t.dtype == torch.float32 for t in load_file(str(weights)).values() if t.is_floating_point())
+
+
+def test_average_weights_mixes_two_points_of_one_training_line(weights, tmp_path):
+    """scripts/average-weights: share x NEW + (1 - share) x OLD for every float tensor, NEW's spec and
+    CMSR tables kept; two architectures are refused in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lmf_cli.models.checkpoints import save_weights
+
+    script = Path(__file__).parents[1] / "scripts" / "average-weights"
+    old = load_weights(weights)
+    new = load_weights(weights)
+    with torch.no_grad():
+        for p in new.model.parameters():
+            p.add_(torch.randn_like(p))
+    save_weights(tmp_path / "new.safetensors", new.model, new.spec, {"steps": 5}, {"2e-05": {"8.0": {"2.0": 0.1}}})
+    out = tmp_path / "avg.safetensors"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "new.safetensors"), str(weights),
+                           "--new-share", "0.75", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    mixed = load_weights(out)
+    a, b, m = old.model.state_dict(), new.model.state_dict(), mixed.model.state_dict()
+    assert all(torch.allclose(m[k], 0.75 * b[k] + 0.25 * a[k], atol=1e-6) for k in a if a[k].is_floating_point())
+    assert mixed.spec == new.spec and mixed.cmsr_tables == {"2e-05": {"8.0": {"2.0": 0.1}}}
+    assert mixed.info["averaged"] == {"new_share": 0.75, "old": str(weights)} and mixed.info["steps"] == 5
+    other = subprocess.run([sys.executable, str(script), str(out), "weights/lmf-lite.safetensors", "-o",
+                            str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).parents[1])
+    assert other.returncode == 1 and "are different architectures" in other.stderr
+    assert not (tmp_path / "x.safetensors").exists()
