@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,13 +39,17 @@ class Geometry:
     latents: Latents
     counts: dict[str, int]
     fused: bool = False  # render through the compiled kernel
-    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
+    packed: dict[tuple[int, int] | None, FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
 
     def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
-        """The kernel's per-latent tables for a grid: built once per tile and grid."""
+        """The kernel's render MLP for a grid: its per-latent tables packed once per tile, the
+        grid's vector (its cell) added once per grid (CMSR renders several grids from one tile)."""
         if grid_hw not in self.packed:
+            if None not in self.packed:
+                self.packed[None] = model.fused_mlp(self.latents)
+            tile = self.packed[None]
             rel_cell = self.piece.new_tensor([rel_cell_for(self.in_hw, grid_hw)])
-            self.packed[grid_hw] = model.fused_mlp(self.latents, rel_cell)
+            self.packed[grid_hw] = None if tile is None else replace(tile, extra=model.fused_extra(rel_cell))
         return self.packed[grid_hw]
 
     @functools.cached_property

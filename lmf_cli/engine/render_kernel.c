@@ -8,8 +8,9 @@
  * Each latent's row of the latent table holds, as the latent MLP wrote it, the scales
  * (depth x HIDDEN), then the shifts (depth x HIDDEN), then the model's code. A modulated layer
  * k is h = relu((W_k h + b_k) * (1 + scale_k) + shift_k), the official formula. Layer 0:
- *   AFFINE  (LM-LIIF): its input is (code, rel_y, rel_x, cell); the part without rel is
- *                      per latent (`base`, HIDDEN floats), so W_0 h + b_0 = base + rel_y wy + rel_x wx.
+ *   AFFINE  (LM-LIIF): its input is (code, rel_y, rel_x, cell); the code's part is per latent
+ *                      (`base`, HIDDEN floats), the cell's per grid (`extra` holds wy, wx, then it),
+ *                      so W_0 h + b_0 = (base + cell) + rel_y wy + rel_x wx.
  *   FOURIER (LM-LTE):  the code holds coef (HIDDEN) and freq (HIDDEN, (y, x) pairs):
  *                      z = freq_y rel_y + freq_x rel_x + phase, input = coef * [cos(pi z), sin(pi z)],
  *                      then layer 0 is an ordinary modulated layer.
@@ -229,10 +230,11 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
 static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, float ry, float rx) {
     const float *row = m->table + lat * m->row;
     if (kind == AFFINE) {
-        const float *base = m->base + lat * HIDDEN, *wy = m->extra, *wx = m->extra + HIDDEN;
+        const float *base = m->base + lat * HIDDEN, *wy = m->extra, *wx = wy + HIDDEN, *cell = wx + HIDDEN;
         const float *scale = row, *shift = row + m->depth * HIDDEN;
         for (int o = 0; o < HIDDEN; o++) {
-            float v = (base[o] + ry * wy[o] + rx * wx[o]) * (1.0f + scale[o]) + shift[o];
+            const float own = base[o] + cell[o]; /* the latent's code and the grid's cell */
+            float v = (own + ry * wy[o] + rx * wx[o]) * (1.0f + scale[o]) + shift[o];
             h[o] = v > 0.0f ? v : 0.0f;
         }
         return;
@@ -280,7 +282,9 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
     for (int c = 0; c < 3; c++) b_pad[c] = b_out[c];
     for (int64_t y = y0; y < y1; y += step) {
         for (int64_t x = 0; x <= width; x++) {
-            if (n > 0 && (x == width || n + per_pixel > BATCH)) {
+            /* a batch runs when full, and at the end of the thread's last row: it carries over row
+             * ends, so narrow windows (CMSR's coarse rectangles, masked rows) fill their batches too */
+            if (n > 0 && (n + per_pixel > BATCH || (x == width && y + step >= y1))) {
                 for (int s = n; s < BATCH; s++) {
                     lat[s] = lat[0];
                     memset(h[s], 0, sizeof h[s]);
@@ -312,7 +316,15 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 n = 0;
             }
             if (x == width) break;
-            if (mask && !mask[y * width + x]) continue;
+            if (mask && !mask[y * width + x]) { /* skip the run of unwanted pixels, 8 mask bytes a step */
+                const uint8_t *wanted = mask + y * width;
+                int64_t next = x + 1;
+                for (uint64_t eight; next + 8 <= width && (memcpy(&eight, wanted + next, 8), eight == 0);)
+                    next += 8;
+                while (next < width && !wanted[next]) next++;
+                x = next - 1;
+                continue;
+            }
             const double *ry = rel_y + y * taps, *rx = rel_x + x * taps;
             double area[2][2], total = 0.0;
             for (int a = 0; a < taps; a++)

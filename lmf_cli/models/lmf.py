@@ -66,15 +66,16 @@ def _folded_layers(render: ModulatedMLP, x: torch.Tensor, mod: torch.Tensor, fir
     return rows_linear(x, linears[-1].weight, linears[-1].bias)
 
 
-def _fused(render: ModulatedMLP, kind: int, table: torch.Tensor, base: torch.Tensor | None, extra: torch.Tensor,
-           code: int, first: int) -> FusedMLP:
-    """Pack the render MLP for the compiled kernel; the latent table is passed as it is."""
+def _fused(render: ModulatedMLP, kind: int, table: torch.Tensor, base: torch.Tensor | None, code: int,
+           first: int) -> FusedMLP:
+    """Pack the render MLP for the compiled kernel; the latent table is passed as it is. The
+    grid's `extra` vector is added per grid (fused_extra)."""
     linears = render.linears[first:render.hidden_depth]
     last = render.linears[-1]
     d = render.hidden_dim
     weights = torch.stack([layer.weight.t() for layer in linears]) if linears else last.weight.new_empty(0, d, d)
     biases = torch.stack([layer.bias for layer in linears]) if linears else last.weight.new_empty(0, d)
-    return FusedMLP(kind, table.contiguous(), render.hidden_depth, base, extra.contiguous(), code,
+    return FusedMLP(kind, table.contiguous(), render.hidden_depth, base, None, code,
                     weights.contiguous(), biases.contiguous(), last.weight.t().contiguous(), last.bias.contiguous())
 
 
@@ -156,16 +157,22 @@ class LMLIIF(ImplicitSR):
     def modulation_intensity(self, latents: Latents) -> torch.Tensor:
         return _shift_intensity(self.imnet, latents)
 
-    def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
-        """Layer 0 is affine in (rel_y, rel_x): its code and cell part is one GEMM per latent."""
+    def fused_mlp(self, latents: Latents) -> FusedMLP | None:
+        """Layer 0 is affine in (rel_y, rel_x) and the cell: its code part is one GEMM per latent,
+        made once per tile; the cell's part is one vector per grid (fused_extra)."""
         mod = latents["mod"][0]
         code = mod[..., self.imnet.mod_dim:] if self.mod_input else latents["code"][0]
         first = self.imnet.linears[0]
-        c = code.shape[-1]
-        base = F.linear(code, first.weight[:, :c], first.bias)
-        if self.cell_decode:
-            base = base + rel_cell[0] @ first.weight[:, c + 2:c + 4].t()
-        return _fused(self.imnet, AFFINE, mod, base.contiguous(), first.weight[:, c:c + 2].t(), 0, 1)
+        base = F.linear(code, first.weight[:, :code.shape[-1]], first.bias)
+        return _fused(self.imnet, AFFINE, mod, base.contiguous(), 0, 1)
+
+    def fused_extra(self, rel_cell: torch.Tensor) -> torch.Tensor:
+        """Layer 0's weights of (rel_y, rel_x), then the cell's term, (3, hidden)."""
+        first = self.imnet.linears[0]
+        c = first.in_features - (4 if self.cell_decode else 2)
+        cell = rel_cell[0] @ first.weight[:, c + 2:c + 4].t() if self.cell_decode else first.bias.new_zeros(
+            first.out_features)
+        return torch.cat([first.weight[:, c:c + 2].t(), cell[None]]).contiguous()
 
 
 def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
@@ -252,13 +259,16 @@ class LMLTE(ImplicitSR):
     def modulation_intensity(self, latents: Latents) -> torch.Tensor:
         return _shift_intensity(self.imnet, latents)
 
-    def fused_mlp(self, latents: Latents, rel_cell: torch.Tensor) -> FusedMLP | None:
-        """The Fourier input stage reads coef and freq from the latent table; the phase of
-        the cell is one vector. Only with mod_input, where the render MLP is hidden_dim wide."""
+    def fused_mlp(self, latents: Latents) -> FusedMLP | None:
+        """The Fourier input stage reads coef and freq from the latent table. Only with
+        mod_input, where the render MLP is hidden_dim wide."""
         if not self.mod_input:
             return None
-        phase = self._phase_layer()(rel_cell[0])
-        return _fused(self.imnet, FOURIER, latents["mod"][0], None, phase, self.imnet.mod_dim, 0)
+        return _fused(self.imnet, FOURIER, latents["mod"][0], None, self.imnet.mod_dim, 0)
+
+    def fused_extra(self, rel_cell: torch.Tensor) -> torch.Tensor:
+        """The phase of the grid's cell, one vector."""
+        return self._phase_layer()(rel_cell[0]).contiguous()
 
 
 def _modulated_capabilities(model: LMLIIF | LMLTE, family: str, kernel: bool) -> Capabilities:

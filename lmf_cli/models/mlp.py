@@ -98,14 +98,15 @@ class ModulatedMLP(nn.Module):
 class FusedMLP:
     """What the compiled kernel needs to run a render MLP (see render_kernel.c): the latent
     `table` (h, w, C) as the latent MLP wrote it, the input stage `kind` with its per-latent
-    `base` (AFFINE) or the offset `code` of (coef, freq) in a row (FOURIER), its small shared
-    `extra` vector, and the matrix layers after it, (n, in, out) weights and (n, out) biases."""
+    `base` (AFFINE) or the offset `code` of (coef, freq) in a row (FOURIER), the small `extra`
+    vector of the grid rendered (None until a grid is chosen: the rest is packed once per tile),
+    and the matrix layers after it, (n, in, out) weights and (n, out) biases."""
 
     kind: int
     table: torch.Tensor
     depth: int
     base: torch.Tensor | None
-    extra: torch.Tensor
+    extra: torch.Tensor | None
     code: int
     weights: torch.Tensor
     biases: torch.Tensor
