@@ -96,9 +96,12 @@ def batch_loss(model: ImplicitSR, batch: dict, loss: str = "l1") -> torch.Tensor
             value = value + FFT_WEIGHT * (spectra[0] - spectra[1]).abs().mean()
         return value
     inp = batch["inp"]
+    # split, not sliced per sample: a slice's backward writes a zero gradient of the whole batch's
+    # latents for every sample (16 fills and adds of the full tensor); split's backward is one cat
     latents = model.encode(inp, None)
-    losses = [model.decode_cells(inp[b:b + 1], {k: v[b:b + 1] for k, v in latents.items()}, tuple(hr.shape[-2:]),
-                                 cells).l1(hr[None])
+    samples = [dict(zip(latents, parts, strict=True))
+               for parts in zip(*(v.split(1) for v in latents.values()), strict=True)]
+    losses = [model.decode_cells(inp[b:b + 1], samples[b], tuple(hr.shape[-2:]), cells).l1(hr[None])
               for b, (hr, cells) in enumerate(zip(batch["hr"], batch["cells"], strict=True))]
     return torch.stack(losses).mean()
 
