@@ -69,11 +69,14 @@ def _lookup_eps(coord: torch.Tensor, n: int, offset: int, eps: float) -> tuple[t
 
 
 def gather_latents(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of a per-latent table (B, h*w, C) at flat indices (B, ...) -> (B, ..., C)."""
-    b = table.shape[0]
-    flat = index.reshape(b, -1)
-    out = torch.gather(table, 1, flat.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
-    return out.view(*index.shape, table.shape[-1])
+    """Rows of a per-latent table (B, h*w, C) at flat indices (B, ...) -> (B, ..., C).
+
+    Whole rows by index_select: torch.gather reads an index per value (C of them per row), and
+    its backward scatters value by value; here forward and backward move rows, 1.6x and 2-3x
+    faster (a training batch's 147k rows of 208), the same numbers."""
+    b, n, c = table.shape
+    rows = index.reshape(b, -1) + torch.arange(b, device=index.device).unsqueeze(1) * n
+    return table.reshape(b * n, c).index_select(0, rows.reshape(-1)).view(*index.shape, c)
 
 
 @dataclass(frozen=True)
