@@ -108,6 +108,28 @@ def test_mask_draws_exactly_the_masked_pixels(kernel_available, butterfly, patte
     assert torch.equal((part - skip)[0][:, ~mask], torch.zeros(3, int((~mask).sum())))
 
 
+@pytest.mark.parametrize("cols", [(5, 10), (0, 7), (20, 28), (30, 47)])
+def test_narrow_masked_windows_on_two_threads(kernel_available, butterfly, cols):
+    """Windows narrower than, as wide as, and just over the kernel's 8-byte mask skip, with rows
+    split between two threads (each takes every other row and carries its batch over row ends)."""
+    model = VARIANTS["lm-liif, skip"]()
+    inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out_hw, width = (100, 120), cols[1] - cols[0]
+    mask = torch.from_numpy(np.random.default_rng(width).random((50, width)) < 0.4)
+    mask[7:19] = False  # whole unwanted rows, for one thread and the other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            g = encode_image(model, inp, out_hw)
+            full = render_region(model, g, out_hw, (10, 60), cols)
+            part = render_region(model, g, out_hw, (10, 60), cols, mask=mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(part[0][:, mask], full[0][:, mask])
+    assert not part[0][:, ~mask].any()
+
+
 def _as_samples(unit: torch.Tensor, peak: float, dtype: np.dtype) -> torch.Tensor:
     """numpy's way from [0, 1] floats to an image's samples (what the API did after rendering)."""
     return torch.from_numpy(np.round(unit.clamp(0, 1).numpy() * peak).astype(dtype))

@@ -233,6 +233,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
            and int(cols.lat.min()) >= 0, "latent index outside the table")
     _check(rows.lat.dtype == cols.lat.dtype == torch.int64 and rows.rel.dtype == cols.rel.dtype == torch.float64,
            "taps must be int64 latents and float64 offsets")
+    _check(mlp.extra is not None, "no grid chosen: the render MLP has no extra vector (see Geometry.fused_mlp)")
     tensors = [mlp.table, mlp.extra, mlp.weights, mlp.biases, mlp.w_out, mlp.b_out]
     _check(all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors), "model tensors must be "
            "contiguous float32")

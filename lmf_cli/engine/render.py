@@ -39,17 +39,18 @@ class Geometry:
     latents: Latents
     counts: dict[str, int]
     fused: bool = False  # render through the compiled kernel
-    packed: dict[tuple[int, int] | None, FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
+    tile_mlp: FusedMLP | None = None  # with `fused`, the render MLP packed for these latents (model.fused_mlp)
+    packed: dict[tuple[int, int], FusedMLP | None] = field(default_factory=dict, compare=False, repr=False)
 
     def fused_mlp(self, model: ImplicitSR, grid_hw: tuple[int, int]) -> FusedMLP | None:
-        """The kernel's render MLP for a grid: its per-latent tables packed once per tile, the
-        grid's vector (its cell) added once per grid (CMSR renders several grids from one tile)."""
+        """The kernel's render MLP for a grid: the tile's packing with the grid's vector (its cell),
+        made once per grid (CMSR renders several grids from one tile)."""
         if grid_hw not in self.packed:
-            if None not in self.packed:
-                self.packed[None] = model.fused_mlp(self.latents)
-            tile = self.packed[None]
-            rel_cell = self.piece.new_tensor([rel_cell_for(self.in_hw, grid_hw)])
-            self.packed[grid_hw] = None if tile is None else replace(tile, extra=model.fused_extra(rel_cell))
+            if self.tile_mlp is None:
+                self.packed[grid_hw] = None
+            else:
+                rel_cell = self.piece.new_tensor([rel_cell_for(self.in_hw, grid_hw)])
+                self.packed[grid_hw] = replace(self.tile_mlp, extra=model.fused_extra(rel_cell))
         return self.packed[grid_hw]
 
     @functools.cached_property
@@ -179,5 +180,6 @@ def _window_axis(n_grid: int, n_in: int, start: int, stop: int, origin: int, loc
 def encode_image(model: ImplicitSR, inp: torch.Tensor, out_hw: tuple[int, int]) -> Geometry:
     """Encode a whole (untiled) image for rendering grids of it (calibration, benchmarks)."""
     rel_cell = inp.new_tensor([rel_cell_for(tuple(inp.shape[-2:]), out_hw)])
-    return Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, model.encode(inp, rel_cell), {},
-                     renders_fused(model, inp))
+    latents, fused = model.encode(inp, rel_cell), renders_fused(model, inp)
+    return Geometry(tuple(inp.shape[-2:]), out_hw, 0, 0, inp, latents, {}, fused,
+                    model.fused_mlp(latents) if fused else None)

@@ -200,7 +200,8 @@ class _TiledRun:
         levels = None if self.schedule is None or not pays(scale, self.fused, self.inp.device) else tile_levels(
             model, self.schedule, self.inp[b:b + 1], latents, origin, self.out_hw, rows_range, cols_range,
             self.rel_cell[b:b + 1], self.margin)
-        geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused)
+        geometry = Geometry(self.in_hw, self.out_hw, *origin, piece, latents, self.counts, self.fused,
+                            model.fused_mlp(latents) if self.fused else None)
         block_h, block_w = self.block
         chunk = None
         if levels is not None:

@@ -97,7 +97,7 @@ def batch_loss(model: ImplicitSR, batch: dict, loss: str = "l1") -> torch.Tensor
         return value
     inp = batch["inp"]
     # split, not sliced per sample: a slice's backward writes a zero gradient of the whole batch's
-    # latents for every sample (16 fills and adds of the full tensor); split's backward is one cat
+    # latents for every sample (one fill and add of the full tensor each); split's backward is one cat
     latents = model.encode(inp, None)
     samples = [dict(zip(latents, parts, strict=True))
                for parts in zip(*(v.split(1) for v in latents.values()), strict=True)]
