@@ -280,16 +280,35 @@ def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
 
 
 def test_benchmark_says_where_cmsr_renders_exactly(lm, butterfly):
-    from lmf_cli.evaluation.benchmark import benchmark_cmsr
+    from lmf_cli.evaluation.benchmark import benchmark_cmsr, benchmark_model
 
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
     tables = {"2e-05": {"6": {"4": 1e9}}}
-    paying = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
+    rows = {s: benchmark_model("exact", lm.model, [inp], s, 1, 0) for s in (5.0, 6.0)}
+    paying = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05", rows[6.0])
     assert paying.rendered_fraction < 0.6 and "rendered exactly" not in paying.note
-    exact = benchmark_cmsr("cmsr", lm.model, [inp], 5.0, 1, 0, tables, "2e-05")
+    assert f"for {paying.rendered_fraction:.0%} drawn" in paying.note and "per pixel drawn" in paying.note
+    exact = benchmark_cmsr("cmsr", lm.model, [inp], 5.0, 1, 0, tables, "2e-05", rows[5.0])
     assert exact.rendered_fraction == 1.0 and "no coarse level pays" in exact.note
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 3.0, 1, 0, tables, "2e-05") is None  # no CMSR at x4 and below
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, None, "2e-05") is None
+    assert "per pixel drawn" not in exact.note
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 3.0, 1, 0, tables, "2e-05", rows[5.0]) is None  # x4 and below
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, None, "2e-05", rows[6.0]) is None
+
+
+def test_cmsr_against_exact_pairs_runs_by_input():
+    """Two inputs drawing 20% and 60%, the busier one timed three times: CMSR that costs exactly what
+    it draws reads 1.00 per pixel drawn. The medians would not say so: the median CMSR run is the
+    busier input's, and over the mean share times the median exact run it reads 1.20."""
+    from lmf_cli.evaluation.benchmark import Row, Timing, _against_exact
+
+    def row(render: list[float], drawn: list[float]) -> Row:
+        timing = Timing.of(render)
+        return Row("r", 8.0, timing, timing, timing, timing, {}, 1.0, 0.0, render_runs=render, drawn_runs=drawn)
+
+    exact = row([0.100, 0.100, 0.100, 0.100], [1.0] * 4)
+    cmsr = row([0.020, 0.060, 0.060, 0.060], [0.2, 0.6, 0.6, 0.6])
+    assert _against_exact(cmsr, exact) == "render 0.50x exact's for 50% drawn: 1.00x per pixel drawn"
+    assert round(cmsr.render.median_s / (0.5 * exact.render.median_s), 2) == 1.2  # the biased reading
 
 
 def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly, monkeypatch):
@@ -298,9 +317,12 @@ def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly
     monkeypatch.setenv("LMF_NATIVE", "0")
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
     tables = {"2e-05": {"6": {"4": 1e9}, "8": {"4": 1e9}}}
-    exact = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
+    from lmf_cli.evaluation.benchmark import benchmark_model
+
+    rows = {s: benchmark_model("exact", lm.model, [inp], s, 1, 0) for s in (6.0, 8.0)}
+    exact = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05", rows[6.0])
     assert exact.rendered_fraction == 1.0 and "PyTorch renderer below x8" in exact.note
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 8.0, 1, 0, tables, "2e-05").rendered_fraction < 0.6
+    assert benchmark_cmsr("cmsr", lm.model, [inp], 8.0, 1, 0, tables, "2e-05", rows[8.0]).rendered_fraction < 0.6
 
 
 def test_rectangles_of_one_level_grow_down_through_bands():

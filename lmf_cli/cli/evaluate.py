@@ -199,8 +199,10 @@ def benchmark(
     for scale in scale_list:
         if pair is not None:
             rows.extend(bench.ciaosr_rows(inputs, scale, repeats, warmup, 32 if quick else 64, pair))
-        rows.append(bench.benchmark_model(f"LMF ({up.name})", up.model, inputs, scale, repeats, warmup))
-        cmsr = bench.benchmark_cmsr(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup, tables, key)
+        exact = bench.benchmark_model(f"LMF ({up.name})", up.model, inputs, scale, repeats, warmup)
+        rows.append(exact)
+        cmsr = bench.benchmark_cmsr(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup, tables, key,
+                                    exact)
         if cmsr is not None:
             rows.append(cmsr)
         if liif:

@@ -9,7 +9,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +55,8 @@ class Row:
     peak_memory_mb: float
     rendered_fraction: float = 1.0
     note: str = ""
+    render_runs: list[float] = field(default_factory=list)  # each timed run's render, inputs in turn
+    drawn_runs: list[float] = field(default_factory=list)  # and its share of pixels drawn
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -195,15 +197,16 @@ def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sc
     fraction = statistics.mean(drawn[-repeats:]) if drawn else 1.0
     macs["render"] *= fraction
     return Row(name, scale, enc, latent, render, total, macs, out_hw[0] * out_hw[1] / 1e6 / total.median_s,
-               peak_memory_mb(device), fraction, note=_spread_note(enc, latent, render, total))
+               peak_memory_mb(device), fraction, note=_spread_note(enc, latent, render, total),
+               render_runs=[s[2] for s in samples], drawn_runs=drawn[-repeats:])
 
 
 def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
-                   warmup: int, tables: dict | None, key: str) -> Row | None:
+                   warmup: int, tables: dict | None, key: str, exact: Row) -> Row | None:
     """The CMSR row of a scale above x4, where CMSR applies (None at x4 and below, or where the
-    model has no table for `key`). Where no coarse level would pay at this scale (levels whose
-    pixels nearly fill their blocks: `schedule_for`), the engine renders exactly, and the row is
-    that run, saying so."""
+    model has no table for `key`), with its render against `exact`'s (the same inputs' exact row)
+    in its note. Where no coarse level would pay at this scale (levels whose pixels nearly fill
+    their blocks: `schedule_for`), the engine renders exactly, and the row is that run, saying so."""
     if not tables or key not in tables or scale <= MIN_SCALE:
         return None
     schedule = schedule_for(tables, key, scale)
@@ -215,7 +218,22 @@ def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sca
            else f"CMSR does not pay on the PyTorch renderer below x{TORCH_MIN_SCALE:g}")
     if why:
         row.note = "; ".join(n for n in (f"rendered exactly: {why}", row.note) if n)
+    elif exact.render is not None and row.render is not None:
+        row.note = "; ".join(n for n in (_against_exact(row, exact), row.note) if n)
     return row
+
+
+def _against_exact(cmsr: Row, exact: Row) -> str:
+    """CMSR's render against the exact one: as a share, and per pixel drawn. Runs are paired by
+    input (both rows cycle the inputs in the same order), and sums are compared, not medians: the
+    inputs draw different shares, so the median run of one row need not be the same input as the
+    other's, nor have the mean share."""
+    pairs = list(zip(cmsr.render_runs, cmsr.drawn_runs, exact.render_runs, strict=True))
+    exact_s = sum(e for _, _, e in pairs)
+    drawn_s = sum(d * e for _, d, e in pairs)
+    render_s = sum(c for c, _, _ in pairs)
+    return (f"render {render_s / exact_s:.2f}x exact's for {drawn_s / exact_s:.0%} drawn: "
+            f"{render_s / drawn_s:.2f}x per pixel drawn")
 
 
 def _spread_note(*stages: Timing) -> str:
