@@ -123,9 +123,11 @@ def test_narrow_masked_windows_on_two_threads(kernel_available, butterfly, cols)
         with torch.no_grad():
             g = encode_image(model, inp, out_hw)
             full = render_region(model, g, out_hw, (10, 60), cols)
+            g.counts["rendered"] = 0
             part = render_region(model, g, out_hw, (10, 60), cols, mask=mask)
     finally:
         torch.set_num_threads(threads)
+    assert g.counts["rendered"] == int(mask.sum())  # both threads' counts
     assert torch.equal(part[0][:, mask], full[0][:, mask])
     assert not part[0][:, ~mask].any()
 

@@ -166,7 +166,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lmf_render.argtypes = [p, i64, i64, i64, i32, p, p, i64, p, p, i64, p, p,
                                p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p,
                                p, i64, i64, i64, i32]
-    lib.lmf_render.restype = None
+    lib.lmf_render.restype = ctypes.c_int64
     lib.lmf_blend_rects.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, p, p, i64, i64, i64, p, i32]
     lib.lmf_blend_rects.restype = None
 
@@ -212,7 +212,7 @@ def _bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | None = None,
            skip: tuple[torch.Tensor, AxisBilinear, AxisBilinear] | None = None,
-           into: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
+           into: torch.Tensor | None = None, unit: bool = False) -> tuple[torch.Tensor, int]:
     """Ensemble-summed render MLP output (1, 3, rows, cols) in normalised units, plus
     `skip` = (image (3, h, w), row taps, column taps) sampled bilinearly if given; with
     `unit`, in [0, 1] units ((v + 1) / 2, the canvas's), or, `into` a uint8 or uint16 view, as the
@@ -220,6 +220,7 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
 
     With a boolean `mask` (rows, cols), only those pixels are computed; the others are 0,
     or, when writing `into` a (1, 3, rows, cols) view of a larger image, left as they are.
+    Returns the output and how many pixels were drawn (counted as they are: no pass over the mask).
     """
     lib = _loaded(mlp.hidden)
     n_rows, n_cols = rows.lat.shape[0], cols.lat.shape[0]
@@ -252,23 +253,21 @@ def render(mlp: FusedMLP, rows: AxisTaps, cols: AxisTaps, mask: torch.Tensor | N
 
     threads = max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_THREAD))
 
-    def run(first: int) -> None:
-        lib.lmf_render(mlp.table.data_ptr(), mlp.table.shape[2], mlp.table.shape[1], mlp.depth, mlp.kind,
-                       base.data_ptr(), mlp.extra.data_ptr(), mlp.code,
-                       mlp.weights.data_ptr(), mlp.biases.data_ptr(), mlp.weights.shape[0],
-                       mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
-                       rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
-                       rows.lat.shape[1], first, n_rows, threads, n_cols,
-                       pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), *layout)
+    def run(first: int) -> int:
+        return lib.lmf_render(mlp.table.data_ptr(), mlp.table.shape[2], mlp.table.shape[1], mlp.depth, mlp.kind,
+                              base.data_ptr(), mlp.extra.data_ptr(), mlp.code,
+                              mlp.weights.data_ptr(), mlp.biases.data_ptr(), mlp.weights.shape[0],
+                              mlp.w_out.data_ptr(), mlp.b_out.data_ptr(),
+                              rows.lat.data_ptr(), rows.rel.data_ptr(), cols.lat.data_ptr(), cols.rel.data_ptr(),
+                              rows.lat.shape[1], first, n_rows, threads, n_cols,
+                              pointers[0], pointers[1], *skip_hw, *pointers[2:], into.data_ptr(), *layout)
 
     jobs = [_pool().submit(run, t) for t in range(1, threads)]
     try:
-        run(0)
+        drawn = run(0)
     finally:  # even on Ctrl-C, the workers must finish before the tensors they use are freed
         wait(jobs)
-    for job in jobs:
-        job.result()
-    return into
+    return into, drawn + sum(job.result() for job in jobs)
 
 
 def blend_rects(hidden: int, into: torch.Tensor, rects: torch.Tensor, coarse: torch.Tensor, rows: AxisBilinear,

@@ -141,8 +141,8 @@ def render_region(model: ImplicitSR, g: Geometry, grid_hw: tuple[int, int], rows
     if mlp is not None:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device, True)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device, True)
-        out = native.render(mlp, rows, cols, mask, (g.kernel_pixels, bil_rows, bil_cols) if bil else None, into, unit)
-        drawn = out.shape[-2] * out.shape[-1] if mask is None else int(torch.count_nonzero(mask))
+        out, drawn = native.render(mlp, rows, cols, mask, (g.kernel_pixels, bil_rows, bil_cols) if bil else None,
+                                   into, unit)
     else:
         rows, bil_rows = _window_axis(grid_hw[0], h, *rows_range, g.lr0, model.local_ensemble, bil, device)
         cols, bil_cols = _window_axis(grid_hw[1], w, *cols_range, g.lc0, model.local_ensemble, bil, device)

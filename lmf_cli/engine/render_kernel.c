@@ -259,8 +259,9 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
  * the canvas is an image's samples, pixel-interleaved (plane 1, pitch 3), in the units it is saved in.
  * The output layer is linear, so it runs once per pixel on the area-weighted sum of the
  * neighbours' last hidden layers instead of once per neighbour.
+ * Returns the number of pixels drawn (with a mask, the caller need not count it again).
  */
-void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, int kind,
+int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, int kind,
                 const float *base, const float *extra, int64_t code,
                 const float *weights, const float *biases, int64_t layers, const float *w_out, const float *b_out,
                 const int64_t *lat_y, const double *rel_y, const int64_t *lat_x, const double *rel_x,
@@ -275,6 +276,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
     int64_t pixel[BATCH], row_of[BATCH], col_of[BATCH];
     const int per_pixel = (int)(taps * taps);
     int n = 0;
+    int64_t drawn = 0;
     /* the 3-wide output layer padded to HIDDEN columns, so it runs as vector FMAs */
     float w_pad[HIDDEN * HIDDEN] = {0}, b_pad[HIDDEN] = {0};
     for (int i = 0; i < HIDDEN; i++)
@@ -325,6 +327,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 x = next - 1;
                 continue;
             }
+            drawn++;
             const double *ry = rel_y + y * taps, *rx = rel_x + x * taps;
             double area[2][2], total = 0.0;
             for (int a = 0; a < taps; a++)
@@ -346,6 +349,7 @@ void lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, i
                 }
         }
     }
+    return drawn;
 }
 
 /* Columns x0..x1 of coarse row r (planar, 3 x coarse_h x coarse_w) sampled at the output columns'
