@@ -262,13 +262,13 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
  * Returns the number of pixels drawn (with a mask, the caller need not count it again).
  */
 int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth, int kind,
-                const float *base, const float *extra, int64_t code,
-                const float *weights, const float *biases, int64_t layers, const float *w_out, const float *b_out,
-                const int64_t *lat_y, const double *rel_y, const int64_t *lat_x, const double *rel_x,
-                int64_t taps, int64_t y0, int64_t y1, int64_t step, int64_t width, const uint8_t *mask,
-                const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
-                const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
-                void *out, int64_t stride, int64_t plane, int64_t pitch, int units) {
+                   const float *base, const float *extra, int64_t code,
+                   const float *weights, const float *biases, int64_t layers, const float *w_out, const float *b_out,
+                   const int64_t *lat_y, const double *rel_y, const int64_t *lat_x, const double *rel_x,
+                   int64_t taps, int64_t y0, int64_t y1, int64_t step, int64_t width, const uint8_t *mask,
+                   const float *skip, int64_t skip_h, int64_t skip_w, const int64_t *sy_lo, const int64_t *sy_hi,
+                   const float *sy_frac, const int64_t *sx_lo, const int64_t *sx_hi, const float *sx_frac,
+                   void *out, int64_t stride, int64_t plane, int64_t pitch, int units) {
     const Model m = {table, row, depth, kind == AFFINE ? 1 : 0, layers, code, base, extra, weights, biases};
     float h[BATCH][HIDDEN];
     int64_t lat[BATCH];

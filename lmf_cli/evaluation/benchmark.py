@@ -218,7 +218,7 @@ def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sca
            else f"CMSR does not pay on the PyTorch renderer below x{TORCH_MIN_SCALE:g}")
     if why:
         row.note = "; ".join(n for n in (f"rendered exactly: {why}", row.note) if n)
-    elif exact.render is not None and row.render is not None:
+    else:
         row.note = "; ".join(n for n in (_against_exact(row, exact), row.note) if n)
     return row
 
