@@ -158,3 +158,20 @@ def test_half_the_real_jpeg_draws_come_from_the_common_qualities(butterfly, monk
     # half from the common range, and the other half lands there at the uniform rate
     assert common == pytest.approx(0.5 + 0.5 * uniform_only, abs=0.08)
     assert min(qualities) < low and max(qualities) > high
+
+
+def test_real_video_draws_video_frames_as_often_as_jpeg_files(butterfly, monkeypatch):
+    drawn: list[str] = []
+    monkeypatch.setattr(dg, "video", lambda img, codec, crf: drawn.append("video") or img)
+    monkeypatch.setattr(dg, "jpeg", lambda img, quality: drawn.append("jpeg") or img)
+    rng = np.random.default_rng(5)
+    hr = butterfly[:, :40]
+    counts = {}
+    for name in ("real", "real-video"):
+        drawn.clear()
+        for _ in range(600):
+            dg.degrade_for_training(hr, (20, 20), dg.training_preset(name), rng)
+        counts[name] = (drawn.count("video"), drawn.count("jpeg"))
+    (video, jpeg), (video_more, jpeg_fewer) = counts["real"], counts["real-video"]
+    # 600 patches, 65% degraded: real draws video in 15% of them, real-video in 40%
+    assert 30 <= video <= 90 and 110 <= video_more <= 200 and jpeg_fewer < jpeg
