@@ -74,10 +74,11 @@ def test_grid_rendering_equals_point_queries(official_files, arch, render_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunk_size_changes_nothing(official_files, arch, butterfly, render_path):
+@pytest.mark.parametrize("out_hw", [(97, 131), (390, 460)])  # rows per latent; per latent and role (x9.75, x9.6)
+def test_chunk_size_changes_nothing(official_files, arch, butterfly, out_hw, render_path):
     model = Upscaler.load(official_files[arch], EngineOptions("cpu")).model
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
-    outs = [upscale_tensor(model, inp, (97, 131), EngineOptions(max_memory=m)) for m in (1 << 30, 1 << 21, 1 << 19)]
+    outs = [upscale_tensor(model, inp, out_hw, EngineOptions(max_memory=m)) for m in (1 << 30, 1 << 21, 1 << 19)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

@@ -33,7 +33,7 @@ def deep_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["liif", "lte", "lmliif", "lmlte"])
-@pytest.mark.parametrize(("scale", "tile"), [(2, 16), (3.7, 16), ((1.6, 2.9), 23), (5, 40)])
+@pytest.mark.parametrize(("scale", "tile"), [(2, 16), (3.7, 16), ((1.6, 2.9), 23), (5, 40), (9.5, 16)])
 def test_tiled_equals_untiled(deep_models, butterfly, arch, scale, tile, render_path):
     up = deep_models[arch]
     image = butterfly.astype(np.float32) / 255  # 48 x 40: tiles of 16 make a 3 x 3 grid

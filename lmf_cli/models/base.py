@@ -207,11 +207,11 @@ class ImplicitSR(nn.Module):
         if window.pairs is None:  # (B, nr, nc, Kr, Kc, 3)
             pred = pred * weights
         else:  # (B, P, 1, Kr, Kc, 3) for the chosen latents: into a zero window, as whole slot blocks
-            r, c = window.pairs // cols.n_latents, window.pairs % cols.n_latents
+            r, c = window.pairs // cols.n_rows, window.pairs % cols.n_rows
             weighted = pred[:, :, 0] * weights[r, c]
-            dense = pred.new_zeros(pred.shape[0], rows.n_latents * cols.n_latents, *weighted.shape[2:])
+            dense = pred.new_zeros(pred.shape[0], rows.n_rows * cols.n_rows, *weighted.shape[2:])
             dense[:, window.pairs] = weighted
-            pred = dense.view(pred.shape[0], rows.n_latents, cols.n_latents, *weighted.shape[2:])
+            pred = dense.view(pred.shape[0], rows.n_rows, cols.n_rows, *weighted.shape[2:])
         b, nr, nc, kr, kc, _ = pred.shape
         pred = pred.permute(0, 1, 3, 2, 4, 5)
         n_out_r = int(rows.out.max()) + 1
@@ -254,15 +254,15 @@ def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = Tr
 
 
 def slot_window(latents_map: torch.Tensor, window: RenderWindow) -> torch.Tensor:
-    """The per-latent table (B, h, w, C) cut to the latents the window's slots use,
-    shaped (B, nr, nc, 1, 1, C) to broadcast over their (Kr, Kc) slots; with window.pairs,
-    (B, P, 1, 1, 1, C) for the chosen latents."""
-    r0, c0 = window.rows.lat0, window.cols.lat0
-    nr, nc = window.rows.n_latents, window.cols.n_latents
-    cut = latents_map[:, r0:r0 + nr, c0:c0 + nc]
+    """The per-latent table (B, h, w, C) at the window's rows (see AxisSlots: a latent per row and
+    neighbour role, so most latents twice per axis), shaped (B, nr, nc, 1, 1, C) to broadcast over
+    their (Kr, Kc) slots; with window.pairs, (B, P, 1, 1, 1, C) for the chosen pairs of rows."""
+    rows, cols = window.rows, window.cols
+    cut = latents_map[:, rows.lat0:rows.lat0 + rows.n_latents, cols.lat0:cols.lat0 + cols.n_latents]
     if window.pairs is not None:
-        return cut.reshape(cut.shape[0], nr * nc, 1, 1, 1, cut.shape[-1])[:, window.pairs]
-    return cut[:, :, :, None, None, :]
+        r, c = rows.lat[window.pairs // cols.n_rows], cols.lat[window.pairs % cols.n_rows]
+        return cut[:, r, c][:, :, None, None, None, :]
+    return cut[:, rows.lat[:, None], cols.lat[None, :]][:, :, :, None, None, :]
 
 
 def slot_rel(window: RenderWindow, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,19 @@ weights each prediction by the area of the diagonally opposite rectangle.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 
 import torch
 
 ENSEMBLE_EPS = 1e-6
+# From this scale on, an axis's slots are grouped in a row per latent and neighbour role, below
+# it in a row per latent (see AxisSlots). Role rows hold ~scale slots, so a row pair is
+# scale^2 slots: from 64 on the batched matmuls stay efficient and the saved slots pay. PyTorch
+# renderer, lmf-edsr, 3 B100 crops, one Zen 5 EPYC thread, exact render: x12 -14%, x8 -6%,
+# x6 +24%, CMSR at x8 and x12 -2..-3%.
+ROLE_ROWS_MIN_SCALE = 8.0
 AREA_EPS = 1e-9
 
 
@@ -83,20 +90,27 @@ def gather_latents(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AxisSlots:
-    """Output pixels of a window grouped by the latent they read, along one axis.
+    """Output pixels of a window grouped by the latent they read and the neighbour it is to them
+    (lower or upper), along one axis.
 
-    Latent `lat0 + r` (index into the latent window) owns slots k = 0..K-1: output index
-    `out[r, k]` (local to the output window), relative coordinate `rel[r, k]` and separable
-    ensemble weight `weight[r, k]` (0 for padding). Each output pixel sits in the slots of
-    the one or two latents around it, and its weights sum to 1.
+    Row r reads latent `lat0 + lat[r]` (index into the latent window) and owns slots k = 0..K-1:
+    output index `out[r, k]` (local to the output window), relative coordinate `rel[r, k]` and
+    separable ensemble weight `weight[r, k]` (0 for padding). Each output pixel sits in the slots
+    of two rows (one without the local ensemble), and its weights sum to 1.
+
+    From ROLE_ROWS_MIN_SCALE on, a row per latent and neighbour role, below it a row per latent.
+    A latent is the lower neighbour of the ~s output pixels past its centre and the upper one of
+    the ~s before it (s the scale), and a window cuts the latents at its edges: rows of 2s slots
+    waste about 4s slots per axis there, rows of s slots about 2s. At x12, 128-pixel windows
+    decode 1.09 x 1.09 the slots they need instead of 1.18 x 1.18 (the render MLP's work is per
+    slot); at small scales rows of s slots are too short for the batched matmuls to pay.
 
     LIIF's area weight is not quite separable: each area carries a 1e-9 floor, which decides
     the weights where a relative coordinate is (nearly) 0, e.g. a query on a latent centre,
     where both neighbours are one latent and all four areas are the floor. So each slot also
-    keeps `other` (|rel| of the other neighbour, summed over the neighbours merged into the
-    slot), `taps` (how many were merged: 1 or 2) and `total` (|rel_a| + |rel_b| of its output
-    pixel); `ensemble_weights` combines two axes into LIIF's exact weight
-    (other_y * other_x + taps_y * taps_x * 1e-9) / (total_y * total_x + 4e-9).
+    keeps `other` (|rel| of the other neighbour), `taps` (1, 0 for padding) and `total`
+    (|rel_a| + |rel_b| of its output pixel); `ensemble_weights` combines two axes into LIIF's
+    exact weight (other_y * other_x + taps_y * taps_x * 1e-9) / (total_y * total_x + 4e-9).
 
     `span` records the call that built the slots, (n_out, n_in, out_start, out_stop,
     lat_start): the window on the global grid, for decoders that group output pixels their
@@ -104,6 +118,7 @@ class AxisSlots:
     """
 
     lat0: int
+    lat: torch.Tensor
     out: torch.Tensor
     rel: torch.Tensor
     weight: torch.Tensor
@@ -113,8 +128,13 @@ class AxisSlots:
     span: tuple[int, int, int, int, int] | None = None
 
     @property
-    def n_latents(self) -> int:
+    def n_rows(self) -> int:
         return self.out.shape[0]
+
+    @functools.cached_property
+    def n_latents(self) -> int:
+        """Latents the rows read, lat0 onwards."""
+        return int(self.lat[-1]) + 1
 
 
 def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
@@ -125,59 +145,102 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
     indices are returned relative to `lat_start`, the first latent the caller holds. The
     weight of neighbour v is |rel of the other one| / (|rel_a| + |rel_b|): the product of the
     two axes' weights is LIIF's normalised area weight.
+
+    A window is a slice of the whole axis, grouped once per axis (`_whole_axis_slots`): CMSR
+    renders hundreds of small windows per image, and grouping each anew took more time than
+    decoding it. A slot keeps its place in its row of the whole axis (slots outside the window
+    are padding), and every window has the whole axis's slot count, so every block hands the
+    batched matmuls the same per-row shapes (and BLAS the same kernels).
     """
-    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
-    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device)[out_start:out_stop])
+    by_role = local_ensemble and n_out >= ROLE_ROWS_MIN_SCALE * n_in
+    whole = _whole_axis_slots(n_out, n_in, local_ensemble, by_role, torch.device(device))
+    first_row, last_row = whole.rows_from(out_start, out_stop)
+    rows = slice(first_row, last_row)
+    first = whole.first_lat[first_row]
+    if first < lat_start:
+        raise ValueError("latent window starts after the output window needs it")
+    out = whole.slots.out[rows]
+    outside = (out < out_start) | (out >= out_stop) | (whole.slots.taps[rows] == 0)
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t[rows].masked_fill(outside, 0)
+
+    # Slots outside the window become padding through their weights (and output index) alone: their
+    # relative coordinates and totals are decoded and weighted by 0 like any padding.
+    return AxisSlots(first - lat_start, whole.slots.lat[rows] - (first - whole.slots.lat0),
+                     (out - out_start).masked_fill_(outside, 0), whole.slots.rel[rows], kept(whole.slots.weight),
+                     kept(whole.slots.other), kept(whole.slots.taps), whole.slots.total[rows],
+                     (n_out, n_in, out_start, out_stop, lat_start))
+
+
+@dataclass(frozen=True)
+class _WholeAxis:
+    """Every output pixel of an axis in its rows (`slots`, global output indices), and each row's
+    first and last output pixel and latent as lists: rows are ordered so that both their first and
+    last pixels never decrease, so a window's rows are one run of them."""
+
+    slots: AxisSlots
+    starts: list[int]
+    stops: list[int]
+    first_lat: list[int]
+
+    def rows_from(self, out_start: int, out_stop: int) -> tuple[int, int]:
+        """The run of rows with a pixel in [out_start, out_stop)."""
+        return bisect.bisect_right(self.stops, out_start), bisect.bisect_left(self.starts, out_stop)
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_axis_slots(n_out: int, n_in: int, local_ensemble: bool, by_role: bool, device: torch.device) -> _WholeAxis:
+    coord = pixel_centres(n_out, device, torch.float64)
+    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device))
     if local_ensemble:
         (_, r0), (_, r1) = found
         a0, a1 = r0.abs(), r1.abs()
         total = a0 + a1
         # Zero only where both neighbours are the same latent at the query's own centre.
         w0 = torch.where(total > 0, a1 / total.clamp_min(1e-300), 0.5)
-        weights = [w0, 1 - w0]
-        others = [a1, a0]
+        weights, others = [w0, 1 - w0], [a1, a0]
     else:
-        weights = [torch.ones_like(coord)]
         total = torch.ones_like(coord)
-        others = [torch.ones_like(coord)]
-    n_win = out_stop - out_start
-    lat = torch.cat([f[0] for f in found]) - lat_start
-    if int(lat.min()) < 0:
-        raise ValueError("latent window starts after the output window needs it")
-    rel = torch.cat([f[1] for f in found])
-    weight = torch.cat(weights)
-    out = torch.arange(n_win, device=device).repeat(len(found))
-    # Both neighbours clamped onto one latent (image border): one slot with the summed weight.
-    key, inverse = torch.unique(lat * n_win + out, return_inverse=True)
-    merged_weight = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, weight)
-    merged_rel = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_copy_(0, inverse, rel)
-    merged_other = torch.zeros(key.numel(), dtype=torch.float64, device=device).index_add_(0, inverse,
-                                                                                           torch.cat(others))
-    merged_taps = torch.bincount(inverse, minlength=key.numel()).double()
-    out_of = key % n_win
-    lat_of = key // n_win
-    lat0 = int(lat_of.min())
-    lat_of = lat_of - lat0
-    counts = torch.bincount(lat_of)
-    first = torch.cumsum(counts, 0) - counts
-    k = torch.arange(key.numel(), device=device) - first[lat_of]
-    # One slot count per axis for the whole image, so every block hands the batched matmuls
-    # the same per-latent shapes (and BLAS the same kernels): blocks never change a value.
-    shape = (counts.numel(), max(int(counts.max()), axis_slot_count(n_out, n_in, local_ensemble)))
-    out_t = torch.zeros(shape, dtype=torch.long, device=device)
-    rel_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    w_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    other_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    taps_t = torch.zeros(shape, dtype=torch.float64, device=device)
-    total_t = torch.ones(shape, dtype=torch.float64, device=device)
-    out_t[lat_of, k] = out_of
-    rel_t[lat_of, k] = merged_rel
-    w_t[lat_of, k] = merged_weight
-    other_t[lat_of, k] = merged_other
-    taps_t[lat_of, k] = merged_taps
-    total_t[lat_of, k] = total[out_of]
-    return AxisSlots(lat0, out_t, rel_t.float(), w_t.float(), other_t, taps_t, total_t,
-                     (n_out, n_in, out_start, out_stop, lat_start))
+        weights, others = [torch.ones_like(coord)], [torch.ones_like(coord)]
+    n_roles = len(found)
+    lat = torch.cat([index for index, _ in found])
+    pixel = torch.arange(n_out, device=device).repeat(n_roles)
+    if by_role:
+        # A row holds the pixels of one pair of neighbours (one LR pixel's span, or the half span
+        # between an image border and the first centre, where both neighbours are one latent) in
+        # one role; rows in the order of their pairs, pixels in order within a row.
+        pair = sum(index for index, _ in found).repeat(n_roles)
+        row_key = pair * n_roles + torch.arange(n_roles, device=device).repeat_interleave(n_out)
+    else:
+        row_key = lat
+    # A pixel whose two neighbours are one latent (image borders) is one slot of a latent's row,
+    # with the summed weight.
+    slot_key, inverse = torch.unique(row_key * n_out + pixel, return_inverse=True)
+
+    def merged(values: torch.Tensor, add: bool = True) -> torch.Tensor:
+        into = torch.zeros(slot_key.numel(), dtype=values.dtype, device=device)
+        return into.index_add_(0, inverse, values) if add else into.index_copy_(0, inverse, values)
+
+    _, row_of, counts = torch.unique_consecutive(slot_key // n_out, return_inverse=True, return_counts=True)
+    stops = torch.cumsum(counts, 0)
+    k = torch.arange(slot_key.numel(), device=device) - (stops - counts)[row_of]
+    shape = (counts.numel(), int(counts.max()))
+
+    def table(values: torch.Tensor, pad: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        t = torch.full(shape, pad, dtype=dtype, device=device)
+        t[row_of, k] = values.to(dtype)
+        return t
+
+    out = slot_key % n_out
+    row_lat = merged(lat, add=False)[stops - counts]
+    lat0 = int(row_lat[0])  # a window's first row is a lower neighbour's: its latent is the window's first
+    slots = AxisSlots(lat0, row_lat - lat0, table(out, 0, torch.long),
+                      table(merged(torch.cat([rel for _, rel in found]), add=False), 0.0, torch.float32),
+                      table(merged(torch.cat(weights)), 0.0, torch.float32), table(merged(torch.cat(others)), 0.0),
+                      table(merged(torch.ones(n_roles * n_out, dtype=torch.float64, device=device)), 0.0),
+                      table(total[out], 1.0))
+    return _WholeAxis(slots, out[stops - counts].tolist(), (out[stops - 1] + 1).tolist(), row_lat.tolist())
 
 
 def official_centres(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -205,15 +268,6 @@ def _axis_neighbours(coord: torch.Tensor, n_in: int, local_ensemble: bool,
     centres = official_centres(n_in, coord.device)
     return [(index, torch.where(rel == 0, ((official - centres[index]).float() * n_in).double(), rel))
             for index, rel in found]
-
-
-@functools.lru_cache(maxsize=64)
-def axis_slot_count(n_out: int, n_in: int, local_ensemble: bool = True) -> int:
-    """Most output pixels any one latent serves along an n_in -> n_out axis."""
-    found = _axis_neighbours(pixel_centres(n_out, "cpu", torch.float64), n_in, local_ensemble)
-    lat = torch.cat([index for index, _ in found])
-    keys = torch.unique(lat * n_out + torch.arange(n_out).repeat(len(found)))
-    return max(int(torch.bincount(keys // n_out).max()), 1)
 
 
 def cell_starts(n_out: int, n_in: int, lat: torch.Tensor) -> torch.Tensor:
@@ -302,12 +356,21 @@ class AxisTaps:
 
 def axis_taps(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
               local_ensemble: bool = True, device: torch.device | str = "cpu") -> AxisTaps:
-    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
-    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device)[out_start:out_stop])
-    lat = torch.stack([index for index, _ in found], 1) - lat_start
-    if int(lat.min()) < 0:
+    lat, rel = _whole_axis_taps(n_out, n_in, local_ensemble, torch.device(device))
+    window = lat[out_start:out_stop] - lat_start
+    if int(window[0].min()) < 0:  # neighbours never decrease along an axis
         raise ValueError("latent window starts after the output window needs it")
-    return AxisTaps(lat.contiguous(), torch.stack([rel for _, rel in found], 1).contiguous())
+    return AxisTaps(window, rel[out_start:out_stop])
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_axis_taps(n_out: int, n_in: int, local_ensemble: bool,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """axis_taps of a whole axis, sliced per window (see axis_slots for why)."""
+    found = _axis_neighbours(pixel_centres(n_out, device, torch.float64), n_in, local_ensemble,
+                             official_centres(n_out, device))
+    return (torch.stack([index for index, _ in found], 1).contiguous(),
+            torch.stack([rel for _, rel in found], 1).contiguous())
 
 
 @dataclass(frozen=True)
@@ -321,13 +384,21 @@ class AxisBilinear:
 
 def axis_bilinear(n_out: int, n_in: int, out_start: int, out_stop: int, src_start: int = 0,
                   device: torch.device | str = "cpu") -> AxisBilinear:
-    coord = pixel_centres(n_out, device, torch.float64)[out_start:out_stop]
+    whole = _whole_axis_bilinear(n_out, n_in, torch.device(device))
+    return AxisBilinear(whole.lo[out_start:out_stop] - src_start, whole.hi[out_start:out_stop] - src_start,
+                        whole.frac[out_start:out_stop])
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_axis_bilinear(n_out: int, n_in: int, device: torch.device) -> AxisBilinear:
+    """axis_bilinear of a whole axis, sliced per window (see axis_slots for why)."""
+    coord = pixel_centres(n_out, device, torch.float64)
     pos = (((coord + 1) * n_in - 1) / 2).clamp(0, n_in - 1)
     lo = pos.floor()
     frac = pos - lo
     lo = lo.long()
     hi = (lo + 1).clamp(max=n_in - 1)
-    return AxisBilinear(lo - src_start, hi - src_start, frac.float())
+    return AxisBilinear(lo, hi, frac.float())
 
 
 def bilinear_grid(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:

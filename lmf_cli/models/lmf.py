@@ -178,7 +178,7 @@ class LMLIIF(ImplicitSR):
 def _slot_shape(table: torch.Tensor, window: RenderWindow) -> tuple[int, ...]:
     if window.pairs is not None:
         return table.shape[0], window.pairs.numel(), 1, window.rows.rel.shape[1], window.cols.rel.shape[1]
-    return (table.shape[0], window.rows.n_latents, window.cols.n_latents,
+    return (table.shape[0], window.rows.n_rows, window.cols.n_rows,
             window.rows.rel.shape[1], window.cols.rel.shape[1])
 
 
