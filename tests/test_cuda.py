@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("arch", ["liif", "lte", "lmliif", "lmlte"])
-@pytest.mark.parametrize("scale", [2, 3.5, (2.5, 1.5)])
+@pytest.mark.parametrize("scale", [2, 3.5, (2.5, 1.5), 12])  # x12: rows per latent and role
 def test_gpu_equals_cpu(official_files, butterfly, arch, scale):
     image = butterfly.astype(np.float32) / 255
     cpu = Upscaler.load(official_files[arch], EngineOptions("cpu", "fp32")).upscale(image, scale=scale)
