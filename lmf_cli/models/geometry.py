@@ -175,9 +175,9 @@ def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: 
 
 @dataclass(frozen=True)
 class _WholeAxis:
-    """Every output pixel of an axis in its rows (`slots`, global output indices), and each row's
-    first and last output pixel and latent as lists: rows are ordered so that both their first and
-    last pixels never decrease, so a window's rows are one run of them."""
+    """Every output pixel of an axis in its rows (`slots`, global output indices), and as lists each
+    row's first pixel, the pixel past its last, and its latent: rows are ordered so that both their
+    first and last pixels never decrease, so a window's rows are one run of them."""
 
     slots: AxisSlots
     starts: list[int]
@@ -191,8 +191,8 @@ class _WholeAxis:
 
 @functools.lru_cache(maxsize=64)
 def _whole_axis_slots(n_out: int, n_in: int, local_ensemble: bool, by_role: bool, device: torch.device) -> _WholeAxis:
-    coord = pixel_centres(n_out, device, torch.float64)
-    found = _axis_neighbours(coord, n_in, local_ensemble, official_centres(n_out, device))
+    by_pixel, rel_by_pixel = _whole_axis_taps(n_out, n_in, local_ensemble, device)  # the same neighbours
+    found = list(zip(by_pixel.unbind(1), rel_by_pixel.unbind(1), strict=True))
     if local_ensemble:
         (_, r0), (_, r1) = found
         a0, a1 = r0.abs(), r1.abs()
@@ -201,8 +201,8 @@ def _whole_axis_slots(n_out: int, n_in: int, local_ensemble: bool, by_role: bool
         w0 = torch.where(total > 0, a1 / total.clamp_min(1e-300), 0.5)
         weights, others = [w0, 1 - w0], [a1, a0]
     else:
-        total = torch.ones_like(coord)
-        weights, others = [torch.ones_like(coord)], [torch.ones_like(coord)]
+        total = torch.ones(n_out, dtype=torch.float64, device=device)
+        weights, others = [total], [total]
     n_roles = len(found)
     lat = torch.cat([index for index, _ in found])
     pixel = torch.arange(n_out, device=device).repeat(n_roles)
