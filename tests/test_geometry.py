@@ -61,3 +61,23 @@ def test_role_rows_decode_fewer_slots_at_large_scales(monkeypatch):
 
     by_role, by_latent = slots_per_pixel(8.0), slots_per_pixel(1e9)
     assert by_role < 1.10 < 1.15 < by_latent
+
+
+@pytest.mark.parametrize("role_rows", [False, True])
+def test_wanted_pairs_are_the_latents_with_a_slot_on_a_wanted_pixel(role_rows, monkeypatch):
+    """wanted_pairs reads a pair's rectangle from the mask's summed-area table; the reference looks
+    at every slot of every pair."""
+    from lmf_cli.engine.render import wanted_pairs
+
+    monkeypatch.setattr(geometry, "ROLE_ROWS_MIN_SCALE", 1.0 if role_rows else 1e9)
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = axis_slots(229, 17, 20, 90), axis_slots(300, 25, 33, 140)
+    counts = []
+    for share in (0.0, 0.001, 0.004, 0.02, 1.0):
+        mask = torch.rand(70, 107, generator=gen) < share
+        hit = mask[rows.out[:, None, :, None], cols.out[None, :, None, :]]
+        hit &= (rows.taps > 0)[:, None, :, None] & (cols.taps > 0)[None, :, None, :]
+        expected = torch.nonzero(hit.flatten(2).any(-1).flatten()).flatten()
+        assert torch.equal(wanted_pairs(rows, cols, mask), expected)
+        counts.append(expected.numel())
+    assert counts[0] == 0 < counts[1] < counts[2] < counts[3] < counts[4] == rows.n_rows * cols.n_rows

@@ -144,3 +144,28 @@ def test_table_linear_is_the_linear_row_by_row_whatever_the_table():
     leaf = table[:, :4, :4].clone().requires_grad_()
     table_linear(leaf, layer).sum().backward()
     assert torch.allclose(leaf.grad, layer.weight.sum(0).expand_as(leaf), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["lmliif", "lmlte"])
+@pytest.mark.parametrize("scale", [4.0, 12.0])
+def test_masked_pytorch_render_is_the_whole_one_where_wanted(official_files, butterfly, arch, scale, monkeypatch):
+    """Under a mask (CMSR's levels) the PyTorch renderer decodes only the pairs of latents with a slot on
+    a wanted pixel, in batches of pairs: the wanted pixels are the whole window's, bit for bit, whatever
+    the batch size (rows per latent at x4, per latent and role at x12)."""
+    from lmf_cli.engine.render import encode_image, render_region
+    from lmf_cli.models import base
+
+    monkeypatch.setenv("LMF_NATIVE", "0")
+    model = Upscaler.load(official_files[arch], EngineOptions("cpu")).model
+    inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out_hw = (round(inp.shape[2] * scale), round(inp.shape[3] * scale))
+    rows, cols = (5, out_hw[0] - 3), (2, out_hw[1] - 7)
+    with torch.inference_mode():
+        g = encode_image(model, inp, out_hw)
+        whole = render_region(model, g, out_hw, rows, cols)
+        blocks = torch.rand(80, 80, generator=torch.Generator().manual_seed(1)) < 0.3
+        mask = blocks.repeat_interleave(7, 0).repeat_interleave(9, 1)[:rows[1] - rows[0], :cols[1] - cols[0]]
+        for chunk in (base.PAIR_CHUNK_SLOTS, 300):
+            monkeypatch.setattr(base, "PAIR_CHUNK_SLOTS", chunk)
+            part = render_region(model, g, out_hw, rows, cols, mask=mask)
+            assert torch.equal(part[0][:, mask], whole[0][:, mask])

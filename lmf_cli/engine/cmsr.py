@@ -285,9 +285,18 @@ def _render_chunked(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rows:
 def _render_boxes(model: ImplicitSR, g: Geometry, grid: tuple[int, int], boxes: torch.Tensor,
                   origin: tuple[int, int], into: torch.Tensor, block: tuple[int, int] | None, unit: bool) -> None:
     """The PyTorch renderer's way to draw rectangles (n, 4) of a grid (local to `origin` on it, as
-    `into`): each as windows of its own, unmasked. A masked window decodes every slot of each
-    latent with one wanted pixel, the ring around a block and its parts in other render blocks
-    included."""
+    `into`). A model that renders pairs draws them as one window over them all, decoding each latent
+    with a slot in a rectangle once (a latent two rectangles share too), in cache-sized batches
+    whatever the window's size: hundreds of small windows a level cost more in calls than in
+    pixels. Other models draw each rectangle as windows of its own, unmasked."""
+    if model.capabilities.renders_pairs:
+        y0, y1, x0, x1 = _bounds(boxes)
+        mask = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool, device=into.device)
+        for a, b, c, d in (boxes - boxes.new_tensor([y0, y0, x0, x0])).tolist():
+            mask[a:b, c:d] = True
+        render_region(model, g, grid, (origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1), mask,
+                      into[:, :, y0:y1, x0:x1], unit)
+        return
     for y0, y1, x0, x1 in boxes.tolist():
         _render_chunked(model, g, grid, (origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1), None,
                         into[:, :, y0:y1, x0:x1], block, unit)

@@ -9,7 +9,7 @@ Two forward paths, one set of formulas:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,9 @@ class RenderWindow:
 
 
 MIN_GEMM_ROWS = 16
+# Slots decoded at once where a window renders only some pairs of rows (CMSR's levels; about a
+# 128 x 128 window's worth at x12): the render MLP's activations stay in cache whatever the window.
+PAIR_CHUNK_SLOTS = 1 << 15
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,30 +203,46 @@ class ImplicitSR(nn.Module):
         return self.query(inp, latents, coord, cell)
 
     def render(self, inp: torch.Tensor, latents: Latents, window: RenderWindow) -> torch.Tensor:
-        """Render an output window as (B, 3, H', W') in normalised units."""
+        """Render an output window as (B, 3, H', W') in normalised units: each slot's prediction
+        times its ensemble weight, summed into output columns (per row of slots), then into output rows."""
         rows, cols = window.rows, window.cols
-        pred = self.decode_slots(latents, window)
-        weights = ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)  # (nr, nc, Kr, Kc, 1)
-        if window.pairs is None:  # (B, nr, nc, Kr, Kc, 3)
-            pred = pred * weights
-        else:  # (B, P, 1, Kr, Kc, 3) for the chosen latents: into a zero window, as whole slot blocks
-            r, c = window.pairs // cols.n_rows, window.pairs % cols.n_rows
-            weighted = pred[:, :, 0] * weights[r, c]
-            dense = pred.new_zeros(pred.shape[0], rows.n_rows * cols.n_rows, *weighted.shape[2:])
-            dense[:, window.pairs] = weighted
-            pred = dense.view(pred.shape[0], rows.n_rows, cols.n_rows, *weighted.shape[2:])
-        b, nr, nc, kr, kc, _ = pred.shape
-        pred = pred.permute(0, 1, 3, 2, 4, 5)
         n_out_r = int(rows.out.max()) + 1
         n_out_c = int(cols.out.max()) + 1
-        by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
-        by_col.index_add_(2, cols.out.flatten(), pred.reshape(b, nr * kr, nc * kc, 3))
-        out = pred.new_zeros(b, n_out_r, n_out_c, 3)
+        if window.pairs is None:
+            pred = self.decode_slots(latents, window)  # (B, nr, nc, Kr, Kc, 3)
+            pred = pred * ensemble_weights(rows, cols, self.local_ensemble).unsqueeze(-1)
+            b, nr, nc, kr, kc, _ = pred.shape
+            by_col = pred.new_zeros(b, nr * kr, n_out_c, 3)
+            by_col.index_add_(2, cols.out.flatten(), pred.permute(0, 1, 3, 2, 4, 5).reshape(b, nr * kr, nc * kc, 3))
+        else:
+            by_col = self._pairs_by_col(latents, window, inp.shape[0], n_out_c)
+        out = by_col.new_zeros(by_col.shape[0], n_out_r, n_out_c, 3)
         out.index_add_(1, rows.out.flatten(), by_col)
         out = out.permute(0, 3, 1, 2)
         if self.bilinear_skip:
             out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
         return out
+
+    def _pairs_by_col(self, latents: Latents, window: RenderWindow, batch: int, n_out_c: int) -> torch.Tensor:
+        """render's column sums (B, nr * Kr, n_out_c, 3) from the slots of window.pairs alone, decoded
+        PAIR_CHUNK_SLOTS at a time and added straight to their places value by value (the pairs of a
+        large sparse window are a fraction of its rows x columns). A wanted pixel's sums get the same
+        terms as on the dense path, so its value is the same to the bit."""
+        rows, cols = window.rows, window.cols
+        kr, kc = rows.rel.shape[1], cols.rel.shape[1]
+        device = rows.out.device
+        plane = rows.n_rows * kr * n_out_c * 3
+        by_col = torch.zeros(batch * plane, device=device)
+        slot_rows = torch.arange(kr, device=device)[None, :, None, None] * (n_out_c * 3)
+        channel = torch.arange(3, device=device)
+        images = torch.arange(batch, device=device)[:, None] * plane
+        for chunk in window.pairs.split(max(1, PAIR_CHUNK_SLOTS // (kr * kc))):
+            pred = self.decode_slots(latents, replace(window, pairs=chunk))[:, :, 0]  # (B, P, Kr, Kc, 3)
+            pred = pred * ensemble_weights(rows, cols, self.local_ensemble, chunk).unsqueeze(-1)
+            r, c = chunk // cols.n_rows, chunk % cols.n_rows
+            place = (r * (kr * n_out_c * 3))[:, None, None, None] + slot_rows + (cols.out[c] * 3)[:, None, :, None]
+            by_col.scatter_add_(0, ((place + channel).flatten() + images).flatten(), pred.flatten())
+        return by_col.view(batch, rows.n_rows * kr, n_out_c, 3)
 
 
 class FeatureRows:
@@ -242,14 +261,30 @@ class FeatureRows:
             return self.stream.push(rows).float()
 
 
-def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True) -> torch.Tensor:
+def ensemble_weights(rows: AxisSlots, cols: AxisSlots, local_ensemble: bool = True,
+                     pairs: torch.Tensor | None = None) -> torch.Tensor:
     """(nr, nc, Kr, Kc) weights: LIIF's normalised areas with their 1e-9 floor, exactly
-    (computed in float64 from per-axis factors: see AxisSlots)."""
+    (computed in float64 from per-axis factors: see AxisSlots); with `pairs` (P,) of flat
+    r * nc + c, (P, Kr, Kc) for those pairs of rows alone."""
+    if pairs is None:
+        def along_y(t: torch.Tensor) -> torch.Tensor:
+            return t[:, None, :, None]
+
+        def along_x(t: torch.Tensor) -> torch.Tensor:
+            return t[None, :, None, :]
+    else:
+        r, c = pairs // cols.n_rows, pairs % cols.n_rows
+
+        def along_y(t: torch.Tensor) -> torch.Tensor:
+            return t[r][:, :, None]
+
+        def along_x(t: torch.Tensor) -> torch.Tensor:
+            return t[c][:, None, :]
     if not local_ensemble:
-        return rows.weight[:, None, :, None] * cols.weight[None, :, None, :]
-    oy, ox = rows.other[:, None, :, None], cols.other[None, :, None, :]
-    ty, tx = rows.taps[:, None, :, None], cols.taps[None, :, None, :]
-    sy, sx = rows.total[:, None, :, None], cols.total[None, :, None, :]
+        return along_y(rows.weight) * along_x(cols.weight)
+    oy, ox = along_y(rows.other), along_x(cols.other)
+    ty, tx = along_y(rows.taps), along_x(cols.taps)
+    sy, sx = along_y(rows.total), along_x(cols.total)
     return ((oy * ox + ty * tx * AREA_EPS) / (sy * sx + 4 * AREA_EPS)).float()
 
 

@@ -136,6 +136,16 @@ class AxisSlots:
         """Latents the rows read, lat0 onwards."""
         return int(self.lat[-1]) + 1
 
+    @functools.cached_property
+    def spans(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first output pixel and the one past its last (a row's slots are a run of
+        pixels); (0, 0) for a row of padding alone."""
+        valid = self.taps > 0
+        first = self.out.masked_fill(~valid, torch.iinfo(self.out.dtype).max).amin(1)
+        stop = self.out.masked_fill(~valid, -1).amax(1) + 1
+        empty = stop == 0
+        return first.masked_fill(empty, 0), stop
+
 
 def axis_slots(n_out: int, n_in: int, out_start: int, out_stop: int, lat_start: int = 0,
                local_ensemble: bool = True, device: torch.device | str = "cpu") -> AxisSlots:
