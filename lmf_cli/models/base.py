@@ -232,16 +232,17 @@ class ImplicitSR(nn.Module):
         kr, kc = rows.rel.shape[1], cols.rel.shape[1]
         device = rows.out.device
         plane = rows.n_rows * kr * n_out_c * 3
-        by_col = torch.zeros(batch * plane, device=device)
-        slot_rows = torch.arange(kr, device=device)[None, :, None, None] * (n_out_c * 3)
+        by_col = torch.zeros(batch, plane, device=device)
+        # a slot's first value's place: its row of slots' start, plus its output column's (x 3 channels)
+        row_place = torch.arange(rows.n_rows * kr, device=device).view(-1, kr) * (n_out_c * 3)
+        col_place = cols.out * 3
         channel = torch.arange(3, device=device)
-        images = torch.arange(batch, device=device)[:, None] * plane
         for chunk in window.pairs.split(max(1, PAIR_CHUNK_SLOTS // (kr * kc))):
             pred = self.decode_slots(latents, replace(window, pairs=chunk))[:, :, 0]  # (B, P, Kr, Kc, 3)
             pred = pred * ensemble_weights(rows, cols, self.local_ensemble, chunk).unsqueeze(-1)
             r, c = chunk // cols.n_rows, chunk % cols.n_rows
-            place = (r * (kr * n_out_c * 3))[:, None, None, None] + slot_rows + (cols.out[c] * 3)[:, None, :, None]
-            by_col.scatter_add_(0, ((place + channel).flatten() + images).flatten(), pred.flatten())
+            place = (row_place[r][:, :, None] + col_place[c][:, None, :]).unsqueeze(-1) + channel
+            by_col.scatter_add_(1, place.view(1, -1).expand(batch, -1), pred.reshape(batch, -1))
         return by_col.view(batch, rows.n_rows * kr, n_out_c, 3)
 
 
