@@ -175,3 +175,29 @@ def test_real_video_draws_video_frames_as_often_as_jpeg_files(butterfly, monkeyp
     (video, jpeg), (video_more, jpeg_fewer) = counts["real"], counts["real-video"]
     # 600 patches, 65% degraded: real draws video in 15% of them, real-video in 40%
     assert 30 <= video <= 90 and 110 <= video_more <= 200 and jpeg_fewer < jpeg
+
+
+def test_real_jpeg_draws_jpeg_only_patches_twice_as_often(butterfly, monkeypatch):
+    """A patch that is a bicubic resize saved as JPEG and nothing else: about 10% of `real`'s, 20% of
+    `real-jpeg`'s, with the same clean share."""
+    steps: list[str] = []
+    monkeypatch.setattr(dg, "jpeg", lambda img, quality: steps.append("jpeg") or img)
+    monkeypatch.setattr(dg, "video", lambda img, codec, crf: steps.append("video") or img)
+    monkeypatch.setattr(dg, "gaussian_noise", lambda img, *a: steps.append("noise") or img)
+    monkeypatch.setattr(dg, "poisson_noise", lambda img, *a: steps.append("noise") or img)
+    monkeypatch.setattr(dg, "blur", lambda img, kernel: steps.append("blur") or img)
+    real_resize = dg.resize
+    monkeypatch.setattr(dg, "resize", lambda img, hw, kernel: steps.append(kernel) or real_resize(img, hw, kernel))
+    rng = np.random.default_rng(7)
+    hr = butterfly[:, :40]
+    shares = {}
+    for name in ("real", "real-jpeg"):
+        kinds = []
+        for _ in range(1500):
+            steps.clear()
+            dg.degrade_for_training(hr, (20, 20), dg.training_preset(name), rng)
+            kinds.append(tuple(steps))
+        shares[name] = {kind: kinds.count(kind) / len(kinds) for kind in (("bicubic", "jpeg"), ("bicubic",))}
+    assert shares["real"][("bicubic", "jpeg")] == pytest.approx(0.10, abs=0.03)
+    assert shares["real-jpeg"][("bicubic", "jpeg")] == pytest.approx(0.20, abs=0.03)
+    assert shares["real"][("bicubic",)] == pytest.approx(shares["real-jpeg"][("bicubic",)], abs=0.05)
