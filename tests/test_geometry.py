@@ -81,3 +81,16 @@ def test_wanted_pairs_are_the_latents_with_a_slot_on_a_wanted_pixel(role_rows, m
         assert torch.equal(wanted_pairs(rows, cols, mask), expected)
         counts.append(expected.numel())
     assert counts[0] == 0 < counts[1] < counts[2] < counts[3] < counts[4] == rows.n_rows * cols.n_rows
+
+
+def test_bilinear_window_last_is_bilinear_grid_channels_last():
+    """The skip read channels last from the window's own input pixels: bilinear_grid's values (to float32
+    rounding: lerp and the sum of two products round differently), at windows inside and at the borders."""
+    from lmf_cli.models.geometry import axis_bilinear, bilinear_grid, bilinear_window_last
+
+    image = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(3))
+    for (r0, r1), (c0, c1) in [((0, 200), (0, 276)), ((37, 90), (101, 133)), ((190, 204), (250, 276))]:
+        rows, cols = axis_bilinear(204, 17, r0, r1), axis_bilinear(276, 23, c0, c1)
+        last = bilinear_window_last(image, rows, cols)
+        assert last.shape == (2, r1 - r0, c1 - c0, 3)
+        torch.testing.assert_close(last.permute(0, 3, 1, 2), bilinear_grid(image, rows, cols), rtol=0, atol=1e-6)

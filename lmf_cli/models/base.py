@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmf_cli.models.geometry import AREA_EPS, AxisBilinear, AxisSlots, bilinear_grid, gather_latents, neighbours
+from lmf_cli.models.geometry import (
+    AREA_EPS,
+    AxisBilinear,
+    AxisSlots,
+    bilinear_window_last,
+    gather_latents,
+    neighbours,
+)
 from lmf_cli.models.rows import RowStream
 from lmf_cli.sizes import TRAINED_MAX_SCALE
 
@@ -218,10 +225,9 @@ class ImplicitSR(nn.Module):
             by_col = self._pairs_by_col(latents, window, inp.shape[0], n_out_c)
         out = by_col.new_zeros(by_col.shape[0], n_out_r, n_out_c, 3)
         out.index_add_(1, rows.out.flatten(), by_col)
-        out = out.permute(0, 3, 1, 2)
         if self.bilinear_skip:
-            out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
-        return out
+            out += bilinear_window_last(inp, window.bilinear_rows, window.bilinear_cols)
+        return out.permute(0, 3, 1, 2)
 
     def _pairs_by_col(self, latents: Latents, window: RenderWindow, batch: int, n_out_c: int) -> torch.Tensor:
         """render's column sums (B, nr * Kr, n_out_c, 3) from the slots of window.pairs alone, decoded
