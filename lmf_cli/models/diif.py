@@ -50,6 +50,7 @@ from lmf_cli.models.geometry import (
     axis_cell_count,
     axis_cells,
     bilinear_grid,
+    bilinear_window_last,
     gather_latents,
 )
 
@@ -342,10 +343,10 @@ class DIIF(ImplicitSR):
         else:  # mix at the Kc slots of each window row's cells, then pick the window's columns
             mix = self._blend(hidden.unsqueeze(-3), ys[:, None, None], cols.rel[None])
             mix = mix.expand(*mix.shape[:3], cols.rel.shape[1], mix.shape[-1])[:, :, cols.lat_of, cols.k_of]
-        out = self._tail((mix, premixed), ys[:, None], xs[None, :], cell[:, None, None, :]).permute(0, 3, 1, 2)
+        out = self._tail((mix, premixed), ys[:, None], xs[None, :], cell[:, None, None, :])
         if self.bilinear_skip:
-            out = out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
-        return out
+            out = out + bilinear_window_last(inp, window.bilinear_rows, window.bilinear_cols)
+        return out.permute(0, 3, 1, 2)
 
     # ----- training: whole slices ------------------------------------------------------------
 
