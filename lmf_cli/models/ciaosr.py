@@ -37,7 +37,7 @@ from lmf_cli.models.base import (
     rows_linear,
     unfold3x3,
 )
-from lmf_cli.models.geometry import bilinear_grid
+from lmf_cli.models.geometry import bilinear_window_last
 from lmf_cli.models.lmf import LMLIIF
 from lmf_cli.models.mlp import MLP, ModulatedMLP
 
@@ -379,7 +379,7 @@ class CiaoSR(ImplicitSR):
         coord = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).view(1, -1, 2).expand(inp.shape[0], -1, 2)
         out = self._points(latents, coord, (h, w), window.rel_cell, (r0, c0))
         out = out.transpose(1, 2).reshape(inp.shape[0], 3, i1 - i0, j1 - j0)
-        return out + bilinear_grid(inp, window.bilinear_rows, window.bilinear_cols)
+        return out + bilinear_window_last(inp, window.bilinear_rows, window.bilinear_cols).permute(0, 3, 1, 2)
 
     @property
     def capabilities(self) -> Capabilities:
