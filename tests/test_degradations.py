@@ -178,7 +178,7 @@ def test_real_video_draws_video_frames_as_often_as_jpeg_files(butterfly, monkeyp
 
 
 def test_real_jpeg_draws_jpeg_only_patches_twice_as_often(butterfly, monkeypatch):
-    """A patch that is a bicubic resize saved as JPEG and nothing else: about 10% of `real`'s, 20% of
+    """A patch that is a bicubic resize saved as JPEG and nothing else: about 10% of `real`'s, 19% of
     `real-jpeg`'s, with the same clean share."""
     steps: list[str] = []
     monkeypatch.setattr(dg, "jpeg", lambda img, quality: steps.append("jpeg") or img)
@@ -199,5 +199,5 @@ def test_real_jpeg_draws_jpeg_only_patches_twice_as_often(butterfly, monkeypatch
             kinds.append(tuple(steps))
         shares[name] = {kind: kinds.count(kind) / len(kinds) for kind in (("bicubic", "jpeg"), ("bicubic",))}
     assert shares["real"][("bicubic", "jpeg")] == pytest.approx(0.10, abs=0.03)
-    assert shares["real-jpeg"][("bicubic", "jpeg")] == pytest.approx(0.20, abs=0.03)
+    assert shares["real-jpeg"][("bicubic", "jpeg")] == pytest.approx(0.19, abs=0.03)
     assert shares["real"][("bicubic",)] == pytest.approx(shares["real-jpeg"][("bicubic",)], abs=0.05)

@@ -57,7 +57,7 @@ def train(
                                      "(default: bf16 where the CPU has AMX or AVX-512 BF16, else fp32)."),
     degrade: str = typer.Option("none", "--degrade", help="LR degradations: none (clean bicubic), light "
                                 "(web/phone JPEGs), real (JPEG q30+, noise, blur, H.264/H.265), real-video (real, "
-                                "video frames as often as JPEGs), real-jpeg (real, twice the JPEG-only patches) "
+                                "video frames as often as JPEGs), real-jpeg (real, nearly twice the JPEG-only patches) "
                                 "or clean-video (clean, one patch in ten "
                                 "an H.264/H.265 frame)."),
     val_every: int = typer.Option(500, "--val-every", help="Validate on Set5 x2/x3/x4 every N steps (0: never)."),
