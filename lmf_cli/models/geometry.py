@@ -420,13 +420,13 @@ def bilinear_grid(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -
 
 
 def bilinear_rows_last(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:
-    """bilinear_grid of one (h, w, C) image, channels last, to (rows, cols, C): columns first, as
+    """bilinear_grid of channels-last (..., h, w, C) images to (..., rows, cols, C): columns first, as
     the render kernel blends, so the few coarse rows are resampled before the many output rows,
     and every gather moves whole pixels."""
-    fx = cols.frac.view(1, -1, 1).to(image.dtype)
-    x = torch.lerp(image.index_select(1, cols.lo), image.index_select(1, cols.hi), fx)
+    fx = cols.frac.view(-1, 1).to(image.dtype)
+    x = torch.lerp(image.index_select(-2, cols.lo), image.index_select(-2, cols.hi), fx)
     fy = rows.frac.view(-1, 1, 1).to(image.dtype)
-    return torch.lerp(x.index_select(0, rows.lo), x.index_select(0, rows.hi), fy)
+    return torch.lerp(x.index_select(-3, rows.lo), x.index_select(-3, rows.hi), fy)
 
 
 def bilinear_window_last(image: torch.Tensor, rows: AxisBilinear, cols: AxisBilinear) -> torch.Tensor:
@@ -437,7 +437,5 @@ def bilinear_window_last(image: torch.Tensor, rows: AxisBilinear, cols: AxisBili
     r0, r1 = int(rows.lo[0]), int(rows.hi[-1]) + 1
     c0, c1 = int(cols.lo[0]), int(cols.hi[-1]) + 1
     part = image[:, :, r0:r1, c0:c1].permute(0, 2, 3, 1).contiguous()
-    fx = cols.frac.view(1, 1, -1, 1).to(image.dtype)
-    x = torch.lerp(part.index_select(2, cols.lo - c0), part.index_select(2, cols.hi - c0), fx)
-    fy = rows.frac.view(1, -1, 1, 1).to(image.dtype)
-    return torch.lerp(x.index_select(1, rows.lo - r0), x.index_select(1, rows.hi - r0), fy)
+    return bilinear_rows_last(part, AxisBilinear(rows.lo - r0, rows.hi - r0, rows.frac),
+                              AxisBilinear(cols.lo - c0, cols.hi - c0, cols.frac))
