@@ -113,6 +113,23 @@ def test_block_strength_is_the_block_max_on_the_global_grid():
             assert blocks[r, c] == strength[r0:r0 + BLOCK, c0:c0 + BLOCK].max()
 
 
+@pytest.mark.parametrize("chunk", [1, 700, 1 << 18])
+def test_intensity_is_the_mean_absolute_shift_whatever_the_chunk(lm, butterfly, monkeypatch, chunk):
+    """Made a few rows at a time (cache-sized temporaries), the same values as in one pass: with one
+    row a chunk, a partial last chunk (700 floats: 2 of 13 rows at a time) and the whole table."""
+    from lmf_cli.models import lmf as lmf_module
+
+    monkeypatch.setattr(lmf_module, "INTENSITY_CHUNK", chunk)
+    imnet = lm.model.imnet
+    n, d = imnet.hidden_depth, imnet.hidden_dim
+    inp = torch.from_numpy(butterfly[:13, :3]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        latents = encode_image(lm.model, inp, (104, 24)).latents
+        assert latents["mod"].shape[1:3] == (13, 3)
+        expected = latents["mod"][..., n * d:2 * n * d].abs().mean(-1)
+        assert torch.equal(lm.model.modulation_intensity(latents), expected)
+
+
 @pytest.mark.parametrize("tile", [13, 16])
 def test_block_levels_do_not_depend_on_tiles(lm, butterfly, render_path, tile):
     """A tile whose core is not aligned to the block grid (13) reads its blocks' intensities
