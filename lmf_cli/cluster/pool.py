@@ -71,7 +71,10 @@ class Worker:
     def __init__(self, load: Callable[[], Any], threads: int) -> None:
         import torch
 
+        from lmf_cli.host_memory import keep_freed_memory
+
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a long-lived process of many upscales, as the `lmf` command
         self.load, self.threads, self.up = load, threads, None
 
     def upscaler(self) -> Any:
