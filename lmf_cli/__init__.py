@@ -5,12 +5,13 @@ does not load PyTorch.
 """
 
 from lmf_cli.errors import CheckpointError, InputError, LmfError, UnsupportedModelError
-from lmf_cli.host_memory import keep_freed_memory
 from lmf_cli.options import EngineOptions
+from lmf_cli.process import keep_freed_memory, short_thread_spin
 
 __version__ = "0.1.0"
 __all__ = ["Upscaler", "EngineOptions", "plan_size", "LmfError", "CheckpointError", "InputError",
-           "UnsupportedModelError", "keep_freed_memory", "__version__"]
+           "UnsupportedModelError", "keep_freed_memory", "short_thread_spin",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ PACKAGE = Path(lmf_cli.__file__).parent
 # Rank of each top-level part: a module may import its own part and parts of lower rank only.
 RANKS = {
     "errors": 0, "files": 0, "hardware": 0,   # facts and helpers every layer may use
-    "host_memory": 0,                         # the process's malloc, set by the command and the Ray workers
+    "process": 0,                             # malloc and OpenMP settings the command and Ray workers make
     "options": 0.5, "sizes": 0.5,             # EngineOptions; output sizes and the cell (their errors are errors')
     "imaging": 1, "models": 1,                # pixels in numpy; networks, weights files, shipped names
     "engine": 2,                              # sizes, tiling, rendering, CMSR at inference

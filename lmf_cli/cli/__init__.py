@@ -11,11 +11,11 @@ from lmf_cli.cli.models import models
 from lmf_cli.cli.train import calibrate, pack_data, train
 from lmf_cli.cli.upscale import upscale
 from lmf_cli.cli.video import video
-from lmf_cli.host_memory import keep_freed_memory
+from lmf_cli.process import prepare_process
 
 app = typer.Typer(help="Upscale images to any size with Latent Modulated Functions.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-app.callback()(keep_freed_memory)  # every command: see host_memory
+app.callback()(prepare_process)  # before every command, and before PyTorch loads: see lmf_cli.process
 app.command()(upscale)
 app.command()(models)
 app.command()(train)

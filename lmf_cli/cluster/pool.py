@@ -69,12 +69,12 @@ class Worker:
     """The actor: an Upscaler built once by `load` (again after a restart), and the calls of the jobs."""
 
     def __init__(self, load: Callable[[], Any], threads: int) -> None:
+        from lmf_cli.process import prepare_process
+
+        prepare_process()  # a long-lived process of many upscales, as the `lmf` command (before PyTorch loads)
         import torch
 
-        from lmf_cli.host_memory import keep_freed_memory
-
         torch.set_num_threads(threads)
-        keep_freed_memory()  # a long-lived process of many upscales, as the `lmf` command
         self.load, self.threads, self.up = load, threads, None
 
     def upscaler(self) -> Any:

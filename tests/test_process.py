@@ -1,4 +1,5 @@
-"""Freed memory kept for the next allocation (host_memory): an upscale reuses the pages of the one before."""
+"""What the `lmf` command sets for its process (lmf_cli.process): freed memory kept for the next upscale,
+short OpenMP spins."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
 # Three x4 upscales of a 160 x 120 image by lmf-lite in a process of its own, after the `lmf` command has
 # run (`models`, which loads nothing); prints the page faults of the third. With glibc's defaults each
@@ -40,6 +41,7 @@ def _third_upscale_faults(keep: str) -> int:
     return int(done.stdout.split()[-1])
 
 
+@glibc_only
 def test_the_command_keeps_freed_memory_for_the_next_upscale():
     kept = _third_upscale_faults("1")
     assert kept < 1000  # the output and a few buffers at most; the working set is reused
@@ -47,7 +49,39 @@ def test_the_command_keeps_freed_memory_for_the_next_upscale():
 
 
 def test_opting_out_leaves_the_allocator_alone(monkeypatch):
-    from lmf_cli.host_memory import keep_freed_memory
+    from lmf_cli.process import keep_freed_memory
 
     monkeypatch.setenv("LMF_KEEP_MEMORY", "0")
     assert not keep_freed_memory()
+
+
+SPIN_PROBE = """
+import os, sys
+from typer.testing import CliRunner
+from lmf_cli.cli import app
+
+assert "torch" not in sys.modules
+assert CliRunner().invoke(app, ["models"]).exit_code == 0
+import torch
+
+print(os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "10000"), ("123", "123")])
+def test_the_command_shortens_openmp_spins_before_pytorch_loads(given, expected):
+    """Set before PyTorch loads libgomp (which reads it then), and a value the user gave is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    done = subprocess.run([sys.executable, "-c", SPIN_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [expected, "True"]
+
+
+def test_too_late_once_pytorch_is_loaded():
+    import torch  # noqa: F401  (loaded: its OpenMP runtime has read its settings)
+
+    from lmf_cli.process import short_thread_spin
+
+    assert not short_thread_spin()
