@@ -34,6 +34,7 @@ M_MMAP_MAX = -4
 RETAINED = 1 << 30
 KEEP_MEMORY = "LMF_KEEP_MEMORY"
 SPIN_COUNT = "10000"  # libgomp's default is 300000
+_kept = False  # whether keep_freed_memory has set malloc in this process (glibc cannot be asked)
 
 
 def prepare_process() -> None:
@@ -48,9 +49,11 @@ def keep_freed_memory() -> bool:
     it was set."""
     if os.environ.get(KEEP_MEMORY) == "0" or platform.libc_ver()[0] != "glibc":
         return False
+    global _kept
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED))
+    _kept = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED))
+    return _kept
 
 
 def short_thread_spin() -> bool:
@@ -61,3 +64,9 @@ def short_thread_spin() -> bool:
         return False
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     return True
+
+
+def describe() -> dict[str, str]:
+    """The settings in effect, for benchmark figures: the same code runs a fifth slower with glibc's own."""
+    return {"freed memory": "kept" if _kept else "returned to the system",
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "libgomp's default")}

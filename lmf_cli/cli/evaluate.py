@@ -191,7 +191,8 @@ def benchmark(
     diif_up = _optional_model(diif, device, precision) if diif else None
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
-                  f"{_precision_words(up)}, rendering by {info['renderer']}, input {in_w} x {in_h}", highlight=False)
+                  f"{_precision_words(up)}, rendering by {info['renderer']}, input {in_w} x {in_h}; freed memory "
+                  f"{info['freed memory']}, GOMP_SPINCOUNT {info['GOMP_SPINCOUNT']}", highlight=False)
     tables = up.loaded.cmsr_tables or {}
     key = f"{DEFAULT_THRESHOLD:g}"
     rows = []

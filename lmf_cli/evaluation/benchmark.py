@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmf_cli import process
 from lmf_cli.engine import native
 from lmf_cli.engine.cmsr import MIN_SCALE, TORCH_MIN_SCALE, Schedule, pays, schedule_for
 from lmf_cli.engine.render import encode_image, render_region, renders_fused
@@ -262,6 +263,7 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     info["renderer"] = native.status() if device.type == "cpu" else "PyTorch"
+    info.update(process.describe())
     return info
 
 
