@@ -193,6 +193,7 @@ def test_cmsr_regions_change_no_pixel(lm, butterfly, render_path, monkeypatch, r
     drawn = up.last_stats["rendered"]
     monkeypatch.setattr(tiling, "KERNEL_REGION_BLOCKS", region_blocks)
     monkeypatch.setattr(tiling, "REGION_BLOCKS", region_blocks)
+    monkeypatch.setattr(tiling, "REGION_MIN_LR", 0)  # PyTorch's regions by REGION_BLOCKS alone, not by the scale
     out = up.upscale(image, scale=9, options=options)
     assert np.array_equal(out, reference)
     assert up.last_stats["rendered"] < 0.8 * up.last_stats["total"] and drawn < 0.8 * up.last_stats["total"]

@@ -57,6 +57,12 @@ MAX_COARSE_SHARE = 0.7
 # kernel and the blend, against 0.6 s with 3 x 3 blocks (4 x 4: no better; one AMD EPYC thread).
 REGION_BLOCKS = 4
 KERNEL_REGION_BLOCKS = 3
+# LR pixels a side that a PyTorch region spans at least: its calls' fixed costs are per region and
+# level, and at x30 four 128-pixel blocks are 17 LR pixels, two CMSR blocks (an x30 upscale of three
+# B100 crops made 2,000 coarse draws). Its decoding goes in batches of PAIR_CHUNK_SLOTS whatever the
+# region's size, so only its column sums grow (about 90 MB a 1920 x 1920 region). With 64 (8 CMSR
+# blocks) the x30 CMSR render took a quarter less; at x8 and x12 (4-6 blocks) no change.
+REGION_MIN_LR = 64
 # The PyTorch renderer's CMSR costs about 1.4-1.5x the exact render per drawn pixel (its windows are
 # a block's rows tall, where the exact render's are 128 pixels: more latents cut at window edges,
 # more calls), so it pays only where `balanced` draws well under 2/3 of the pixels. Measured on B100

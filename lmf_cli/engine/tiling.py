@@ -7,6 +7,7 @@ same ops and the same summation order whatever the tile and block sizes."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,7 +15,16 @@ from contextlib import contextmanager
 import torch
 
 from lmf_cli.engine.budget import plan_tile, render_block, stream_plan
-from lmf_cli.engine.cmsr import BLOCK, KERNEL_REGION_BLOCKS, REGION_BLOCKS, Schedule, pays, render_levels, tile_levels
+from lmf_cli.engine.cmsr import (
+    BLOCK,
+    KERNEL_REGION_BLOCKS,
+    REGION_BLOCKS,
+    REGION_MIN_LR,
+    Schedule,
+    pays,
+    render_levels,
+    tile_levels,
+)
 from lmf_cli.engine.render import Geometry, encode_finite, render_region, renders_fused
 from lmf_cli.models.base import ImplicitSR, Latents
 from lmf_cli.models.rows import cat_rows
@@ -209,8 +219,11 @@ class _TiledRun:
             # pixels are handled once per region, not once per block; the rendering itself still goes
             # a block at a time
             chunk = self.block
-            side = KERNEL_REGION_BLOCKS if self.fused else REGION_BLOCKS
-            block_h, block_w = block_h * side, block_w * side
+            if self.fused:
+                block_h, block_w = block_h * KERNEL_REGION_BLOCKS, block_w * KERNEL_REGION_BLOCKS
+            else:
+                block_h, block_w = (side * max(REGION_BLOCKS, math.ceil(REGION_MIN_LR * scale / side))
+                                    for side in (block_h, block_w))
         (i0, i1), (j0, j1) = rows_range, cols_range
         for a in range(i0, i1, block_h):
             for ca in range(j0, j1, block_w):
