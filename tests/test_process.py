@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 from lmf_cli import EngineOptions, Upscaler
 from lmf_cli.cli import app
+from lmf_cli.process import describe
 
 assert CliRunner().invoke(app, ["models"]).exit_code == 0
 torch.set_num_threads(1)
@@ -30,8 +31,6 @@ image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
 for _ in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     up.upscale(image, scale=4)
-from lmf_cli.process import describe
-
 print(describe()["freed memory"].replace(" ", "_"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
