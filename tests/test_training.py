@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import numpy as np
 import pytest
@@ -56,6 +58,30 @@ def test_the_time_budget_is_the_runs_not_the_sittings(tiny_data, tmp_path):
     train(_config(tiny_data, tmp_path / "t"), resume=True, time_budget=spent + 3600, max_steps=1,
           log=lambda _: None, on_step=lambda step, loss, dt: steps.append(step))
     assert steps == [3]
+
+
+def test_a_stopped_process_does_not_spend_the_time_budget(tiny_data, tmp_path, monkeypatch):
+    """A step that stalls (step 9 sleeps 25 times the pace of the steps before it, as a process stopped by
+    SIGSTOP) counts at most STALL_FACTOR times the recent median step towards the budget; the others in full."""
+    from lmf_cli.training import loop
+
+    real_loss, stamps, stall = loop.batch_loss, [], []
+
+    def stalling_loss(*args, **kwargs):
+        stamps.append(time.monotonic())
+        if len(stamps) == 9:
+            stall.append(25 * (stamps[7] - stamps[3]) / 4)
+            time.sleep(stall[0])
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss", stalling_loss)
+    dts = []
+    train(_config(tiny_data, tmp_path / "s", steps=12), log=lambda _: None,
+          on_step=lambda step, loss, dt: dts.append(dt))
+    spent = float(read_metadata(tmp_path / "s" / "state.safetensors")["elapsed"])
+    assert len(dts) == 12 and spent == pytest.approx(sum(dts))  # what on_step sees is what the budget counts
+    assert dts[8] <= loop.STALL_FACTOR * statistics.median(dts[:8]) + 1e-9
+    assert dts[8] < stall[0] / 2
 
 
 def test_ema_ships_the_average_of_the_steps_and_resumes_exactly(tiny_data, tmp_path):
