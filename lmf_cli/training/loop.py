@@ -52,7 +52,8 @@ FIT_FROM, FIT_AT = 5, 30  # --fit-schedule: time steps FIT_FROM..FIT_AT of a sit
 # and the fitted schedule: a process stopped for a while (SIGSTOP to time something else, a suspended
 # laptop) is not training. A pause of 2.5 min within a 0.25 s step once shrank a 120-minute lmf-lite
 # schedule from 31,014 steps to 8,635 and ate the budget it paused for. A run slowed by other work counts
-# in full once the median has caught up with its new pace (within STALL_WINDOW / 2 steps).
+# in full once the median has caught up with its new pace (within STALL_WINDOW / 2 steps). The first
+# FIT_FROM steps of a sitting count in full, as they do not enter the fit either: no median yet.
 STALL_FACTOR, STALL_WINDOW = 10.0, 50
 
 
