@@ -11,6 +11,7 @@ import torch
 
 from lmf_cli import CheckpointError, EngineOptions, UnsupportedModelError, Upscaler
 from lmf_cli import models as registry
+from lmf_cli.evaluation.protocol import record_results
 from lmf_cli.models.checkpoints import load_weights, save_weights
 from lmf_cli.models.zoo import resolve
 from tests.conftest import SMALL_EDSR, official_checkpoint
@@ -31,6 +32,38 @@ def test_safetensors_round_trip_keeps_outputs_and_metadata(tmp_path, official_fi
     a = Upscaler(official, EngineOptions("cpu")).upscale(butterfly, scale=3)
     b = Upscaler(ours, EngineOptions("cpu")).upscale(butterfly, scale=3)
     assert np.array_equal(a, b)
+
+
+def test_half_precision_weights_are_half_the_file_and_stay_half_when_written_again(tmp_path, official_files,
+                                                                                   butterfly):
+    official = load_weights(official_files["lmliif"])
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_weights(full, official.model, official.spec, {"steps": 12}, {"8": {"1": 0.1}})
+    save_weights(half, official.model, official.spec, {"steps": 12}, {"8": {"1": 0.1}}, torch.float16)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded = load_weights(half)
+    assert loaded.storage == torch.float16 and load_weights(full).storage == torch.float32
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # built in float32 all the same
+    assert loaded.info == {"steps": 12} and loaded.cmsr_tables == {"8": {"1": 0.1}}
+    a = Upscaler(official, EngineOptions("cpu")).upscale(butterfly, scale=3).astype(np.int16)
+    b = Upscaler(loaded, EngineOptions("cpu")).upscale(butterfly, scale=3).astype(np.int16)
+    assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
+    # recording PSNRs writes the file again: in half precision still, the same numbers
+    record_results(loaded, loaded.model, "ours", [{"set": "Set5", "method": "ours", "scale": 2.0, "psnr": 30.0}],
+                   "benchmark")
+    again = load_weights(half)
+    assert again.storage == torch.float16 and again.info["eval"] == {"Set5": {"2": 30.0}}
+    assert all(torch.equal(x, y) for x, y in zip(loaded.model.state_dict().values(),
+                                                 again.model.state_dict().values(), strict=True))
+
+
+def test_weights_beyond_half_precision_range_are_refused_not_clipped(tmp_path, official_files):
+    official = load_weights(official_files["lmliif"])
+    with torch.no_grad():
+        next(official.model.parameters()).view(-1)[0] = 1e6
+    with pytest.raises(CheckpointError, match="beyond float16's range"):
+        save_weights(tmp_path / "half.safetensors", official.model, official.spec, storage=torch.float16)
+    assert not (tmp_path / "half.safetensors").exists()
 
 
 def test_unknown_extra_arguments_are_ignored(tmp_path):

@@ -282,7 +282,7 @@ def calibrate(
         fail(str(exc))
     merged = dict(up.loaded.cmsr_tables or {})
     merged[f"{threshold:g}"] = tables
-    save_weights(target, up.model.cpu(), up.loaded.spec, up.loaded.info, merged)
+    save_weights(target, up.model.cpu(), up.loaded.spec, up.loaded.info, merged, up.loaded.storage)
     table = Table("target", *[f"{d:g}" for d in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24)],
                   title=f"CMSR thresholds (MSE {threshold:g}) -> {target}")
     for scale_key, row in tables.items():

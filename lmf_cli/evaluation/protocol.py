@@ -155,5 +155,5 @@ def record_results(loaded: LoadedModel, model: ImplicitSR, method: str, rows: li
             if r["method"] == name:
                 table.setdefault(r["set"], {})[f"{r['scale']:g}"] = r["psnr"]
     info["eval_protocol"] = protocol
-    save_weights(source, model.cpu(), loaded.spec, info, loaded.cmsr_tables)
+    save_weights(source, model.cpu(), loaded.spec, info, loaded.cmsr_tables, loaded.storage)
     return source
