@@ -298,19 +298,44 @@ def test_calibrate_command_stores_tables(lm, tmp_path, butterfly):
 
 
 def test_benchmark_says_where_cmsr_renders_exactly(lm, butterfly):
-    from lmf_cli.evaluation.benchmark import benchmark_cmsr, benchmark_model
+    from lmf_cli.evaluation.benchmark import benchmark_scale
 
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
     tables = {"2e-05": {"6": {"4": 1e9}}}
-    rows = {s: benchmark_model("exact", lm.model, [inp], s, 1, 0) for s in (5.0, 6.0)}
-    paying = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05", rows[6.0])
-    assert paying.rendered_fraction < 0.6 and "rendered exactly" not in paying.note
+    exact, paying = benchmark_scale(("exact", "cmsr"), lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
+    assert exact.rendered_fraction == 1.0 and paying.rendered_fraction < 0.6
+    assert "rendered exactly" not in paying.note
     assert f"for {paying.rendered_fraction:.0%} drawn" in paying.note and "per pixel drawn" in paying.note
-    exact = benchmark_cmsr("cmsr", lm.model, [inp], 5.0, 1, 0, tables, "2e-05", rows[5.0])
+    _, exact = benchmark_scale(("exact", "cmsr"), lm.model, [inp], 5.0, 1, 0, tables, "2e-05")
     assert exact.rendered_fraction == 1.0 and "no coarse level pays" in exact.note
     assert "per pixel drawn" not in exact.note
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 3.0, 1, 0, tables, "2e-05", rows[5.0]) is None  # x4 and below
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, None, "2e-05", rows[6.0]) is None
+    for scale, given in ((3.0, tables), (6.0, None)):  # x4 and below; a model without tables
+        assert [r.method for r in benchmark_scale(("exact", "cmsr"), lm.model, [inp], scale, 1, 0, given,
+                                                  "2e-05")] == ["exact"]
+
+
+def test_benchmark_times_exact_and_cmsr_in_turns(lm, butterfly, monkeypatch):
+    """Each input's exact run, then its CMSR run, then the next input: a slow spell of the machine
+    falls on both rows, not on one row's runs."""
+    from lmf_cli.evaluation import benchmark
+
+    inputs = [torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+              for img in (butterfly, butterfly[::-1].copy())]
+    order = []
+    real = benchmark.upscale_tensor
+
+    def logged(model, inp, out_hw, options, schedule, **kwargs):
+        order.append((0 if inp is inputs[0] else 1, schedule is not None))
+        return real(model, inp, out_hw, options, schedule, **kwargs)
+
+    monkeypatch.setattr(benchmark, "upscale_tensor", logged)
+    exact, cmsr = benchmark.benchmark_scale(("exact", "cmsr"), lm.model, inputs, 6.0, 3, 1,
+                                            {"2e-05": {"6": {"4": 1e9}}}, "2e-05")
+    timed = order[4:]  # after one warm-up round: both inputs under both
+    assert order[:4] == [(0, False), (0, True), (1, False), (1, True)]
+    assert timed == [(0, False), (0, True), (1, False), (1, True), (0, False), (0, True)]
+    assert len(exact.render_runs) == len(cmsr.render_runs) == 3 and exact.drawn_runs == [1.0] * 3
+    assert all(share < 0.6 for share in cmsr.drawn_runs)  # its own runs' shares, not the exact ones'
 
 
 def test_cmsr_against_exact_pairs_runs_by_input():
@@ -330,17 +355,15 @@ def test_cmsr_against_exact_pairs_runs_by_input():
 
 
 def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly, monkeypatch):
-    from lmf_cli.evaluation.benchmark import benchmark_cmsr
+    from lmf_cli.evaluation.benchmark import benchmark_scale
 
     monkeypatch.setenv("LMF_NATIVE", "0")
     inp = torch.from_numpy(butterfly).permute(2, 0, 1)[None].float() / 127.5 - 1
     tables = {"2e-05": {"6": {"4": 1e9}, "8": {"4": 1e9}}}
-    from lmf_cli.evaluation.benchmark import benchmark_model
-
-    rows = {s: benchmark_model("exact", lm.model, [inp], s, 1, 0) for s in (6.0, 8.0)}
-    exact = benchmark_cmsr("cmsr", lm.model, [inp], 6.0, 1, 0, tables, "2e-05", rows[6.0])
+    _, exact = benchmark_scale(("exact", "cmsr"), lm.model, [inp], 6.0, 1, 0, tables, "2e-05")
     assert exact.rendered_fraction == 1.0 and "PyTorch renderer below x8" in exact.note
-    assert benchmark_cmsr("cmsr", lm.model, [inp], 8.0, 1, 0, tables, "2e-05", rows[8.0]).rendered_fraction < 0.6
+    _, cmsr = benchmark_scale(("exact", "cmsr"), lm.model, [inp], 8.0, 1, 0, tables, "2e-05")
+    assert cmsr.rendered_fraction < 0.6
 
 
 def test_rectangles_of_one_level_grow_down_through_bands():

@@ -200,12 +200,8 @@ def benchmark(
     for scale in scale_list:
         if pair is not None:
             rows.extend(bench.ciaosr_rows(inputs, scale, repeats, warmup, 32 if quick else 64, pair))
-        exact = bench.benchmark_model(f"LMF ({up.name})", up.model, inputs, scale, repeats, warmup)
-        rows.append(exact)
-        cmsr = bench.benchmark_cmsr(f"LMF + CMSR ({up.name})", up.model, inputs, scale, repeats, warmup, tables, key,
-                                    exact)
-        if cmsr is not None:
-            rows.append(cmsr)
+        rows.extend(bench.benchmark_scale((f"LMF ({up.name})", f"LMF + CMSR ({up.name})"), up.model, inputs, scale,
+                                          repeats, warmup, tables, key))
         if liif:
             rows.append(bench.liif_extrapolated(up.model, inputs[0], scale, repeats, warmup,
                                                 window=96 if quick else 192))

@@ -174,44 +174,22 @@ def _timings(samples: list[tuple[float, ...]]) -> list[Timing]:
 def benchmark_model(name: str, model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
                     warmup: int, schedule: Schedule | None = None) -> Row:
     """Stage and total times of whole upscales (one tile), cycling over the input images."""
-    device = inputs[0].device
-    in_hw = tuple(inputs[0].shape[-2:])
-    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stats: dict[str, int] = {}
-    drawn: list[float] = []
-
-    def runner(inp: torch.Tensor) -> Callable[[], object]:
-        def run() -> object:
-            # into 8-bit samples, as `lmf upscale` renders an 8-bit image
-            out = upscale_tensor(model, inp, out_hw, EngineOptions(tile=max(in_hw)), schedule, stats=stats,
-                                 dtype=torch.uint8)
-            drawn.append(stats["rendered"] / stats["total"] if stats.get("total") else 1.0)
-            return out
-        return run
-
-    with torch.inference_mode():
-        samples = _stage_samples(model, [runner(inp) for inp in inputs], device, repeats, warmup)
-    enc, latent, render, total = _timings(samples)
-    macs = model_macs(model, in_hw, out_hw)
-    fraction = statistics.mean(drawn[-repeats:]) if drawn else 1.0
-    macs["render"] *= fraction
-    return Row(name, scale, enc, latent, render, total, macs, out_hw[0] * out_hw[1] / 1e6 / total.median_s,
-               peak_memory_mb(device), fraction, note=_spread_note(enc, latent, render, total),
-               render_runs=[s[2] for s in samples], drawn_runs=drawn[-repeats:])
+    return _interleaved([name], model, inputs, scale, repeats, warmup, [schedule])[0]
 
 
-def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
-                   warmup: int, tables: dict | None, key: str, exact: Row) -> Row | None:
-    """The CMSR row of a scale above x4, where CMSR applies (None at x4 and below, or where the
-    model has no table for `key`), with its render against `exact`'s (the same inputs' exact row)
-    in its note. Where no coarse level would pay at this scale (levels whose pixels nearly fill
-    their blocks: `schedule_for`), the engine renders exactly, and the row is that run, saying so."""
+def benchmark_scale(names: tuple[str, str], model: ImplicitSR, inputs: list[torch.Tensor], scale: float,
+                    repeats: int, warmup: int, tables: dict | None, key: str) -> list[Row]:
+    """The exact row of a scale (names[0]) and, above x4 where the model has a table for `key`, the
+    CMSR row (names[1]), its render against the exact one in its note. The two are timed in turns, an
+    input's exact run then its CMSR run: on a machine whose speed wanders (a shared VM: the same exact
+    render took 8 to 14 s at x30) a slow spell then falls on both, and the ratio is what CMSR is judged
+    by. Where no coarse level would pay at this scale (levels whose pixels nearly fill their blocks:
+    `schedule_for`), or on a renderer where CMSR does not pay, the engine renders exactly, and the CMSR
+    row is that run, saying so."""
     if not tables or key not in tables or scale <= MIN_SCALE:
-        return None
+        return [benchmark_model(names[0], model, inputs, scale, repeats, warmup)]
     schedule = schedule_for(tables, key, scale)
-    row = benchmark_model(name, model, inputs, scale, repeats, warmup, schedule)
+    exact, row = _interleaved(list(names), model, inputs, scale, repeats, warmup, [None, schedule])
     device = inputs[0].device
     why = ("no coarse level pays at this scale" if schedule is None
            else None if pays(scale, renders_fused(model, inputs[0]), device)
@@ -221,7 +199,46 @@ def benchmark_cmsr(name: str, model: ImplicitSR, inputs: list[torch.Tensor], sca
         row.note = "; ".join(n for n in (f"rendered exactly: {why}", row.note) if n)
     else:
         row.note = "; ".join(n for n in (_against_exact(row, exact), row.note) if n)
-    return row
+    return [exact, row]
+
+
+def _interleaved(names: list[str], model: ImplicitSR, inputs: list[torch.Tensor], scale: float, repeats: int,
+                 warmup: int, schedules: list[Schedule | None]) -> list[Row]:
+    """One row per schedule (None: exact), their runs in turns: each input under every schedule, then
+    the next input."""
+    device = inputs[0].device
+    in_hw = tuple(inputs[0].shape[-2:])
+    out_hw = (round(in_hw[0] * scale), round(in_hw[1] * scale))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    drawn: list[list[float]] = [[] for _ in schedules]
+
+    def runner(inp: torch.Tensor, k: int) -> Callable[[], object]:
+        def run() -> object:
+            stats: dict[str, int] = {}
+            # into 8-bit samples, as `lmf upscale` renders an 8-bit image
+            out = upscale_tensor(model, inp, out_hw, EngineOptions(tile=max(in_hw)), schedules[k], stats=stats,
+                                 dtype=torch.uint8)
+            drawn[k].append(stats["rendered"] / stats["total"] if stats.get("total") else 1.0)
+            return out
+        return run
+
+    n = len(schedules)
+    with torch.inference_mode():
+        samples = _stage_samples(model, [runner(inp, k) for inp in inputs for k in range(n)], device, repeats * n,
+                                 warmup)
+    macs = model_macs(model, in_hw, out_hw)
+    rows = []
+    for k, name in enumerate(names):
+        mine = samples[k::n]
+        enc, latent, render, total = _timings(mine)
+        shares = drawn[k][-repeats:]
+        fraction = statistics.mean(shares) if shares else 1.0
+        rows.append(Row(name, scale, enc, latent, render, total, {**macs, "render": macs["render"] * fraction},
+                        out_hw[0] * out_hw[1] / 1e6 / total.median_s, peak_memory_mb(device), fraction,
+                        note=_spread_note(enc, latent, render, total), render_runs=[s[2] for s in mine],
+                        drawn_runs=shares))
+    return rows
 
 
 def _against_exact(cmsr: Row, exact: Row) -> str:
