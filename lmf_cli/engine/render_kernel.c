@@ -273,8 +273,22 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
     float h[BATCH][HIDDEN];
     int64_t lat[BATCH];
     float weight[BATCH];
-    int64_t pixel[BATCH], row_of[BATCH], col_of[BATCH];
+    int64_t pixel[BATCH];
+    float skip_add[BATCH][3]; /* each pixel's bilinear skip, per channel */
     const int per_pixel = (int)(taps * taps);
+    /* The skip's two input rows of the output row being drawn, mixed once per row over the columns
+     * the window's taps read (the same products and sums as mixing them pixel by pixel, which cost a
+     * ninth of the render): a pixel mixes two of these along x. */
+    int64_t cx0 = 0, cx1 = 1, mixed_for = -1;
+    if (skip) {
+        cx0 = sx_lo[0], cx1 = sx_hi[0] + 1;
+        for (int64_t x = 1; x < width; x++) {
+            cx0 = sx_lo[x] < cx0 ? sx_lo[x] : cx0;
+            cx1 = sx_hi[x] + 1 > cx1 ? sx_hi[x] + 1 : cx1;
+        }
+    }
+    const int64_t span = cx1 - cx0;
+    float mixed[3 * span];
     int n = 0;
     int64_t drawn = 0;
     /* the 3-wide output layer padded to HIDDEN columns, so it runs as vector FMAs */
@@ -303,15 +317,8 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
                     const int s = q * per_pixel;
                     for (int c = 0; c < 3; c++) {
                         float v = rgb[q][c];
-                        if (skip) {
-                            const float *img = skip + c * skip_h * skip_w;
-                            const int64_t yy = row_of[s], xx = col_of[s];
-                            const float fy = sy_frac[yy], fx = sx_frac[xx];
-                            const float *lo = img + sy_lo[yy] * skip_w, *hi = img + sy_hi[yy] * skip_w;
-                            const float left = lo[sx_lo[xx]] * (1 - fy) + hi[sx_lo[xx]] * fy;
-                            const float right = lo[sx_hi[xx]] * (1 - fy) + hi[sx_hi[xx]] * fy;
-                            v += left * (1 - fx) + right * fx;
-                        }
+                        if (skip)
+                            v += skip_add[q][c];
                         store(out, c * plane + pixel[s], v, units);
                     }
                 }
@@ -328,6 +335,21 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
                 continue;
             }
             drawn++;
+            if (skip) {
+                if (mixed_for != y) {
+                    const float fy = sy_frac[y];
+                    for (int c = 0; c < 3; c++) {
+                        const float *img = skip + c * skip_h * skip_w;
+                        const float *lo = img + sy_lo[y] * skip_w, *hi = img + sy_hi[y] * skip_w;
+                        for (int64_t j = cx0; j < cx1; j++) mixed[c * span + j - cx0] = lo[j] * (1 - fy) + hi[j] * fy;
+                    }
+                    mixed_for = y;
+                }
+                const float fx = sx_frac[x];
+                const int64_t left = sx_lo[x] - cx0, right = sx_hi[x] - cx0;
+                for (int c = 0; c < 3; c++)
+                    skip_add[n / per_pixel][c] = mixed[c * span + left] * (1 - fx) + mixed[c * span + right] * fx;
+            }
             const double *ry = rel_y + y * taps, *rx = rel_x + x * taps;
             double area[2][2], total = 0.0;
             for (int a = 0; a < taps; a++)
@@ -343,8 +365,6 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
                     /* LIIF's ensemble: each neighbour takes the diagonally opposite area */
                     weight[n] = taps == 2 ? (float)(area[1 - a][1 - b] * inv_total) : 1.0f;
                     pixel[n] = y * stride + x * pitch;
-                    row_of[n] = y;
-                    col_of[n] = x;
                     n++;
                 }
         }
