@@ -58,6 +58,7 @@ class Row:
     note: str = ""
     render_runs: list[float] = field(default_factory=list)  # each timed run's render, inputs in turn
     drawn_runs: list[float] = field(default_factory=list)  # and its share of pixels drawn
+    inputs: int = 1  # the inputs the runs cycle over: run j is input j % inputs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -237,19 +238,23 @@ def _interleaved(names: list[str], model: ImplicitSR, inputs: list[torch.Tensor]
         rows.append(Row(name, scale, enc, latent, render, total, {**macs, "render": macs["render"] * fraction},
                         out_hw[0] * out_hw[1] / 1e6 / total.median_s, peak_memory_mb(device), fraction,
                         note=_spread_note(enc, latent, render, total), render_runs=[s[2] for s in mine],
-                        drawn_runs=shares))
+                        drawn_runs=shares, inputs=len(inputs)))
     return rows
 
 
 def _against_exact(cmsr: Row, exact: Row) -> str:
     """CMSR's render against the exact one: as a share, and per pixel drawn. Runs are paired by
-    input (both rows cycle the inputs in the same order), and sums are compared, not medians: the
-    inputs draw different shares, so the median run of one row need not be the same input as the
-    other's, nor have the mean share."""
-    pairs = list(zip(cmsr.render_runs, cmsr.drawn_runs, exact.render_runs, strict=True))
-    exact_s = sum(e for _, _, e in pairs)
-    drawn_s = sum(d * e for _, d, e in pairs)
-    render_s = sum(c for c, _, _ in pairs)
+    input (both rows cycle the inputs in the same order): each input's median run of each row (with
+    --repeats a multiple of the inputs, a slow spell of the machine during one run is left out),
+    summed over the inputs, not one median over all: the inputs draw different shares, so the median
+    run of one row need not be the same input as the other's, nor have the mean share."""
+    n = min(cmsr.inputs, len(cmsr.render_runs))  # fewer runs than inputs: the inputs timed
+    exact_by_input = [statistics.median(exact.render_runs[i::n]) for i in range(n)]
+    cmsr_by_input = [statistics.median(cmsr.render_runs[i::n]) for i in range(n)]
+    drawn_by_input = [statistics.mean(cmsr.drawn_runs[i::n]) for i in range(n)]
+    exact_s = sum(exact_by_input)
+    drawn_s = sum(d * e for d, e in zip(drawn_by_input, exact_by_input, strict=True))
+    render_s = sum(cmsr_by_input)
     return (f"render {render_s / exact_s:.2f}x exact's for {drawn_s / exact_s:.0%} drawn: "
             f"{render_s / drawn_s:.2f}x per pixel drawn")
 
