@@ -299,9 +299,7 @@ def _render_boxes(model: ImplicitSR, g: Geometry, grid: tuple[int, int], boxes: 
     pixels. Other models draw each rectangle as windows of its own, unmasked."""
     if model.capabilities.renders_pairs:
         y0, y1, x0, x1 = _bounds(boxes)
-        mask = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool, device=into.device)
-        for a, b, c, d in (boxes - boxes.new_tensor([y0, y0, x0, x0])).tolist():
-            mask[a:b, c:d] = True
+        mask = _box_mask(boxes - boxes.new_tensor([y0, y0, x0, x0]), (y1 - y0, x1 - x0), into.device)
         render_region(model, g, grid, (origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1), mask,
                       into[:, :, y0:y1, x0:x1], unit)
         return
@@ -320,15 +318,17 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
     coarse_rows, coarse_cols, taps_r, taps_c = coarse_taps(g, grid, (a + r0, a + r1), (ca + c0, ca + c1))
     local = rects - rects.new_tensor([r0, r0, c0, c0])
     boxes = _tapped(local, taps_r, taps_c)
-    # only the pixels drawn are read: no need to clear the buffer
-    coarse = g.piece.new_empty(1, 3, coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0])
-    if g.fused:
-        needed = torch.zeros(coarse.shape[-2:], dtype=torch.bool, device=coarse.device)
-        for y0, y1, x0, x1 in boxes.tolist():
-            needed[y0:y1, x0:x1] = True
-        _render_chunked(model, g, grid, coarse_rows, coarse_cols, needed, coarse, block)
+    shape, device = (coarse_rows[1] - coarse_rows[0], coarse_cols[1] - coarse_cols[0]), g.piece.device
+    if model.capabilities.renders_pairs and not g.fused:
+        # one window over the boxes, which span the coarse grid's window: taken as rendered, not copied
+        # into a buffer under the mask (the pixels outside the boxes are never read)
+        coarse = render_region(model, g, grid, coarse_rows, coarse_cols, _box_mask(boxes, shape, device))
     else:
-        _render_boxes(model, g, grid, boxes, (coarse_rows[0], coarse_cols[0]), coarse, block, False)
+        coarse = g.piece.new_empty(1, 3, *shape)  # only the pixels drawn are read: no need to clear it
+        if g.fused:
+            _render_chunked(model, g, grid, coarse_rows, coarse_cols, _box_mask(boxes, shape, device), coarse, block)
+        else:
+            _render_boxes(model, g, grid, boxes, (coarse_rows[0], coarse_cols[0]), coarse, block, False)
     region = out[:, :, r0:r1, c0:c1]
     if g.fused:
         native.blend_rects(model.capabilities.kernel_width, region, local, coarse, taps_r, taps_c, unit)
@@ -341,6 +341,14 @@ def _draw_coarse(model: ImplicitSR, g: Geometry, grid: tuple[int, int], rects: t
         sub_c = AxisBilinear(taps_c.lo[x0:x1], taps_c.hi[x0:x1], taps_c.frac[x0:x1])
         sample = bilinear_rows_last(coarse_hwc[first:last], sub_r, sub_c)
         region_hwc[y0:y1, x0:x1] = to_samples(sample, region.dtype, unit)
+
+
+def _box_mask(boxes: torch.Tensor, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A (rows, cols) boolean mask, True inside the boxes (n, 4) of (y0, y1, x0, x1)."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    for y0, y1, x0, x1 in boxes.tolist():
+        mask[y0:y1, x0:x1] = True
+    return mask
 
 
 def _tapped(rects: torch.Tensor, taps_r: AxisBilinear, taps_c: AxisBilinear) -> torch.Tensor:
