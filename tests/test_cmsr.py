@@ -338,19 +338,23 @@ def test_benchmark_times_exact_and_cmsr_in_turns(lm, butterfly, monkeypatch):
     assert all(share < 0.6 for share in cmsr.drawn_runs)  # its own runs' shares, not the exact ones'
 
 
+def _timed_row(render: list[float], drawn: list[float], inputs: int):
+    """A benchmark row with these timed renders and drawn shares, its runs cycling over `inputs` inputs."""
+    from lmf_cli.evaluation.benchmark import Row, Timing
+
+    timing = Timing.of(render)
+    return Row("r", 8.0, timing, timing, timing, timing, {}, 1.0, 0.0, render_runs=render, drawn_runs=drawn,
+               inputs=inputs)
+
+
 def test_cmsr_against_exact_pairs_runs_by_input():
     """Two inputs drawing 20% and 60%, the busier one timed three times: CMSR that costs exactly what
     it draws reads 1.00 per pixel drawn. The medians would not say so: the median CMSR run is the
     busier input's, and over the mean share times the median exact run it reads 1.20."""
-    from lmf_cli.evaluation.benchmark import Row, Timing, _against_exact
+    from lmf_cli.evaluation.benchmark import _against_exact
 
-    def row(render: list[float], drawn: list[float], inputs: int) -> Row:
-        timing = Timing.of(render)
-        return Row("r", 8.0, timing, timing, timing, timing, {}, 1.0, 0.0, render_runs=render, drawn_runs=drawn,
-                   inputs=inputs)
-
-    exact = row([0.100, 0.100, 0.100, 0.100], [1.0] * 4, 4)
-    cmsr = row([0.020, 0.060, 0.060, 0.060], [0.2, 0.6, 0.6, 0.6], 4)
+    exact = _timed_row([0.100, 0.100, 0.100, 0.100], [1.0] * 4, 4)
+    cmsr = _timed_row([0.020, 0.060, 0.060, 0.060], [0.2, 0.6, 0.6, 0.6], 4)
     assert _against_exact(cmsr, exact) == "render 0.50x exact's for 50% drawn: 1.00x per pixel drawn"
     assert round(cmsr.render.median_s / (0.5 * exact.render.median_s), 2) == 1.2  # the biased reading
 
@@ -359,19 +363,14 @@ def test_cmsr_against_exact_takes_each_inputs_median_run():
     """Two inputs timed three times each, in turns; one CMSR run caught a slow spell of the machine
     (0.5 s where the input's other runs took 0.02): each input's median run leaves it out. Summed over
     all runs it would have read 3.0x per pixel drawn."""
-    from lmf_cli.evaluation.benchmark import Row, Timing, _against_exact
+    from lmf_cli.evaluation.benchmark import _against_exact
 
-    def row(render: list[float], drawn: list[float]) -> Row:
-        timing = Timing.of(render)
-        return Row("r", 8.0, timing, timing, timing, timing, {}, 1.0, 0.0, render_runs=render, drawn_runs=drawn,
-                   inputs=2)
-
-    exact = row([0.1, 0.1, 0.1, 0.1, 0.1, 0.1], [1.0] * 6)
-    cmsr = row([0.02, 0.06, 0.5, 0.06, 0.02, 0.06], [0.2, 0.6] * 3)
+    exact = _timed_row([0.1, 0.1, 0.1, 0.1, 0.1, 0.1], [1.0] * 6, 2)
+    cmsr = _timed_row([0.02, 0.06, 0.5, 0.06, 0.02, 0.06], [0.2, 0.6] * 3, 2)
     assert _against_exact(cmsr, exact) == "render 0.40x exact's for 40% drawn: 1.00x per pixel drawn"
     assert round(sum(cmsr.render_runs) / (0.4 * sum(exact.render_runs)), 1) == 3.0
-    lone = row([0.02, 0.06], [0.2, 0.6])  # fewer runs than inputs: each run its input's only one
-    assert _against_exact(lone, row([0.1, 0.1], [1.0, 1.0])) == _against_exact(cmsr, exact)
+    lone = _timed_row([0.02, 0.06], [0.2, 0.6], 2)  # fewer runs than inputs: each run its input's only one
+    assert _against_exact(lone, _timed_row([0.1, 0.1], [1.0, 1.0], 2)) == _against_exact(cmsr, exact)
 
 
 def test_benchmark_says_where_the_pytorch_renderer_renders_exactly(lm, butterfly, monkeypatch):
