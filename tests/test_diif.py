@@ -157,7 +157,7 @@ def test_cells_partition_every_axis():
         assert torch.equal(part.rel, whole.rel[lats])
 
 
-def test_cost_model_matches_the_issue():
+def test_cost_model_matches_the_expected_costs():
     """Head and tail of 256 (the authors' widths): ~0.40 / 0.27 / 0.20 MMAC per output pixel
     at x2 / x4 / x8 slicing by rows; LIIF's decoder is 1.38."""
     rows = models.make(models.diif_spec())

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -69,12 +69,15 @@ MaxPixels = Annotated[str, typer.Option("--max-pixels", help="Largest input or o
 Alpha = Annotated[str, typer.Option("--alpha", help="Upscale alpha with the model or bicubic.")]
 
 
+T = TypeVar("T")
+
+
 def fail(message: str) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
-def checked(parse, *args):
+def checked(parse: Callable[..., T], *args: object) -> T:
     """Run a parser or a constructor of checked values; its InputError becomes `error: ...`, exit 1."""
     try:
         return parse(*args)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def evaluate_cmd(
-    folders: list[Path] = typer.Argument(..., help="HR image folders or files (e.g. ../shared/data/Set5/HR)."),
+    folders: list[Path] = typer.Argument(..., help="HR image folders or files (e.g. data/Set5/HR)."),
     model: str = typer.Option("lmf-edsr", "--model", "-m"),
     scales: str = typer.Option("2,3,4", "--scales", help="Comma-separated, e.g. 2,3,4,6,8,12."),
     protocol: str = typer.Option("benchmark", "--protocol", help="benchmark (Y, shave=s) or div2k (RGB, s+6)."),

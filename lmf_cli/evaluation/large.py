@@ -21,7 +21,8 @@ from lmf_cli.engine.tiling import upscale_tensor
 from lmf_cli.models.base import ImplicitSR
 from lmf_cli.options import EngineOptions
 
-WAYS = ("untiled crop", "streamed tiles", "tiles with margins")
+# The three ways a large photo is upscaled, as the rows name them.
+UNTILED, STREAMED, MARGINS = "untiled crop", "streamed tiles", "tiles with margins"
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def _measure(model: ImplicitSR, options: EngineOptions, threads: int, way: str, 
     device = next(model.parameters()).device
     inp = torch.from_numpy(picture).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     h, w = picture.shape[:2]
-    cores = [(0, h, 0, w)] if way == "tiles with margins" else None
-    call = options if way != "untiled crop" else EngineOptions(options.device, options.precision, tile=max(h, w))
+    cores = [(0, h, 0, w)] if way == MARGINS else None
+    call = options if way != UNTILED else EngineOptions(options.device, options.precision, tile=max(h, w))
     tiles = [0]
     seconds = []
     for _ in range(repeats):
@@ -82,7 +83,7 @@ def benchmark_tiling(model: ImplicitSR, options: EngineOptions, picture: np.ndar
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
     top, left = (h - ch) // 2, (w - cw) // 2
     crop = np.ascontiguousarray(picture[top:top + ch, left:left + cw])
-    jobs = [("untiled crop", crop), ("streamed tiles", picture), ("tiles with margins", picture)]
+    jobs = [(UNTILED, crop), (STREAMED, picture), (MARGINS, picture)]
     context = multiprocessing.get_context("spawn")
     rows = []
     with context.Pool(1, maxtasksperchild=1) as pool:

@@ -72,7 +72,11 @@ class CrossScaleAttention(nn.Module):
         self.down = nn.Conv2d(channel, channel, ksize, 2, 1)
 
     def _down(self, s: int) -> nn.Conv2d:
-        return {2: self.down, 3: getattr(self, "downx3", None), 4: getattr(self, "downx4", None)}[s]
+        """The strided conv of scale s (the official names: `down` for 2, `downx3`, `downx4`, made for
+        the scales this attention has)."""
+        if s == 2:
+            return self.down
+        return self.downx3 if s == 3 else self.downx4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -22,7 +22,8 @@ from lmf_cli.models.base import ImplicitSR
 BIN_STEP = 0.01
 
 
-def calibrate_image(render_full, render_grid, strength_of_output: torch.Tensor,
+def calibrate_image(render_full: Callable[[], torch.Tensor], render_grid: Callable[[float], torch.Tensor],
+                    strength_of_output: torch.Tensor,
                     scale: float, decode_scales: tuple[float, ...], threshold: float) -> dict[float, float]:
     """Thresholds from one image, after the official sweep: pixels binned by intensity (steps
     of 0.01), bins accepted at a decode scale in increasing order while their MSE against the
