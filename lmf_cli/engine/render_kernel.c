@@ -54,11 +54,14 @@ static inline void store(void *out, int64_t at, float v, int units) {
         ((float *)out)[at] = u;
         return;
     }
-    const float clamped = u > 0.0f ? (u < 1.0f ? u : 1.0f) : 0.0f; /* NaN -> 0 */
+    /* (v + 1) * 0.5 is exact, so clamping v + 1 to [0, 2] and multiplying by half the peak rounds as
+     * clamping u to [0, 1] and multiplying by the peak; as max and min, which vectorise */
+    const float twice = v + 1.0f, positive = twice > 0.0f ? twice : 0.0f; /* NaN -> 0 */
+    const float clamped = positive < 2.0f ? positive : 2.0f;
     if (units == CODES8)
-        ((uint8_t *)out)[at] = (uint8_t)nearbyintf(clamped * 255.0f);
+        ((uint8_t *)out)[at] = (uint8_t)nearbyintf(clamped * 127.5f);
     else
-        ((uint16_t *)out)[at] = (uint16_t)nearbyintf(clamped * 65535.0f);
+        ((uint16_t *)out)[at] = (uint16_t)nearbyintf(clamped * 32767.5f);
 }
 
 /* The latent model: see the header. `layers` matrix layers, the first being modulated
@@ -372,13 +375,55 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
     return drawn;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* Columns x0..x1 of coarse row r (planar, 3 x coarse_h x coarse_w) sampled at the output columns'
  * taps, pixel-interleaved: row[(x - x0) * 3 + c]. */
 static void columns_of(float *row, const float *coarse, int64_t coarse_h, int64_t coarse_w, int64_t r,
                        const int64_t *lo_x, const int64_t *hi_x, const float *fx, int64_t x0, int64_t x1) {
     const float *src[3] = {coarse + r * coarse_w, coarse + (coarse_h + r) * coarse_w,
                            coarse + (2 * coarse_h + r) * coarse_w};
-    for (int64_t x = x0; x < x1; x++) { /* a column's taps read once for its three samples */
+    int64_t x = x0;
+#if defined(__AVX512F__)
+    /* 16 columns a step where their taps lie within 16 coarse columns (any coarse factor above 16/15):
+     * those are loaded once a channel and picked by permutes, and the three channels interleaved by
+     * permutes, instead of six scalar loads and three stores a column. */
+    const __m512i pick_ab[3] = {_mm512_setr_epi32(0, 16, 0, 1, 17, 0, 2, 18, 0, 3, 19, 0, 4, 20, 0, 5),
+                                _mm512_setr_epi32(21, 0, 6, 22, 0, 7, 23, 0, 8, 24, 0, 9, 25, 0, 10, 26),
+                                _mm512_setr_epi32(0, 11, 27, 0, 12, 28, 0, 13, 29, 0, 14, 30, 0, 15, 31, 0)};
+    const __m512i pick_c[3] = {_mm512_setr_epi32(0, 1, 16, 3, 4, 17, 6, 7, 18, 9, 10, 19, 12, 13, 20, 15),
+                               _mm512_setr_epi32(0, 21, 2, 3, 22, 5, 6, 23, 8, 9, 24, 11, 12, 25, 14, 15),
+                               _mm512_setr_epi32(26, 1, 2, 27, 4, 5, 28, 7, 8, 29, 10, 11, 30, 13, 14, 31)};
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; x + 16 <= x1; x += 16) {
+        const int64_t base = lo_x[x];
+        if (hi_x[x + 15] - base > 15)
+            break;
+        const __m512i b = _mm512_set1_epi64(base);
+        const __m512i lo = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(lo_x + x), b))),
+            _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(lo_x + x + 8), b)), 1);
+        const __m512i hi = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(hi_x + x), b))),
+            _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(hi_x + x + 8), b)), 1);
+        const __m512 wx = _mm512_loadu_ps(fx + x), vx = _mm512_sub_ps(one, wx);
+        const int64_t left = coarse_w - base;
+        const __mmask16 inside = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 ch[3];
+        for (int c = 0; c < 3; c++) {
+            const __m512 taps = _mm512_maskz_loadu_ps(inside, src[c] + base);
+            ch[c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lo, taps), vx,
+                                    _mm512_mul_ps(_mm512_permutexvar_ps(hi, taps), wx));
+        }
+        float *at = row + (x - x0) * 3;
+        for (int k = 0; k < 3; k++)
+            _mm512_storeu_ps(at + 16 * k, _mm512_permutex2var_ps(_mm512_permutex2var_ps(ch[0], pick_ab[k], ch[1]),
+                                                                 pick_c[k], ch[2]));
+    }
+#endif
+    for (; x < x1; x++) { /* a column's taps read once for its three samples */
         const int64_t lo = lo_x[x], hi = hi_x[x];
         const float wx = fx[x], vx = 1 - wx;
         float *at = row + (x - x0) * 3;
@@ -391,6 +436,23 @@ static void columns_of(float *row, const float *coarse, int64_t coarse_h, int64_
  * loop vectorises. */
 static void mix_contiguous(void *out, int64_t at, const float *lo, const float *hi, float wy, int64_t n, int units) {
     const float vy = 1 - wy;
+#if defined(__AVX512F__)
+    if (units == CODES8) { /* 8-bit samples, 16 a step: store()'s operations and bits (the conversion rounds
+                            * half to even, as nearbyintf), where GCC turned its clamp into compares and
+                            * masked multiplies: 1.3-2x faster on an Intel Xeon with AVX-512 */
+        const __m512 a = _mm512_set1_ps(vy), b = _mm512_set1_ps(wy), one = _mm512_set1_ps(1.0f);
+        const __m512 two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps(), half_peak = _mm512_set1_ps(127.5f);
+        int64_t k = 0;
+        for (; k + 16 <= n; k += 16) {
+            const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(lo + k), a, _mm512_mul_ps(_mm512_loadu_ps(hi + k), b));
+            const __m512 u2 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, one), zero), two); /* NaN -> 0 */
+            const __m512i s = _mm512_cvtps_epi32(_mm512_mul_ps(u2, half_peak));
+            _mm_storeu_si128((__m128i *)((uint8_t *)out + at + k), _mm512_cvtepi32_epi8(s));
+        }
+        for (; k < n; k++) store(out, at + k, fmaf(lo[k], vy, hi[k] * wy), CODES8);
+        return;
+    }
+#endif
     switch (units) {
     case NORMALISED:
         for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, NORMALISED);
