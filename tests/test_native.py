@@ -189,6 +189,39 @@ def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(ke
                            _as_samples(outs[1][0][:, drawn], peak, np_dtype).to(torch.int64))
 
 
+@pytest.mark.parametrize("factor", [1.02, 1.5, 3.75, 7.5, 15.0])
+def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, factor):
+    """The kernel's blend of a coarse level (16 columns a step where their taps lie within 16 coarse
+    columns, the rest one by one; the last coarse columns read under a mask): the bilinear sample of the
+    coarse pixels to float rounding, and its 8- and 16-bit samples those floats converted bit for bit,
+    clamped (values beyond [-1, 1]) and with NaN as 0."""
+    from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
+
+    out_h, out_w = 40, 203
+    coarse_h, coarse_w = max(2, round(out_h / factor)), max(2, round(out_w / factor))
+    coarse = torch.from_numpy(np.random.default_rng(3).uniform(-1.3, 1.3, (1, 3, coarse_h, coarse_w))).float()
+    coarse[0, 1, 0, -1] = float("nan")
+    rows, cols = axis_bilinear(out_h, coarse_h, 0, out_h), axis_bilinear(out_w, coarse_w, 0, out_w)
+    rects = torch.tensor([[0, 17, 0, out_w], [17, out_h, 5, 190], [17, out_h, 190, out_w]])
+    drawn = torch.ones(out_h, out_w, dtype=torch.bool)
+    drawn[17:, :5] = False
+    expected = bilinear_grid(coarse.double(), rows, cols)[0]
+    normalised = torch.zeros(1, 3, out_h, out_w)
+    native.blend_rects(16, normalised, rects, coarse, rows, cols)
+    finite = drawn & expected.isfinite().all(0)
+    assert (~finite & drawn).any() and bool(normalised[0][:, ~finite & drawn].isnan().any())
+    assert torch.allclose(normalised[0][:, finite].double(), expected[:, finite], rtol=0, atol=1e-6)
+    assert (normalised[0][:, ~drawn] == 0).all()
+    unit = normalised.add(1).mul(0.5)
+    for dtype, peak, np_dtype in SAMPLES:
+        samples = torch.zeros(1, out_h, out_w, 3, dtype=dtype).permute(0, 3, 1, 2)
+        native.blend_rects(16, samples, rects, coarse, rows, cols, unit=True)
+        converted = _as_samples(torch.nan_to_num(unit[0], nan=0.0), peak, np_dtype)
+        assert torch.equal(samples[0][:, drawn].to(torch.int64), converted[:, drawn].to(torch.int64))
+        values = samples[0][:, drawn].to(torch.int64)
+        assert values.min() == 0 and values.max() == peak  # the clamp matters
+
+
 @pytest.mark.parametrize("path", ["kernel", "pytorch"])
 def test_upscale_to_samples_is_the_float_upscale_rounded(kernel_available, butterfly, monkeypatch, path):
     """A uint8 or uint16 canvas holds the bytes of the float canvas rounded as numpy does, exact and
