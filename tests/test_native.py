@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -189,12 +191,31 @@ def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(ke
                            _as_samples(outs[1][0][:, drawn], peak, np_dtype).to(torch.int64))
 
 
-@pytest.mark.parametrize("factor", [1.02, 1.5, 3.75, 7.5, 15.0])
-def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, factor):
-    """The kernel's blend of a coarse level (16 columns a step where their taps lie within 16 coarse
-    columns, the rest one by one; the last coarse columns read under a mask): the bilinear sample of the
-    coarse pixels to float rounding, and its 8- and 16-bit samples those floats converted bit for bit,
-    clamped (values beyond [-1, 1]) and with NaN as 0."""
+BUILD_FORMS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx",)}
+
+
+@pytest.mark.parametrize("form", list(BUILD_FORMS))
+def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, form, tmp_path, monkeypatch):
+    """The kernel's blend of a coarse level (AVX-512: 16 columns a step where their taps lie within 16
+    coarse columns, AVX2: 8, the rest one by one; the last coarse columns read under a mask), in each
+    form the kernel is built in on this CPU: the bilinear sample of the coarse pixels to float rounding,
+    and its 8- and 16-bit samples those floats converted bit for bit, clamped (values beyond [-1, 1])
+    and with NaN as 0."""
+    if form != "native":
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("x86 build forms")
+        monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-march=native", *BUILD_FORMS[form], "-funroll-loops",
+                                                   "-fno-math-errno", "-fno-trapping-math"),))
+        native._library.cache_clear()
+    try:
+        for factor in (1.02, 1.5, 3.75, 7.5, 15.0):  # AVX2 and AVX-512 take the vector path from 8/7 and 16/15
+            _check_blend(factor)
+    finally:
+        native._library.cache_clear()
+
+
+def _check_blend(factor: float) -> None:
     from lmf_cli.models.geometry import axis_bilinear, bilinear_grid
 
     out_h, out_w = 40, 203
