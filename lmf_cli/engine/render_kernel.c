@@ -378,6 +378,13 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+/* The blend's bilinear step a * wa + b * wb, written as the one multiply-add GCC contracts it to where the
+ * CPU has FMA, so the vector forms below and the plain loops give the same bits whatever the compiler. */
+#if defined(__FMA__)
+#define MIX(a, wa, b, wb) fmaf(a, wa, (b) * (wb))
+#else
+#define MIX(a, wa, b, wb) ((a) * (wa) + (b) * (wb))
+#endif
 
 /* Columns x0..x1 of coarse row r (planar, 3 x coarse_h x coarse_w) sampled at the output columns'
  * taps, pixel-interleaved: row[(x - x0) * 3 + c]. */
@@ -466,7 +473,7 @@ static void columns_of(float *row, const float *coarse, int64_t coarse_h, int64_
         const int64_t lo = lo_x[x], hi = hi_x[x];
         const float wx = fx[x], vx = 1 - wx;
         float *at = row + (x - x0) * 3;
-        for (int c = 0; c < 3; c++) at[c] = src[c][lo] * vx + src[c][hi] * wx;
+        for (int c = 0; c < 3; c++) at[c] = MIX(src[c][lo], vx, src[c][hi], wx);
     }
 }
 
@@ -488,7 +495,7 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
             const __m512i s = _mm512_cvtps_epi32(_mm512_mul_ps(u2, half_peak));
             _mm_storeu_si128((__m128i *)((uint8_t *)out + at + k), _mm512_cvtepi32_epi8(s));
         }
-        for (; k < n; k++) store(out, at + k, fmaf(lo[k], vy, hi[k] * wy), CODES8);
+        for (; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), CODES8);
         return;
     }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -508,22 +515,22 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
             const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(s[0], s[1]), _mm256_packus_epi32(s[2], s[3]));
             _mm256_storeu_si256((__m256i *)((uint8_t *)out + at + k), _mm256_permutevar8x32_epi32(bytes, order));
         }
-        for (; k < n; k++) store(out, at + k, fmaf(lo[k], vy, hi[k] * wy), CODES8);
+        for (; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), CODES8);
         return;
     }
 #endif
     switch (units) {
     case NORMALISED:
-        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, NORMALISED);
+        for (int64_t k = 0; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), NORMALISED);
         break;
     case UNIT:
-        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, UNIT);
+        for (int64_t k = 0; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), UNIT);
         break;
     case CODES8:
-        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, CODES8);
+        for (int64_t k = 0; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), CODES8);
         break;
     default:
-        for (int64_t k = 0; k < n; k++) store(out, at + k, lo[k] * vy + hi[k] * wy, CODES16);
+        for (int64_t k = 0; k < n; k++) store(out, at + k, MIX(lo[k], vy, hi[k], wy), CODES16);
     }
 }
 
@@ -568,7 +575,7 @@ void lmf_blend_rects(const int64_t *rects, int64_t n, const float *coarse, int64
             for (int64_t x = x0; x < x1; x++)
                 for (int c = 0; c < 3; c++) {
                     const int64_t i = (x - x0) * 3 + c;
-                    store(out, c * plane + y * stride + x * pitch, mixed[0][i] * vy + mixed[1][i] * wy, units);
+                    store(out, c * plane + y * stride + x * pitch, MIX(mixed[0][i], vy, mixed[1][i], wy), units);
                 }
         }
     }
