@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import numpy as np
@@ -64,6 +65,17 @@ def test_kernel_equals_pytorch(kernel_available, butterfly, monkeypatch, variant
     assert (fast - slow).abs().max() < 1e-5
 
 
+@contextlib.contextmanager
+def _kernel_built_with(flags: tuple[str, ...], monkeypatch: pytest.MonkeyPatch):
+    """The kernel built with these compiler flags alone (into the test's LMF_CACHE_DIR) while inside."""
+    monkeypatch.setattr(native, "FLAG_SETS", (flags,))
+    native._library.cache_clear()
+    try:
+        yield
+    finally:
+        native._library.cache_clear()
+
+
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="needs a CPU with AVX-512 and AVX2")
 @pytest.mark.parametrize("variant", ["lm-liif, skip", "lm-lte"])
 def test_the_avx512_and_avx2_forms_give_the_same_bits(kernel_available, butterfly, tmp_path, monkeypatch, variant):
@@ -72,15 +84,10 @@ def test_the_avx512_and_avx2_forms_give_the_same_bits(kernel_available, butterfl
     model = VARIANTS[variant]()
     inp = torch.from_numpy(butterfly[:20, :24]).permute(2, 0, 1)[None].float() / 127.5 - 1
     renders = []
-    try:
-        for narrower in ((), ("-mno-avx512f",)):
-            monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-march=native", *narrower, "-fno-math-errno"),))
-            native._library.cache_clear()
-            with torch.no_grad():
-                assert native.usable(model, inp.device)
-                renders.append(_upscale(model, inp, (140, 168), monkeypatch, "kernel"))
-    finally:
-        native._library.cache_clear()
+    for narrower in ((), ("-mno-avx512f",)):
+        with _kernel_built_with(("-O3", "-march=native", *narrower, "-fno-math-errno"), monkeypatch), torch.no_grad():
+            assert native.usable(model, inp.device)
+            renders.append(_upscale(model, inp, (140, 168), monkeypatch, "kernel"))
     assert len(list(tmp_path.rglob("*.so"))) == 2
     assert torch.equal(*renders)
 
@@ -201,18 +208,15 @@ def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, form, tmp_
     form the kernel is built in on this CPU: the bilinear sample of the coarse pixels to float rounding,
     and its 8- and 16-bit samples those floats converted bit for bit, clamped (values beyond [-1, 1])
     and with NaN as 0."""
+    build = contextlib.nullcontext()  # native: the kernel as the product builds it
     if form != "native":
         if platform.machine() not in ("x86_64", "AMD64"):
             pytest.skip("x86 build forms")
         monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
-        monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-march=native", *BUILD_FORMS[form], "-funroll-loops",
-                                                   "-fno-math-errno", "-fno-trapping-math"),))
-        native._library.cache_clear()
-    try:
+        build = _kernel_built_with((*native.FLAG_SETS[0], *BUILD_FORMS[form]), monkeypatch)
+    with build:
         for factor in (1.02, 1.5, 3.75, 7.5, 15.0):  # AVX2 and AVX-512 take the vector path from 8/7 and 16/15
             _check_blend(factor)
-    finally:
-        native._library.cache_clear()
 
 
 def _check_blend(factor: float) -> None:
@@ -238,8 +242,8 @@ def _check_blend(factor: float) -> None:
         samples = torch.zeros(1, out_h, out_w, 3, dtype=dtype).permute(0, 3, 1, 2)
         native.blend_rects(16, samples, rects, coarse, rows, cols, unit=True)
         converted = _as_samples(torch.nan_to_num(unit[0], nan=0.0), peak, np_dtype)
-        assert torch.equal(samples[0][:, drawn].to(torch.int64), converted[:, drawn].to(torch.int64))
         values = samples[0][:, drawn].to(torch.int64)
+        assert torch.equal(values, converted[:, drawn].to(torch.int64))
         assert values.min() == 0 and values.max() == peak  # the clamp matters
 
 
