@@ -149,12 +149,32 @@ def _as_samples(unit: torch.Tensor, peak: float, dtype: np.dtype) -> torch.Tenso
 SAMPLES = [(torch.uint8, 255.0, np.uint8), (torch.uint16, 65535.0, np.uint16)]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(kernel_available, butterfly, fused):
+BUILD_FORMS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx",)}
+
+
+def _built_in_form(form: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+    """The kernel as the product builds it ("native"), or built for a narrower x86 CPU (AVX2, or no AVX)."""
+    if form == "native":
+        return contextlib.nullcontext()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 build forms")
+    monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
+    return _kernel_built_with((*native.FLAG_SETS[0], *BUILD_FORMS[form]), monkeypatch)
+
+
+@pytest.mark.parametrize(("fused", "form"), [(False, "native")] + [(True, form) for form in BUILD_FORMS])
+def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(kernel_available, butterfly, fused,
+                                                                              form, tmp_path, monkeypatch):
     """`unit` writes (v + 1) * 0.5 in the same pass: the same bits as PyTorch's add and mul after,
-    on both renderers, for plain and masked windows, and for a CMSR coarse level's blend; into a
-    uint8 or uint16 view (strided, pixel-interleaved, as the canvas), the bytes numpy's clamp,
-    multiply and round give."""
+    on both renderers (the kernel in each form it is built in on this CPU: its vector stores of four
+    pixels side by side, and one by one elsewhere), for plain and masked windows, and for a CMSR coarse
+    level's blend; into a uint8 or uint16 view (strided, pixel-interleaved, as the canvas), the bytes
+    numpy's clamp, multiply and round give."""
+    with _built_in_form(form, tmp_path, monkeypatch):
+        _check_units(butterfly, fused)
+
+
+def _check_units(butterfly: np.ndarray, fused: bool) -> None:
     from dataclasses import replace
 
     from lmf_cli.engine.cmsr import _draw_coarse
@@ -198,9 +218,6 @@ def test_unit_and_sample_outputs_are_the_normalised_one_converted_bit_for_bit(ke
                            _as_samples(outs[1][0][:, drawn], peak, np_dtype).to(torch.int64))
 
 
-BUILD_FORMS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx",)}
-
-
 @pytest.mark.parametrize("form", list(BUILD_FORMS))
 def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, form, tmp_path, monkeypatch):
     """The kernel's blend of a coarse level (AVX-512: 16 columns a step where their taps lie within 16
@@ -208,13 +225,7 @@ def test_blend_is_the_bilinear_sample_in_every_unit(kernel_available, form, tmp_
     form the kernel is built in on this CPU: the bilinear sample of the coarse pixels to float rounding,
     and its 8- and 16-bit samples those floats converted bit for bit, clamped (values beyond [-1, 1])
     and with NaN as 0."""
-    build = contextlib.nullcontext()  # native: the kernel as the product builds it
-    if form != "native":
-        if platform.machine() not in ("x86_64", "AMD64"):
-            pytest.skip("x86 build forms")
-        monkeypatch.setenv("LMF_CACHE_DIR", str(tmp_path))
-        build = _kernel_built_with((*native.FLAG_SETS[0], *BUILD_FORMS[form]), monkeypatch)
-    with build:
+    with _built_in_form(form, tmp_path, monkeypatch):
         for factor in (1.02, 1.5, 3.75, 7.5, 15.0):  # AVX2 and AVX-512 take the vector path from 8/7 and 16/15
             _check_blend(factor)
 

@@ -88,35 +88,47 @@ typedef struct {
 #if BATCH % WIDE_SLOTS
 #error "WIDE_SLOTS must divide BATCH"
 #endif
-static inline void group_linear(__m512 a[WIDE_SLOTS], float h[BATCH][HIDDEN], int s0, const float *w) {
+/* a += h W for `slots` queries from s0 (a constant where it is inlined, so the loops unroll). */
+static inline __attribute__((always_inline)) void group_linear(__m512 *a, int slots, float h[BATCH][HIDDEN], int s0,
+                                                               const float *w) {
     for (int i = 0; i < HIDDEN; i++) {
         __m512 wv = _mm512_loadu_ps(w + i * HIDDEN);
         __asm__("" : "+v"(wv));
-        for (int s = 0; s < WIDE_SLOTS; s++) a[s] = _mm512_fmadd_ps(wv, _mm512_set1_ps(h[s0 + s][i]), a[s]);
+        for (int s = 0; s < slots; s++) a[s] = _mm512_fmadd_ps(wv, _mm512_set1_ps(h[s0 + s][i]), a[s]);
     }
 }
 
+static inline __attribute__((always_inline)) void linear_group(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN],
+                                                               const float *w, const float *b, int s0, int slots) {
+    __m512 a[WIDE_SLOTS];
+    for (int s = 0; s < slots; s++) a[s] = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+    group_linear(a, slots, h, s0, w);
+    for (int s = 0; s < slots; s++) _mm512_storeu_ps(acc[s0 + s], a[s]);
+}
+
+/* Only the rows asked for: the output layer runs on a batch's 4 pixels (taps 2), where whole groups of
+ * eight did twice its multiply-adds. */
 static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
-    for (int s0 = 0; s0 < rows; s0 += WIDE_SLOTS) {
-        __m512 a[WIDE_SLOTS];
-        for (int s = 0; s < WIDE_SLOTS; s++) a[s] = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
-        group_linear(a, h, s0, w);
-        for (int s = 0; s < WIDE_SLOTS; s++) _mm512_storeu_ps(acc[s0 + s], a[s]);
-    }
+    int s0 = 0;
+    for (; s0 + WIDE_SLOTS <= rows; s0 += WIDE_SLOTS) linear_group(acc, h, w, b, s0, WIDE_SLOTS);
+    for (; s0 + 4 <= rows; s0 += 4) linear_group(acc, h, w, b, s0, 4);
+    for (; s0 < rows; s0++) linear_group(acc, h, w, b, s0, 1);
 }
 
 static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const float *rows[BATCH];
+    for (int s = 0; s < BATCH; s++) rows[s] = m->table + lat[s] * m->row + m->first * HIDDEN;
+    const int64_t to_shift = m->depth * HIDDEN;
     for (int64_t l = 0; l < m->layers; l++) {
-        const int64_t k = m->first + l;
         const __m512 bias = _mm512_loadu_ps(m->biases + l * HIDDEN);
         for (int s0 = 0; s0 < BATCH; s0 += WIDE_SLOTS) {
             __m512 a[WIDE_SLOTS];
             for (int s = 0; s < WIDE_SLOTS; s++) a[s] = _mm512_setzero_ps();
-            group_linear(a, h, s0, m->weights + l * HIDDEN * HIDDEN);
+            group_linear(a, WIDE_SLOTS, h, s0, m->weights + l * HIDDEN * HIDDEN);
             for (int s = 0; s < WIDE_SLOTS; s++) {
-                const float *scale = m->table + lat[s0 + s] * m->row + k * HIDDEN;
-                const float *shift = scale + m->depth * HIDDEN;
+                const float *scale = rows[s0 + s] + l * HIDDEN;
+                const float *shift = scale + to_shift;
                 const __m512 gain = _mm512_add_ps(one, _mm512_loadu_ps(scale));
                 const __m512 out = _mm512_fmadd_ps(_mm512_add_ps(a[s], bias), gain, _mm512_loadu_ps(shift));
                 _mm512_storeu_ps(h[s0 + s], _mm512_max_ps(out, zero));
@@ -125,9 +137,12 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
     }
 }
 
-/* acc += w h, one fused multiply-add per value, as the AVX2 and plain forms do it. */
-static inline void accumulate(float acc[HIDDEN], float w, const float h[HIDDEN]) {
-    _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(h), _mm512_loadu_ps(acc)));
+/* mix = sum of weight[s] h[s] over a pixel's `count` queries, one fused multiply-add per value from 0, as
+ * the AVX2 and plain forms do it (in registers: through memory it was a chain of stores and loads). */
+static inline void ensemble(float mix[HIDDEN], const float *weight, float h[][HIDDEN], int count) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int s = 0; s < count; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[s]), _mm512_loadu_ps(h[s]), acc);
+    _mm512_storeu_ps(mix, acc);
 }
 #elif defined(__AVX2__) && defined(__FMA__) && HIDDEN == 16
 #include <immintrin.h>
@@ -135,29 +150,36 @@ static inline void accumulate(float acc[HIDDEN], float w, const float h[HIDDEN])
 /* a += h W for queries s0 .. s0 + SLOTS - 1. Each weight row is loaded once into registers for
  * the group (the empty asm keeps GCC from folding the load into every FMA, a load per query that
  * made the loop load-bound: 20% of the render time). */
-static inline void group_linear(__m256 a[SLOTS][LANES], float h[BATCH][HIDDEN], int s0, const float *w) {
+static inline __attribute__((always_inline)) void group_linear(__m256 a[SLOTS][LANES], int slots,
+                                                               float h[BATCH][HIDDEN], int s0, const float *w) {
     for (int i = 0; i < HIDDEN; i++) {
         __m256 wv[LANES];
         for (int v = 0; v < LANES; v++) {
             wv[v] = _mm256_loadu_ps(w + i * HIDDEN + 8 * v);
             __asm__("" : "+x"(wv[v]));
         }
-        for (int s = 0; s < SLOTS; s++) {
+        for (int s = 0; s < slots; s++) {
             const __m256 hi = _mm256_broadcast_ss(&h[s0 + s][i]);
             for (int v = 0; v < LANES; v++) a[s][v] = _mm256_fmadd_ps(wv[v], hi, a[s][v]);
         }
     }
 }
 
+static inline __attribute__((always_inline)) void linear_group(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN],
+                                                               const float *w, const float *b, int s0, int slots) {
+    __m256 a[SLOTS][LANES];
+    for (int s = 0; s < slots; s++)
+        for (int v = 0; v < LANES; v++) a[s][v] = b ? _mm256_loadu_ps(b + 8 * v) : _mm256_setzero_ps();
+    group_linear(a, slots, h, s0, w);
+    for (int s = 0; s < slots; s++)
+        for (int v = 0; v < LANES; v++) _mm256_storeu_ps(acc[s0 + s] + 8 * v, a[s][v]);
+}
+
+/* Only the rows asked for (a batch's last pixels need not fill a group). */
 static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
-    for (int s0 = 0; s0 < rows; s0 += SLOTS) {
-        __m256 a[SLOTS][LANES];
-        for (int s = 0; s < SLOTS; s++)
-            for (int v = 0; v < LANES; v++) a[s][v] = b ? _mm256_loadu_ps(b + 8 * v) : _mm256_setzero_ps();
-        group_linear(a, h, s0, w);
-        for (int s = 0; s < SLOTS; s++)
-            for (int v = 0; v < LANES; v++) _mm256_storeu_ps(acc[s0 + s] + 8 * v, a[s][v]);
-    }
+    int s0 = 0;
+    for (; s0 + SLOTS <= rows; s0 += SLOTS) linear_group(acc, h, w, b, s0, SLOTS);
+    for (; s0 < rows; s0++) linear_group(acc, h, w, b, s0, 1);
 }
 
 /* The modulated layers in place, SLOTS queries at a time: the accumulators get the bias, gain and
@@ -165,17 +187,19 @@ static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float
  * multiply-add fused as GCC contracts it there, so the same bits. */
 static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], const Model *m) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const float *rows[BATCH];
+    for (int s = 0; s < BATCH; s++) rows[s] = m->table + lat[s] * m->row + m->first * HIDDEN;
+    const int64_t to_shift = m->depth * HIDDEN;
     for (int64_t l = 0; l < m->layers; l++) {
-        const int64_t k = m->first + l;
         const float *bias = m->biases + l * HIDDEN;
         for (int s0 = 0; s0 < BATCH; s0 += SLOTS) {
             __m256 a[SLOTS][LANES];
             for (int s = 0; s < SLOTS; s++)
                 for (int v = 0; v < LANES; v++) a[s][v] = _mm256_setzero_ps();
-            group_linear(a, h, s0, m->weights + l * HIDDEN * HIDDEN);
+            group_linear(a, SLOTS, h, s0, m->weights + l * HIDDEN * HIDDEN);
             for (int s = 0; s < SLOTS; s++) {
-                const float *scale = m->table + lat[s0 + s] * m->row + k * HIDDEN;
-                const float *shift = scale + m->depth * HIDDEN;
+                const float *scale = rows[s0 + s] + l * HIDDEN;
+                const float *shift = scale + to_shift;
                 for (int v = 0; v < LANES; v++) {
                     const __m256 gain = _mm256_add_ps(one, _mm256_loadu_ps(scale + 8 * v));
                     const __m256 sum = _mm256_add_ps(a[s][v], _mm256_loadu_ps(bias + 8 * v));
@@ -187,27 +211,33 @@ static void modulated_layers(float h[BATCH][HIDDEN], const int64_t lat[BATCH], c
     }
 }
 
-static inline void accumulate(float acc[HIDDEN], float w, const float h[HIDDEN]) {
-    for (int v = 0; v < LANES; v++)
-        _mm256_storeu_ps(acc + 8 * v, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(h + 8 * v),
-                                                      _mm256_loadu_ps(acc + 8 * v)));
+static inline void ensemble(float mix[HIDDEN], const float *weight, float h[][HIDDEN], int count) {
+    __m256 acc[LANES];
+    for (int v = 0; v < LANES; v++) acc[v] = _mm256_setzero_ps();
+    for (int s = 0; s < count; s++)
+        for (int v = 0; v < LANES; v++)
+            acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(weight[s]), _mm256_loadu_ps(h[s] + 8 * v), acc[v]);
+    for (int v = 0; v < LANES; v++) _mm256_storeu_ps(mix + 8 * v, acc[v]);
 }
 #else
-static inline void accumulate(float acc[HIDDEN], float w, const float h[HIDDEN]) {
-    for (int o = 0; o < HIDDEN; o++) acc[o] += w * h[o];
+static inline void ensemble(float mix[HIDDEN], const float *weight, float h[][HIDDEN], int count) {
+    for (int o = 0; o < HIDDEN; o++) mix[o] = 0.0f;
+    for (int s = 0; s < count; s++)
+        for (int o = 0; o < HIDDEN; o++) mix[o] += weight[s] * h[s][o];
 }
 
 static void linear(float acc[BATCH][HIDDEN], float h[BATCH][HIDDEN], const float *w, const float *b, int rows) {
     for (int s0 = 0; s0 < rows; s0 += SLOTS) {
+        const int slots = rows - s0 < SLOTS ? rows - s0 : SLOTS; /* only the rows asked for */
         float a[SLOTS][HIDDEN];
-        for (int s = 0; s < SLOTS; s++)
+        for (int s = 0; s < slots; s++)
             for (int o = 0; o < HIDDEN; o++) a[s][o] = b ? b[o] : 0.0f;
         for (int i = 0; i < HIDDEN; i++)
-            for (int s = 0; s < SLOTS; s++) {
+            for (int s = 0; s < slots; s++) {
                 float hi = h[s0 + s][i];
                 for (int o = 0; o < HIDDEN; o++) a[s][o] += w[i * HIDDEN + o] * hi;
             }
-        for (int s = 0; s < SLOTS; s++)
+        for (int s = 0; s < slots; s++)
             for (int o = 0; o < HIDDEN; o++) acc[s0 + s][o] = a[s][o];
     }
 }
@@ -249,6 +279,101 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
         h[j] = coef[j] * cosf(z);
         h[j + half] = coef[j + half] * sinf(z);
     }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* Four pixels side by side in an interleaved canvas (12 values from out[at]): store()'s operations and
+ * bits, as one vector (a tenth of the render went to storing samples one by one). */
+static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_add[][3], int units) {
+    const __mmask16 twelve = 0x0fff;
+    const __m512i pair = _mm512_setr_epi32(0, 1, 2, 16, 17, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i four = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 0, 0, 0, 0);
+    const __m512 first = _mm512_permutex2var_ps(_mm512_loadu_ps(rgb[0]), pair, _mm512_loadu_ps(rgb[1]));
+    const __m512 second = _mm512_permutex2var_ps(_mm512_loadu_ps(rgb[2]), pair, _mm512_loadu_ps(rgb[3]));
+    __m512 v = _mm512_permutex2var_ps(first, four, second);
+    if (skip_add)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(twelve, skip_add[0]));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (units == NORMALISED || units == UNIT) {
+        if (units == UNIT)
+            v = _mm512_mul_ps(_mm512_add_ps(v, one), _mm512_set1_ps(0.5f));
+        _mm512_mask_storeu_ps((float *)out + at, twelve, v);
+        return;
+    }
+    const __m512 twice = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, one), _mm512_setzero_ps()), _mm512_set1_ps(2.0f));
+    const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(twice, _mm512_set1_ps(units == CODES8 ? 127.5f : 32767.5f)));
+    if (units == CODES8)
+        _mm_mask_storeu_epi8((uint8_t *)out + at, twelve, _mm512_cvtepi32_epi8(codes));
+    else
+        _mm256_mask_storeu_epi16((uint16_t *)out + at, twelve, _mm512_cvtepi32_epi16(codes));
+}
+#define HAS_STORE_FOUR 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+/* The same with AVX2: the four pixels' first three values, shuffled into three vectors of four. */
+static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_add[][3], int units) {
+    const __m128 p0 = _mm_loadu_ps(rgb[0]), p1 = _mm_loadu_ps(rgb[1]), p2 = _mm_loadu_ps(rgb[2]);
+    const __m128 p3 = _mm_loadu_ps(rgb[3]);
+    __m128 v[3] = {_mm_blend_ps(p0, _mm_shuffle_ps(p1, p1, 0), 8),                            /* r0 g0 b0 r1 */
+                   _mm_shuffle_ps(p1, p2, _MM_SHUFFLE(1, 0, 2, 1)),                            /* g1 b1 r2 g2 */
+                   _mm_blend_ps(_mm_shuffle_ps(p3, p3, _MM_SHUFFLE(2, 1, 0, 0)), _mm_shuffle_ps(p2, p2, 0xaa), 1)};
+    const __m128 one = _mm_set1_ps(1.0f);
+    for (int j = 0; j < 3; j++) {
+        if (skip_add)
+            v[j] = _mm_add_ps(v[j], _mm_loadu_ps(skip_add[0] + 4 * j));
+        if (units == UNIT)
+            v[j] = _mm_mul_ps(_mm_add_ps(v[j], one), _mm_set1_ps(0.5f));
+        if (units == NORMALISED || units == UNIT)
+            _mm_storeu_ps((float *)out + at + 4 * j, v[j]);
+    }
+    if (units == NORMALISED || units == UNIT)
+        return;
+    const __m128 peak = _mm_set1_ps(units == CODES8 ? 127.5f : 32767.5f);
+    __m128i codes[3];
+    for (int j = 0; j < 3; j++) {
+        const __m128 twice = _mm_min_ps(_mm_max_ps(_mm_add_ps(v[j], one), _mm_setzero_ps()), _mm_set1_ps(2.0f));
+        codes[j] = _mm_cvtps_epi32(_mm_mul_ps(twice, peak));
+    }
+    /* the codes lie within the sample's range, so the saturating packs only narrow them */
+    const __m128i low = _mm_packus_epi32(codes[0], codes[1]), high = _mm_packus_epi32(codes[2], codes[2]);
+    if (units == CODES8) {
+        const __m128i bytes = _mm_packus_epi16(low, high);
+        const int32_t last = _mm_extract_epi32(bytes, 2);
+        _mm_storel_epi64((__m128i *)((uint8_t *)out + at), bytes);
+        memcpy((uint8_t *)out + at + 8, &last, 4);
+        return;
+    }
+    _mm_storeu_si128((__m128i *)((uint16_t *)out + at), low);
+    _mm_storel_epi64((__m128i *)((uint16_t *)out + at + 8), high);
+}
+#define HAS_STORE_FOUR 1
+#endif
+
+/* The batch's pixels: rgb (+ skip_add, may be NULL) at pixel[q * per_pixel] of the output. */
+static void write_pixels(void *out, float rgb[BATCH][HIDDEN], float skip_add[BATCH][3], const int64_t pixel[BATCH],
+                         int per_pixel, int pixels, int64_t plane, int64_t pitch, int units) {
+    const int interleaved = plane == 1 && pitch == 3;
+    for (int q = 0; q < pixels;) {
+#ifdef HAS_STORE_FOUR
+        if (interleaved && q + 4 <= pixels) {
+            const int64_t at = pixel[q * per_pixel];
+            if (pixel[(q + 1) * per_pixel] == at + 3 && pixel[(q + 2) * per_pixel] == at + 6
+                && pixel[(q + 3) * per_pixel] == at + 9) {
+                store_four(out, at, rgb + q, skip_add ? skip_add + q : NULL, units);
+                q += 4;
+                continue;
+            }
+        }
+#endif
+        for (int c = 0; c < 3; c++) {
+            float v = rgb[q][c];
+            if (skip_add)
+                v += skip_add[q][c];
+            store(out, c * plane + pixel[q * per_pixel], v, units);
+        }
+        q++;
+    }
+    (void)interleaved; /* without a vector store, every pixel is stored on its own */
 }
 
 /* Render rows y0, y0 + step, ... below y1 of a window `width` pixels wide (threads take
@@ -310,21 +435,11 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
                 }
                 modulated_layers(h, lat, &m);
                 /* ensemble-weighted last hidden layer per pixel, then the output layer */
-                float mix[BATCH][HIDDEN] = {{0}}, rgb[BATCH][HIDDEN];
+                float mix[BATCH][HIDDEN], rgb[BATCH][HIDDEN];
                 const int pixels = n / per_pixel;
-                for (int q = 0; q < pixels; q++)
-                    for (int s = q * per_pixel; s < (q + 1) * per_pixel; s++)
-                        accumulate(mix[q], weight[s], h[s]);
+                for (int q = 0; q < pixels; q++) ensemble(mix[q], weight + q * per_pixel, h + q * per_pixel, per_pixel);
                 linear(rgb, mix, w_pad, b_pad, pixels);
-                for (int q = 0; q < pixels; q++) {
-                    const int s = q * per_pixel;
-                    for (int c = 0; c < 3; c++) {
-                        float v = rgb[q][c];
-                        if (skip)
-                            v += skip_add[q][c];
-                        store(out, c * plane + pixel[s], v, units);
-                    }
-                }
+                write_pixels(out, rgb, skip ? skip_add : NULL, pixel, per_pixel, pixels, plane, pitch, units);
                 n = 0;
             }
             if (x == width) break;
