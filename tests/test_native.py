@@ -197,6 +197,10 @@ def _check_units(butterfly: np.ndarray, fused: bool) -> None:
                                  into=torch.zeros(1, 3, 50, 85), unit=True)
             assert torch.equal(unit, normalised.add(1).mul(0.5))
             assert (unit > 1).any() and (unit < 0).any()  # the clamp matters
+            for as_unit, planar in ((False, normalised), (True, unit)):  # a float canvas, pixel-interleaved
+                canvas = interleaved(torch.float32).fill_(0.0 if as_unit else -1.0)
+                assert torch.equal(render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted, into=canvas,
+                                                 unit=as_unit), planar)
             for dtype, peak, np_dtype in SAMPLES:
                 samples = render_region(model, g, out_hw, (10, 60), (5, 90), mask=wanted, into=interleaved(dtype),
                                         unit=True)
