@@ -607,6 +607,22 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
         const __m512 a = _mm512_set1_ps(vy), b = _mm512_set1_ps(wy), one = _mm512_set1_ps(1.0f);
         const __m512 two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps(), half_peak = _mm512_set1_ps(127.5f);
         int64_t k = 0;
+#if defined(__AVX512BW__)
+        /* 64 a step, the low clamp left to the packs' unsigned saturation: a value below 0 (NaN and -inf
+         * too, which convert to INT_MIN; `min(2, x)` keeps NaN) packs to 0 as clamping first would give,
+         * and a pack and a 4 x 4 permute replace four narrowing conversions: a fifth fewer operations */
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        for (; k + 64 <= n; k += 64) {
+            __m512i s[4];
+            for (int j = 0; j < 4; j++) {
+                const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(lo + k + 16 * j), a,
+                                                 _mm512_mul_ps(_mm512_loadu_ps(hi + k + 16 * j), b));
+                s[j] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_min_ps(two, _mm512_add_ps(v, one)), half_peak));
+            }
+            const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(s[0], s[1]), _mm512_packus_epi32(s[2], s[3]));
+            _mm512_storeu_si512((uint8_t *)out + at + k, _mm512_permutexvar_epi32(order, bytes));
+        }
+#endif
         for (; k + 16 <= n; k += 16) {
             const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(lo + k), a, _mm512_mul_ps(_mm512_loadu_ps(hi + k), b));
             const __m512 u2 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, one), zero), two); /* NaN -> 0 */
@@ -619,7 +635,7 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
 #elif defined(__AVX2__) && defined(__FMA__)
     if (units == CODES8) { /* the same with AVX2, 32 samples a step: four vectors packed into 32 bytes */
         const __m256 a = _mm256_set1_ps(vy), b = _mm256_set1_ps(wy), one = _mm256_set1_ps(1.0f);
-        const __m256 two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps(), half_peak = _mm256_set1_ps(127.5f);
+        const __m256 two = _mm256_set1_ps(2.0f), half_peak = _mm256_set1_ps(127.5f);
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo the packs' lane interleave */
         int64_t k = 0;
         for (; k + 32 <= n; k += 32) {
@@ -627,8 +643,8 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
             for (int j = 0; j < 4; j++) {
                 const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(lo + k + 8 * j), a,
                                                  _mm256_mul_ps(_mm256_loadu_ps(hi + k + 8 * j), b));
-                const __m256 u2 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, one), zero), two); /* NaN -> 0 */
-                s[j] = _mm256_cvtps_epi32(_mm256_mul_ps(u2, half_peak));
+                /* the low clamp left to the packs, as with AVX-512 above */
+                s[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_min_ps(two, _mm256_add_ps(v, one)), half_peak));
             }
             const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(s[0], s[1]), _mm256_packus_epi32(s[2], s[3]));
             _mm256_storeu_si256((__m256i *)((uint8_t *)out + at + k), _mm256_permutevar8x32_epi32(bytes, order));
