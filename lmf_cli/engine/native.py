@@ -55,6 +55,7 @@ FLAG_SETS = (
 )
 MIN_ROWS_PER_THREAD = 4
 MAX_HIDDEN = 64  # wider render MLPs (none known) use PyTorch
+MIN_HIDDEN = 4  # narrower ones use PyTorch: the kernel pads the 3-colour output layer to a hidden row
 STALE_DAYS = 7
 
 
@@ -91,7 +92,7 @@ def _library(hidden: int) -> ctypes.CDLL | None:
     A flag set that failed leaves a `.failed` marker, so no later process tries it again."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     source = SOURCE_BYTES
-    if not enabled() or compiler is None or source is None or hidden % 2 or hidden > MAX_HIDDEN:
+    if not enabled() or compiler is None or source is None or hidden % 2 or not MIN_HIDDEN <= hidden <= MAX_HIDDEN:
         return None
     try:
         signature = cpu_signature()

@@ -20,6 +20,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h> /* at any HIDDEN: the stores and the blend use vectors too */
+#endif
 
 #ifndef HIDDEN
 #define HIDDEN 16
@@ -31,7 +34,7 @@
 #define AFFINE 0
 #define FOURIER 1
 #if BATCH % SLOTS
-#error "SLOTS must divide BATCH: linear() works in whole groups of SLOTS queries"
+#error "SLOTS must divide BATCH: the modulated layers work in whole groups of SLOTS queries"
 #endif
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -80,7 +83,6 @@ typedef struct {
  * multiply-adds in the same order (i ascending from b or 0), so they give the same bits (checked
  * at width 16; at width 8 GCC vectorises the plain loops otherwise, and they stay). */
 #if defined(__AVX512F__) && HIDDEN == 16
-#include <immintrin.h>
 /* With AVX-512 a hidden row is one register: the whole batch's sixteen accumulators and the weight
  * row take 17 of the 32 registers, and each multiply-add covers the whole row (half the instructions
  * of the AVX2 form below). Sixteen chains of 16 multiply-adds, not eight: with eight, their latency
@@ -148,7 +150,6 @@ static inline void ensemble(float mix[HIDDEN], const float *weight, float h[][HI
     _mm512_storeu_ps(mix, acc);
 }
 #elif defined(__AVX2__) && defined(__FMA__) && HIDDEN == 16
-#include <immintrin.h>
 #define LANES (HIDDEN / 8)
 /* a += h W for queries s0 .. s0 + SLOTS - 1. Each weight row is loaded once into registers for
  * the group (the empty asm keeps GCC from folding the load into every FMA, a load per query that
@@ -284,15 +285,18 @@ static void input_stage(float h[HIDDEN], const Model *m, int kind, int64_t lat, 
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && HIDDEN >= 4
 /* Four pixels side by side in an interleaved canvas (12 values from out[at]): store()'s operations and
  * bits, as one vector (stored one by one, they took about 6% of the render). */
 static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_add[][3], int units) {
     const __mmask16 twelve = 0x0fff;
     const __m512i pair = _mm512_setr_epi32(0, 1, 2, 16, 17, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i four = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 0, 0, 0, 0);
-    const __m512 first = _mm512_permutex2var_ps(_mm512_loadu_ps(rgb[0]), pair, _mm512_loadu_ps(rgb[1]));
-    const __m512 second = _mm512_permutex2var_ps(_mm512_loadu_ps(rgb[2]), pair, _mm512_loadu_ps(rgb[3]));
+    const __mmask16 three = 0x7; /* a row's first three values: rows narrower than 16 end sooner */
+    const __m512 first = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(three, rgb[0]), pair,
+                                                _mm512_maskz_loadu_ps(three, rgb[1]));
+    const __m512 second = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(three, rgb[2]), pair,
+                                                 _mm512_maskz_loadu_ps(three, rgb[3]));
     __m512 v = _mm512_permutex2var_ps(first, four, second);
     if (skip_add)
         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(twelve, skip_add[0]));
@@ -311,8 +315,7 @@ static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_ad
         _mm256_mask_storeu_epi16((uint16_t *)out + at, twelve, _mm512_cvtepi32_epi16(codes));
 }
 #define HAS_STORE_FOUR 1
-#elif defined(__AVX2__)
-#include <immintrin.h>
+#elif defined(__AVX2__) && HIDDEN >= 4
 /* The same with AVX2: the four pixels' first three values, shuffled into three vectors of four. */
 static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_add[][3], int units) {
     const __m128 p0 = _mm_loadu_ps(rgb[0]), p1 = _mm_loadu_ps(rgb[1]), p2 = _mm_loadu_ps(rgb[2]);
@@ -493,9 +496,6 @@ int64_t lmf_render(const float *table, int64_t row, int64_t lat_w, int64_t depth
     return drawn;
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 /* The blend's bilinear step a * wa + b * wb, written as the one multiply-add GCC contracts it to where the
  * CPU has FMA, so the vector forms below and the plain loops give the same bits whatever the compiler. */
 #if defined(__FMA__)
