@@ -610,7 +610,7 @@ static void mix_contiguous(void *out, int64_t at, const float *lo, const float *
 #if defined(__AVX512BW__)
         /* 64 a step, the low clamp left to the packs' unsigned saturation: a value below 0 (NaN and -inf
          * too, which convert to INT_MIN; `min(2, x)` keeps NaN) packs to 0 as clamping first would give,
-         * and a pack and a 4 x 4 permute replace four narrowing conversions: a fifth fewer operations */
+         * and three packs and a 4 x 4 permute replace four narrowing conversions (2 uops each) */
         const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         for (; k + 64 <= n; k += 64) {
             __m512i s[4];
