@@ -358,10 +358,9 @@ static void store_four(void *out, int64_t at, float rgb[][HIDDEN], float skip_ad
 /* The batch's pixels: rgb (+ skip_add, may be NULL) at pixel[q * per_pixel] of the output. */
 static void write_pixels(void *out, float rgb[BATCH][HIDDEN], float skip_add[BATCH][3], const int64_t pixel[BATCH],
                          int per_pixel, int pixels, int64_t plane, int64_t pitch, int units) {
-    const int interleaved = plane == 1 && pitch == 3;
     for (int q = 0; q < pixels;) {
 #ifdef HAS_STORE_FOUR
-        if (interleaved && q + 4 <= pixels) {
+        if (plane == 1 && pitch == 3 && q + 4 <= pixels) { /* an interleaved canvas */
             const int64_t at = pixel[q * per_pixel];
             if (pixel[(q + 1) * per_pixel] == at + 3 && pixel[(q + 2) * per_pixel] == at + 6
                 && pixel[(q + 3) * per_pixel] == at + 9) {
@@ -379,7 +378,6 @@ static void write_pixels(void *out, float rgb[BATCH][HIDDEN], float skip_add[BAT
         }
         q++;
     }
-    (void)interleaved; /* without a vector store, every pixel is stored on its own */
 }
 
 /* Render rows y0, y0 + step, ... below y1 of a window `width` pixels wide (threads take
