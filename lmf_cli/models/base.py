@@ -231,25 +231,23 @@ class ImplicitSR(nn.Module):
 
     def _pairs_by_col(self, latents: Latents, window: RenderWindow, batch: int, n_out_c: int) -> torch.Tensor:
         """render's column sums (B, nr * Kr, n_out_c, 3) from the slots of window.pairs alone, decoded
-        PAIR_CHUNK_SLOTS at a time and added straight to their places value by value (the pairs of a
+        PAIR_CHUNK_SLOTS at a time and added straight to their places pixel by pixel (the pairs of a
         large sparse window are a fraction of its rows x columns). A wanted pixel's sums get the same
-        terms as on the dense path, so its value is the same to the bit."""
+        terms in the same order as on the dense path, so its value is the same to the bit."""
         rows, cols = window.rows, window.cols
         kr, kc = rows.rel.shape[1], cols.rel.shape[1]
         device = rows.out.device
-        plane = rows.n_rows * kr * n_out_c * 3
-        by_col = torch.zeros(batch, plane, device=device)
-        # a slot's first value's place: its row of slots' start, plus its output column's (x 3 channels)
-        row_place = torch.arange(rows.n_rows * kr, device=device).view(-1, kr) * (n_out_c * 3)
-        col_place = cols.out * 3
-        channel = torch.arange(3, device=device)
+        by_col = torch.zeros(rows.n_rows * kr * n_out_c, batch, 3, device=device)
+        # a slot's place: its row of slots' first pixel, plus its output column
+        row_place = torch.arange(rows.n_rows * kr, device=device).view(-1, kr) * n_out_c
         for chunk in window.pairs.split(max(1, PAIR_CHUNK_SLOTS // (kr * kc))):
             pred = self.decode_slots(latents, replace(window, pairs=chunk))[:, :, 0]  # (B, P, Kr, Kc, 3)
             pred = pred * ensemble_weights(rows, cols, self.local_ensemble, chunk).unsqueeze(-1)
             r, c = chunk // cols.n_rows, chunk % cols.n_rows
-            place = (row_place[r][:, :, None] + col_place[c][:, None, :]).unsqueeze(-1) + channel
-            by_col.scatter_add_(1, place.view(1, -1).expand(batch, -1), pred.reshape(batch, -1))
-        return by_col.view(batch, rows.n_rows * kr, n_out_c, 3)
+            place = row_place[r][:, :, None] + cols.out[c][:, None, :]
+            # one index a pixel for its three channels (and the batch), not one a value
+            by_col.index_add_(0, place.view(-1), pred.reshape(batch, -1, 3).transpose(0, 1))
+        return by_col.permute(1, 0, 2).reshape(batch, rows.n_rows * kr, n_out_c, 3)
 
 
 class FeatureRows:
