@@ -14,7 +14,7 @@ __all__ = ["Upscaler", "EngineOptions", "plan_size", "LmfError", "CheckpointErro
            "__version__"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in ("Upscaler", "plan_size"):
         from lmf_cli import api
 

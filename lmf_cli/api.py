@@ -292,8 +292,8 @@ class Upscaler:
         if not options.uses_cmsr:
             return None
         if not self.capabilities.cmsr:
-            raise OptionError("cmsr", options.cmsr, f"{self.name} is not an LMF model; CMSR levels need "
-                                                    "LM-LIIF or LM-LTE")
+            raise OptionError("cmsr", options.cmsr, f"{self.name} has no CMSR levels (they need a modulated render "
+                                                    "MLP: LM-LIIF, LM-LTE or LM-CiaoSR)")
         try:
             return resolve_threshold(self.loaded.cmsr_tables, options.cmsr)
         except InputError as exc:
@@ -335,7 +335,7 @@ def _check_image(image: np.ndarray) -> None:
 
 def _plain_sizes(scale: Scale | None, size: tuple[int, int] | None) -> tuple[Scale | None, tuple[int, int] | None]:
     """numpy scalars and arrays as plain numbers; what is not a number is refused, as is a fractional size."""
-    def numbers_of(value, message: str) -> list:
+    def numbers_of(value: object, message: str) -> list[numbers.Real]:
         if isinstance(value, np.ndarray) and value.ndim == 0:
             value = value.item()
         if isinstance(value, numbers.Real):

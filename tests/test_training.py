@@ -172,9 +172,44 @@ def test_cli_train_then_eval(tiny_data, tmp_path):
     bicubic = {r["scale"]: r["psnr"] for r in rows if r["method"] == "bicubic"}
     assert set(bicubic) == {2.0, 3.0} and bicubic[2.0] > bicubic[3.0] > 20
     assert all(r["images"] == 2 for r in rows)
+    for r in rows:  # each image's PSNR, whose mean is the row's
+        assert set(r["per_image"]) == {"baby", "bird"}
+        assert sum(r["per_image"].values()) / 2 == pytest.approx(r["psnr"], abs=1e-3)
     card = load_weights(run / "model.safetensors").info
     assert card["eval"]["eval"] == {"2": rows[0]["psnr"], "3": rows[2]["psnr"]}
     assert card["eval_bicubic"]["eval"]["2"] == bicubic[2.0] and card["steps"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{set}", "--scales", "0"], "--scales 0: every factor must be a finite number of at least 1"),
+    (["eval", "{set}", "--scales", "2,nan"], "--scales 2,nan: every factor must be a finite number of at least 1"),
+    (["eval", "{set}", "--scales", "2,x"], "--scales '2,x' must be numbers separated by commas"),
+    (["eval", "{damaged}"], "bad.png: not an image, or a format lmf cannot read"),
+    (["benchmark", "--scales", "0.5"], "--scales 0.5: every factor must be a finite number of at least 1"),
+    (["train", "{out}", "--data", "{set}", "--schedule", "cosin"], "--schedule 'cosin': choose one of step, cosine"),
+    (["train", "{out}", "--data", "{set}", "--val-data", "{out}/none"], "/none: no such folder"),
+    (["calibrate", "--images", "0", "--data", "{set}"], "Invalid value for '--images'"),
+])
+def test_cli_refusals_are_one_line(tiny_data, tmp_path, args, message):
+    """Bad values and unreadable images stop a command with one line and exit code 1 (2: typer's own)."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all")
+    filled = [a.format(set=tiny_data, damaged=damaged, out=tmp_path / "run") for a in args]
+    result = CliRunner().invoke(app, filled)
+    assert result.exit_code in (1, 2) and message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "train.log").exists()
+
+
+def test_reports_are_written_whole_or_not_at_all(tiny_data, tmp_path):
+    """--json into a place that cannot hold it is one line after the work, and leaves nothing partial."""
+    blocked = tmp_path / "taken"
+    blocked.mkdir()
+    (blocked / "report.json").mkdir()  # a folder where the report would go
+    result = CliRunner().invoke(app, ["eval", str(tiny_data), "--model", "lmf-lite", "--scales", "2",
+                                      "--no-bicubic", "--json", str(blocked / "report.json")])
+    assert result.exit_code == 1 and f"cannot write {blocked / 'report.json'}" in " ".join(result.output.split())
+    assert sorted(p.name for p in blocked.iterdir()) == ["report.json"]
 
 
 def test_init_starts_from_given_weights(tiny_data, tmp_path):

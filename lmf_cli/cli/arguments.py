@@ -24,6 +24,18 @@ def parse_wxh(text: str, option: str) -> tuple[int, int]:
     return h, w
 
 
+def parse_scales(text: str, option: str) -> list[float]:
+    """'2,3,4' -> [2.0, 3.0, 4.0]: the factors evaluations and benchmarks run at, each finite and >= 1."""
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{option} {text!r} must be numbers separated by commas, e.g. 2,3,4") from None
+    bad = [v for v in scales if not math.isfinite(v) or v < 1]
+    if bad:
+        raise InputError(f"{option} {text}: every factor must be a finite number of at least 1 (got {bad[0]:g})")
+    return scales
+
+
 def parse_sizing(scale: float | None, scale_x: float | None, scale_y: float | None, width: int | None,
                  height: int | None, size: str | None, fit: str | None) -> Sizing:
     """Check the size options once, before any file is touched."""

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lmf_cli.errors import OPTION_NAMES, InputError, LmfError
+from lmf_cli.files import atomic_write
 from lmf_cli.options import ALPHA_MODES, CMSR_LEVELS, PRECISIONS, EngineOptions
 
 if TYPE_CHECKING:
@@ -89,6 +90,20 @@ def report(kind: str, message: str) -> None:
     """One line `kind: message`; paths are printed literally, never read as Rich markup."""
     style = {"failed": "red", "warning": "yellow", "skipped": "dim"}.get(kind, "bold")
     console.print(f"[{style}]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """A report, plot or weights file a command writes: whole or not at all (temp file + rename), and a
+    one-line error where it cannot be written, after a run that may have taken hours."""
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        fail(f"cannot write {path} ({exc.strerror or exc})")
+
+
+def write_text(path: Path, text: str) -> None:
+    """write_file for text (a JSON report)."""
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def parse_amount(text: str, option: str, base: int) -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from lmf_cli.cli.arguments import parse_wxh
+from lmf_cli.cli.arguments import parse_scales, parse_wxh
 from lmf_cli.cli.common import (
     MaxMemory,
     checked,
@@ -20,6 +20,8 @@ from lmf_cli.cli.common import (
     parse_amount,
     require_matplotlib,
     stdout,
+    write_file,
+    write_text,
 )
 from lmf_cli.errors import LmfError
 from lmf_cli.options import EngineOptions
@@ -62,11 +64,9 @@ def evaluate_cmd(
         degradation = parse_degradation(degrade) if degrade else None
     except ValueError as exc:
         fail(f"--degrade {exc}")
+    scale_list = checked(parse_scales, scales, "--scales")
     try:
-        scale_list = [float(s) for s in scales.split(",")]
         up = open_upscaler(model, checked(EngineOptions, device, precision))
-    except ValueError:
-        fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
         fail(str(exc))
     rows = []
@@ -79,9 +79,14 @@ def evaluate_cmd(
         if not no_bicubic:
             methods["bicubic"] = bicubic_method
         set_name = folder.parent.name if folder.name == "HR" else folder.name
-        for r in evaluate(methods, images, scale_list, protocol, degradation=degradation):
+        try:
+            results = evaluate(methods, images, scale_list, protocol, degradation=degradation)
+        except LmfError as exc:
+            fail(str(exc))
+        for r in results:
             rows.append({"set": set_name, "method": r.method, "scale": r.scale, "psnr": round(r.psnr, 3),
-                         "ssim": round(r.ssim, 4), "images": r.images})
+                         "ssim": round(r.ssim, 4), "images": r.images,
+                         "per_image": {name: round(v, 3) for name, v in r.per_image.items()}})
     inputs = f", LR degraded by {degradation.name}" if degradation else ""
     table = Table("set", "method", *[f"x{s:g}" for s in scale_list],
                   title=f"PSNR (dB) / SSIM, {protocol} protocol{inputs}")
@@ -104,7 +109,7 @@ def evaluate_cmd(
         if str(json_out) == "-":
             print(text)
         else:
-            json_out.write_text(text)
+            write_text(json_out, text)
 
 
 DEFAULT_DIIF = "diif-edsr"
@@ -127,7 +132,8 @@ def benchmark(
     quick: bool = typer.Option(False, "--quick", help="96x64 input, x2/x4/x8, one repeat, no DIIF unless "
                                "--diif names one: a smoke test of a minute or two."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
-    plot: Path | None = typer.Option(None, "--plot", help="PNG of time and PSNR against scale."),
+    plot: Path | None = typer.Option(None, "--plot", help="Time and PSNR against scale as an image (PNG; .svg "
+                                     "or .pdf by the name)."),
     images: list[Path] = typer.Option(None, "--image", help="Time on this photo (repeatable), cropped and "
                                       "downscaled to --size; default: 3 B100 photos, else a synthetic card."),
     diif: str | None = typer.Option(DEFAULT_DIIF, "--diif", help="DIIF model timed beside LMF and LIIF "
@@ -163,12 +169,10 @@ def benchmark(
         diif = None if diif == DEFAULT_DIIF else diif  # a named one is still timed
     scales = scales or ("2" if video else "2,3,4,8,12,30")
     in_h, in_w = checked(parse_wxh, size, "--size")
+    scale_list = checked(parse_scales, scales, "--scales")
+    budget = parse_amount(max_memory, "--max-memory", 1024) if max_memory else None
     try:
-        scale_list = [float(s) for s in scales.split(",")]
-        budget = parse_amount(max_memory, "--max-memory", 1024) if max_memory else None
         up = open_upscaler(model, checked(EngineOptions, device, precision, None, budget))
-    except ValueError:
-        fail(f"--scales {scales!r} must be numbers separated by commas")
     except LmfError as exc:
         fail(str(exc))
     photos = list(images or [])
@@ -190,7 +194,7 @@ def benchmark(
     except OSError as exc:
         fail(f"--image: {exc}")
     inputs = [torch.tensor(p).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(up.device) for p in pictures]
-    diif_up = _optional_model(diif, device, precision) if diif else None
+    diif_up = _optional_model(diif, up.options) if diif else None
     info = {**bench.machine_info(up.device), "precision": up.precision}
     console.print(f"{up.name} on {info['device']} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
                   f"{_precision_words(up)}, rendering by {info['renderer']}, input {in_w} x {in_h}; freed memory "
@@ -253,9 +257,10 @@ def benchmark(
         payload = {"machine": info, "input_wh": [in_w, in_h], "input": source, "model": up.name, "repeats": repeats,
                    "rows": [r.as_dict() for r in rows],
                    "psnr": [{"method": m, "scale": s, "psnr": v} for (m, s), v in scores.items()]}
-        json_out.write_text(json.dumps(payload, indent=2))
+        write_text(json_out, json.dumps(payload, indent=2))
     if plot is not None:
-        bench.plot(plot, rows, scores, f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}")
+        title = f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}"
+        write_file(plot, lambda tmp: bench.plot(tmp, rows, scores, title, plot.suffix.lstrip(".").lower() or "png"))
 
 
 def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int, photos: list[Path],
@@ -284,8 +289,8 @@ def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int,
                           f"{row.speedup:.2f}x", "yes" if row.identical else "NO")
         stdout.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps({"machine": info, "model": up.name, "input_wh": [in_w, in_h],
-                                        "input": source, "frames": frames, "video": rows}, indent=2))
+        write_text(json_out, json.dumps({"machine": info, "model": up.name, "input_wh": [in_w, in_h],
+                                         "input": source, "frames": frames, "video": rows}, indent=2))
 
 
 def _tiling_benchmark(up, large_hw: tuple[int, int], crop_hw: tuple[int, int], scale: float, repeats: int,
@@ -317,9 +322,9 @@ def _tiling_benchmark(up, large_hw: tuple[int, int], crop_hw: tuple[int, int], s
                       f"{row.us_per_pixel:.2f}", f"{row.us_per_pixel / untiled:.3f}x", f"{row.peak_mb:.0f}")
     stdout.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps({"machine": info, "model": up.name, "scale": scale, "input": source,
-                                        "tiling": [{**asdict(row), "us_per_pixel": row.us_per_pixel}
-                                                   for row in rows]}, indent=2))
+        write_text(json_out, json.dumps({"machine": info, "model": up.name, "scale": scale, "input": source,
+                                         "tiling": [{**asdict(row), "us_per_pixel": row.us_per_pixel}
+                                                    for row in rows]}, indent=2))
 
 
 def _precision_words(up: Upscaler) -> str:
@@ -327,10 +332,11 @@ def _precision_words(up: Upscaler) -> str:
     return f"encoder{' and latent MLP' if up.model.latent_dtype is not None else ''} in {up.precision}"
 
 
-def _optional_model(name: str, device: str, precision: str):
-    """A second model for the benchmark, or None (with a note) when it has no weights."""
+def _optional_model(name: str, options: EngineOptions) -> Upscaler | None:
+    """A second model for the benchmark under the first one's options, or None (with a note) when it has
+    no weights."""
     try:
-        return open_upscaler(name, checked(EngineOptions, device, precision))
+        return open_upscaler(name, options)
     except LmfError as exc:
         console.print(f"DIIF not timed: {exc}", highlight=False)
         return None

@@ -6,14 +6,18 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lmf_cli.cli.common import checked, console, data_sets, fail, open_upscaler, stdout
+from lmf_cli.cli.common import checked, console, data_sets, fail, open_upscaler, stdout, write_file
 from lmf_cli.errors import LmfError
 from lmf_cli.options import EngineOptions
+
+if TYPE_CHECKING:
+    from lmf_cli.models.base import ImplicitSR
 
 
 def _duration(text: str | None) -> float | None:
@@ -87,7 +91,7 @@ def train(
     from lmf_cli.evaluation.protocol import evaluate, model_method
     from lmf_cli.imaging.degradations import PRESETS
     from lmf_cli.io.images import list_images
-    from lmf_cli.training.config import LOSSES, TrainConfig
+    from lmf_cli.training.config import LOSSES, SCHEDULES, TrainConfig
     from lmf_cli.training.data import DEFAULT_TRAIN_SETS
     from lmf_cli.training.loop import resolve_device
     from lmf_cli.training.loop import train as run_training
@@ -105,6 +109,10 @@ def train(
         fail("--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999")
     if loss not in LOSSES:
         fail(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    if schedule not in SCHEDULES:
+        fail(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if val_data is not None and not val_data.is_dir():
+        fail(f"--val-data {val_data}: no such folder")
     if restarts < 0 or (restarts and schedule != "cosine"):
         fail("--restarts must be 0 or more, and needs --schedule cosine")
     if accumulate < 1:
@@ -157,7 +165,7 @@ def train(
 
     val_images = list_images(val_folder) if val_every and val_folder.exists() else []
 
-    def validate(model) -> dict[str, float]:
+    def validate(model: ImplicitSR) -> dict[str, float]:
         results = evaluate({"m": model_method(model, str(torch_device))}, val_images, [2, 3, 4], with_ssim=False)
         return {f"{Path(val_folder).parent.name}_x{r.scale:g}": r.psnr for r in results}
 
@@ -187,8 +195,7 @@ def train(
     if export is not None:
         import shutil
 
-        export.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, export)
+        write_file(export, lambda tmp: shutil.copyfile(weights, tmp))
         log(f"exported {export}")
     log(f"weights: {weights}")
 
@@ -246,7 +253,7 @@ def calibrate(
                                           help="Write here (default: update the .safetensors in place)."),
     threshold: float = typer.Option(2e-5, "--threshold", help="MSE (normalised space) a coarse level may add."),
     data: list[Path] = typer.Option(None, "--data", help="HR folders (default: T91 and BSD200)."),
-    images: int = typer.Option(24, "--images", help="Images used per target scale."),
+    images: int = typer.Option(24, "--images", min=1, help="Images used per target scale."),
     targets: str = typer.Option("6,8,12,16,24,32", "--targets", help="Target scales to tabulate."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
@@ -270,7 +277,10 @@ def calibrate(
     if not paths:
         fail("no calibration images found")
     step = max(1, len(paths) // images)
-    chosen = [load_rgb(p) for p in paths[::step][:images]]
+    try:
+        chosen = [load_rgb(p) for p in paths[::step][:images]]
+    except LmfError as exc:
+        fail(str(exc))
     progress = Progress(TextColumn("calibrate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, disable=not sys.stderr.isatty())
     try:

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from lmf_cli.errors import option_name
 from lmf_cli.models.base import Capabilities
 
 
@@ -66,11 +67,6 @@ WHOLE_IMAGE = 1 << 30
 # Default tiles are whole multiples of this (and of the model's tile_grid): encoders with attention
 # windows (SwinIR's 8) keep tiles on their window grid even where their family does not declare it.
 TILE_STEP = 16
-# The largest difference of a tiled run from the whole-image run, in 8-bit levels, measured with the
-# random-weight test checkpoints (tests/official; no trained weights of these exist here) on a 100 x 60
-# input in 48- and 64-pixel tiles at x2 and x4: LM-CiaoSR 0.8-1.5 (0.1-0.3% of pixels over half a
-# level), CiaoSR 4.5-9.8 (11-16% of pixels over half a level).
-GLOBAL_TILE_DIFFERENCE = {"lmciaosr": 1.5, "ciaosr": 10.0}
 
 
 def _tile_budget(max_memory: int | None, device: torch.device) -> int:
@@ -89,8 +85,8 @@ def _on_grid(side: int, at_least: int, capabilities: Capabilities) -> int:
     return max(-(-at_least // step) * step, side // step * step)
 
 
-def _measured(family: str) -> str:
-    found = GLOBAL_TILE_DIFFERENCE.get(family)
+def _measured(capabilities: Capabilities) -> str:
+    found = capabilities.tile_difference
     return "" if found is None else f" (measured with random weights: up to {found:g} 8-bit levels)"
 
 
@@ -118,8 +114,9 @@ def plan_tile(capabilities: Capabilities, in_hw: tuple[int, int], tile: int | No
     if tile >= max(h, w):
         return WHOLE_IMAGE
     warnings.warn(f"{capabilities.family} attends over the whole image, so {tile}-pixel tiles will differ from "
-                  f"a whole-image run{_measured(capabilities.family)}; "
-                  f"{why}; give more memory (max_memory) or no tile size for an exact result", stacklevel=2)
+                  f"a whole-image run{_measured(capabilities)}; "
+                  f"{why}; give more memory ({option_name('max_memory')}) or no tile size for an exact result",
+                  stacklevel=2)
     return tile
 
 

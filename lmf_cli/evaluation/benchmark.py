@@ -351,8 +351,9 @@ def psnr_by_scale(model: ImplicitSR, device: torch.device, images: list[Path], s
     return scores
 
 
-def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], title: str) -> None:
-    """Time and PSNR against scale, one line per method (needs matplotlib)."""
+def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], title: str, fmt: str = "png") -> None:
+    """Time and PSNR against scale, one line per method (needs matplotlib), as a `fmt` file (png, svg,
+    pdf: matplotlib's formats)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +377,8 @@ def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], ti
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format=fmt)
+    plt.close(fig)
 
 
 def benchmark_inputs(height: int, width: int, photos: list[Path]) -> tuple[list[np.ndarray], str]:

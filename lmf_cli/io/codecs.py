@@ -371,12 +371,17 @@ def _encode_avif_pillow(pixels: np.ndarray, bits: int | None, icc: bytes | None,
     return encode_pillow(pixels, "AVIF", icc, exif, quality=quality), notes
 
 
-def encode_pillow(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, **options: Any) -> bytes:
-    """`pixels` encoded by Pillow as `fmt`, with the ICC profile and EXIF where given; a one-line error."""
+def encode_pillow(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None,
+                  quality: int | None = None) -> bytes:
+    """`pixels` encoded by Pillow as `fmt`, with the ICC profile, EXIF and quality where given; a one-line
+    error."""
+    options: dict[str, Any] = {}
     if icc:
         options["icc_profile"] = icc
     if exif:
         options["exif"] = exif
+    if quality is not None:
+        options["quality"] = quality
     buf = io.BytesIO()
     try:
         Image.fromarray(pixels).save(buf, format=fmt, **options)

@@ -64,10 +64,14 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge)."""
-    codecs.prepare(_head(Path(path)))
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    """An 8-bit RGB array; grayscale and palette images are converted (e.g. Set14's bridge). A file that
+    cannot be read is an InputError naming it (evaluation, calibration and training sets)."""
+    try:
+        codecs.prepare(_head(Path(path)))
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except _PILLOW_ERRORS as exc:
+        raise InputError(f"{path}: {_unreadable(exc, _head(Path(path)))}") from exc
 
 
 @dataclass

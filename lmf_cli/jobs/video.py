@@ -356,15 +356,15 @@ def store_segment(manifest: Manifest, plan: VideoPlan, record: dict[str, Any], d
     manifest.save()
 
 
-def segment_plan(plan: VideoPlan, manifest: Manifest, source: Source = None, exact: bool = False) -> list[SegmentWork]:
+def segment_plan(plan: VideoPlan, manifest: Manifest, exact: bool = False) -> list[SegmentWork]:
     """The job cut into segments: by the index kept in the work folder, else by a new one (saved there)
     from the packets' timestamps, or from decoded frames where those disagree with the finished
     segments or where `exact` asks for it; finished segments the final index disagrees with are dropped."""
     stamps = None if exact else manifest.load_index()
     if stamps is None or disagreeing(manifest, cut(stamps, plan.segment_frames)):
-        stamps = None if exact else segment_frames(plan, source=source)
+        stamps = None if exact else segment_frames(plan)
         if stamps is None or disagreeing(manifest, cut(stamps, plan.segment_frames)):
-            stamps = segment_frames(plan, decode=True, source=source)
+            stamps = segment_frames(plan, decode=True)
         manifest.save_index(stamps)
     work = cut(stamps, plan.segment_frames)
     wrong = disagreeing(manifest, work)

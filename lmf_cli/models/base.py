@@ -24,7 +24,6 @@ from lmf_cli.models.geometry import (
     neighbours,
 )
 from lmf_cli.models.rows import RowStream
-from lmf_cli.sizes import TRAINED_MAX_SCALE
 
 Latents = dict[str, torch.Tensor]
 
@@ -48,12 +47,14 @@ class Capabilities:
     kernel_width: int | None = None  # hidden width the compiled render kernel is built for; None: PyTorch only
     renders_pairs: bool = False  # decode_slots honours RenderWindow.pairs (CMSR on the PyTorch path)
     whole_cells: bool = False  # decodes every pixel of an LR cell at once: training samples whole cells
-    trained_max_scale: float = TRAINED_MAX_SCALE
     precisions: tuple[str, ...] = PRECISIONS  # encoder compute precisions (the MLPs stay float32)
     # The model's reach, for tiling: tiles are exact when their cores start on multiples of this many
     # input pixels (1 for convolutions; SwinIR's attention window) and their margin is tile_margin.
     # None: the reach is global (attention over the whole feature map), so no margin makes tiles exact.
     tile_grid: int | None = 1
+    # With tile_grid None: the largest difference of a tiled run from the whole-image run, in 8-bit levels,
+    # as measured (the warning before tiling quotes it); None where it was not measured.
+    tile_difference: float | None = None
     streams_rows: bool = False  # the encoder runs over row bands (stream_encoder): large images tile without margins
     decoder_margin: int = 0  # of tile_margin, what the stages after the encoder read beyond a core (streamed tiles)
 
@@ -174,7 +175,7 @@ class ImplicitSR(nn.Module):
 
     def latents(self, feat: torch.Tensor, rel_cell: torch.Tensor) -> Latents:
         """The latent tables from encoder features (B, C, h, w). Separate from the encoder so
-        that features streamed in row bands (engine/streaming.py) can be decoded in pieces."""
+        that features streamed in row bands (models/rows.py, engine/tiling.py) can be decoded in pieces."""
         raise NotImplementedError
 
     def decode_points(self, latents: Latents, index: torch.Tensor, rel: torch.Tensor,

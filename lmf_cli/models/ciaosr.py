@@ -43,6 +43,12 @@ from lmf_cli.models.mlp import MLP, ModulatedMLP
 
 CROP = 48  # the official block side of the cross-scale attention on large feature maps
 LATENT_ROWS = 1 << 14  # LR pixels per band of the latent stage: bounds its (large) intermediates
+# The largest difference of a tiled run from the whole-image run, in 8-bit levels (the attention reads the
+# whole feature map, so tiles cannot be exact), measured with the random-weight test checkpoints
+# (tests/official; no trained weights of these exist here) on a 100 x 60 input in 48- and 64-pixel tiles at
+# x2 and x4: LM-CiaoSR 0.8-1.5 (0.1-0.3% of pixels over half a level), CiaoSR 4.5-9.8 (11-16% over half a level).
+LM_CIAOSR_TILE_DIFFERENCE = 1.5
+CIAOSR_TILE_DIFFERENCE = 10.0
 
 
 def _conv_prelu(cin: int, cout: int) -> nn.Sequential:
@@ -272,7 +278,8 @@ class LMCiaoSR(LMLIIF):
         return Capabilities("lmciaosr", encoder_margin(self.encoder), self.encoder.out_dim,
                             self.hypernet_q.linears[-1].out_features,
                             max(layer.out_features for layer in self.imnet_q.linears), cmsr=True,
-                            kernel_width=self.imnet_q.hidden_dim, renders_pairs=True, tile_grid=None)
+                            kernel_width=self.imnet_q.hidden_dim, renders_pairs=True, tile_grid=None,
+                            tile_difference=LM_CIAOSR_TILE_DIFFERENCE)
 
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         pixels = in_hw[0] * in_hw[1]
@@ -390,7 +397,7 @@ class CiaoSR(ImplicitSR):
         widest = max(layer.out_features for mlp in (self.imnet_k, self.imnet_v, self.imnet_q) for layer in mlp.linears)
         return Capabilities("ciaosr", encoder_margin(self.encoder), self.encoder.out_dim,
                             self.imnet_v.linears[-1].out_features + 2 * self.imnet_k.linears[0].out_features,
-                            widest, tile_grid=None)
+                            widest, tile_grid=None, tile_difference=CIAOSR_TILE_DIFFERENCE)
 
     def stage_macs(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict[str, float]:
         """The architecture's MACs: per output pixel the query MLP and, per neighbour, the key

@@ -33,7 +33,6 @@ from torch import nn
 
 from lmf_cli.models.base import (
     DECODER_MARGIN,
-    TRAINED_MAX_SCALE,
     Capabilities,
     ImplicitSR,
     Latents,
@@ -53,6 +52,7 @@ from lmf_cli.models.geometry import (
     bilinear_window_last,
     gather_latents,
 )
+from lmf_cli.sizes import TRAINED_MAX_SCALE
 
 CORNERS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), the order of the hidden vectors
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lmf_cli.engine.cmsr import DECODE_SCALES, DEFAULT_THRESHOLD, TARGET_SCALES, block_strength, level_grid
-from lmf_cli.engine.render import encode_image, owners, render_coarse, render_region
+from lmf_cli.engine.render import Geometry, encode_image, owners, render_coarse, render_region
 from lmf_cli.errors import InputError
 from lmf_cli.imaging.resample import make_pair
 from lmf_cli.models.base import ImplicitSR
@@ -87,10 +87,13 @@ def calibrate(model: ImplicitSR, images: list[np.ndarray], threshold: float = DE
                 strength = block_strength(model.modulation_intensity(g.latents)[0])[own_r][:, own_c]
                 whole = (0, out_hw[0]), (0, out_hw[1])
 
-                def full(g=g, out_hw=out_hw, whole=whole):
+                def full(g: Geometry = g, out_hw: tuple[int, int] = out_hw,
+                         whole: tuple[tuple[int, int], tuple[int, int]] = whole) -> torch.Tensor:
                     return render_region(model, g, out_hw, *whole)
 
-                def coarse(d, g=g, out_hw=out_hw, whole=whole, scale=scale):
+                def coarse(d: float, g: Geometry = g, out_hw: tuple[int, int] = out_hw,
+                           whole: tuple[tuple[int, int], tuple[int, int]] = whole,
+                           scale: float = scale) -> torch.Tensor:
                     return render_coarse(model, g, level_grid(out_hw, scale, d), *whole)
 
                 per_image.append(calibrate_image(full, coarse, strength, scale, DECODE_SCALES, threshold))

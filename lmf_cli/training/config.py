@@ -38,6 +38,7 @@ class TrainConfig:
 
 
 LOSSES = ("l1", "l1+fft")
+SCHEDULES = ("step", "cosine")
 # The spectrum term's weight in "l1+fft", as in deblurring work that pairs the two (MIMO-UNet's
 # 0.1): with orthonormal FFTs a coefficient's error is on the scale of a pixel's, so the spectrum
 # nudges the high frequencies without outweighing the pixels.

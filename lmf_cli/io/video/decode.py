@@ -94,16 +94,14 @@ def frames_after(plan: VideoPlan, after: int | None, source: Source = None, pixe
             report.forget(base, report.mark())
 
 
-def segment_frames(plan: VideoPlan, decode: bool = False, source: Source = None) -> list[int]:
+def segment_frames(plan: VideoPlan, decode: bool = False) -> list[int]:
     """The timestamps of the range's frames in presentation order, which cut a job into segments of
     plan.segment_frames. From the packets' timestamps (seconds for hours of video), or, with `decode`
     or where a packet has none, from decoded frames exactly as `frames_after` sees them."""
     if not decode:
         start = plan.shift if plan.start else None
         end = plan.ticks(plan.end, plan.time_base)
-        if isinstance(source, bytes | bytearray | memoryview):
-            source = io.BytesIO(source)
-        with av.open(source if source is not None else str(plan.source)) as inp:
+        with av.open(str(plan.source)) as inp:
             stream = inp.streams[plan.video_index]
             mend = Mender(plan.jumps, stream.time_base, max(1, round(1 / (plan.rate * plan.time_base))))
             stamps = []
@@ -113,7 +111,7 @@ def segment_frames(plan: VideoPlan, decode: bool = False, source: Source = None)
                     stamps.append(p.pts)
         if None not in stamps:
             return [pts for pts in sorted(stamps) if (start is None or pts >= start) and (end is None or pts < end)]
-    return [pts for pts, _, _ in frames_after(plan, None, source, pixels=False)]
+    return [pts for pts, _, _ in frames_after(plan, None, pixels=False)]
 
 
 def _fitted(frame: av.VideoFrame, plan: VideoPlan, reformatter: VideoReformatter) -> np.ndarray:

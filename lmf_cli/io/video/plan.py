@@ -11,10 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
 
 import av
-import numpy as np
 from av.error import FFmpegError
 from av.sidedata.sidedata import Type as SideDataType
 from av.stream import Disposition
@@ -40,19 +38,6 @@ CONTAINERS = (".mkv", ".mp4", ".mov", ".m4v", ".webm")
 SEGMENT_FRAMES = 240
 _COLOUR = ("color_primaries", "color_trc", "colorspace", "color_range")
 Size = float | tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int]]
-
-
-class FrameUpscaler(Protocol):
-    """What video needs of an upscaler (`lmf_cli.Upscaler` is one): frames in and out, and
-    the facts a resumed job must match. Kept as a protocol so files never import the API."""
-
-    loaded: Any  # .source: the weights file
-    precision: str
-    model: Any
-    device: Any
-
-    def upscale_batch(self, images: np.ndarray, scale: Any = None, size: tuple[int, int] | None = None, *,
-                      tile: int | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -108,17 +93,6 @@ class VideoPlan:
     def seconds(self, pts: int, time_base: Fraction | None = None) -> float:
         """A timestamp as seconds into the input, for messages."""
         return float(pts * (time_base or self.time_base) - self.origin)
-
-    def key(self, upscaler: FrameUpscaler, tile: int | None, batch: int = 1) -> dict[str, Any]:
-        """What a resumed job must share with the interrupted one to give the same file."""
-        st = self.source.stat()
-        weights = Path(upscaler.loaded.source)
-        return {"source": str(self.source.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
-                "out": list(self.out_hw), "codec": self.codec, "pix_fmt": self.pix_fmt, "options": self.options,
-                "global_header": self.global_header, "start": self.start, "end": self.end,
-                "segment": self.segment_frames,
-                "model": str(weights.resolve()), "model_mtime": weights.stat().st_mtime_ns if weights.exists() else 0,
-                "precision": upscaler.precision, "tile": tile, "batch": batch}
 
 
 def parse_time(text: str) -> float:
