@@ -186,6 +186,7 @@ def test_cli_train_then_eval(tiny_data, tmp_path):
     (["eval", "{set}", "--scales", "2,x"], "--scales '2,x' must be numbers separated by commas"),
     (["eval", "{damaged}"], "bad.png: not an image, or a format lmf cannot read"),
     (["benchmark", "--scales", "0.5"], "--scales 0.5: every factor must be a finite number of at least 1"),
+    (["benchmark", "--plot", "{out}.txt"], "run.txt: name a .png, .svg or .pdf file"),
     (["train", "{out}", "--data", "{set}", "--schedule", "cosin"], "--schedule 'cosin': choose one of step, cosine"),
     (["train", "{out}", "--data", "{set}", "--val-data", "{out}/none"], "/none: no such folder"),
     (["calibrate", "--images", "0", "--data", "{set}"], "Invalid value for '--images'"),

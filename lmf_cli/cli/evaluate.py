@@ -161,8 +161,11 @@ def benchmark(
     from lmf_cli.evaluation import benchmark as bench
     from lmf_cli.io.images import list_images
 
+    plot_format = None if plot is None else (plot.suffix.lstrip(".").lower() or "png")
     if plot is not None:
         require_matplotlib("--plot")
+        if plot_format not in bench.PLOT_FORMATS:
+            fail(f"--plot {plot}: name a .png, .svg or .pdf file")
     if quick:
         size, repeats, warmup, frames = "96x64", 1, 1, 4
         scales = scales or ("2" if video else "2,4,8")
@@ -260,7 +263,7 @@ def benchmark(
         write_text(json_out, json.dumps(payload, indent=2))
     if plot is not None:
         title = f"{up.name}, {in_w} x {in_h}, {info.get('gpu', info['cpu'])}"
-        write_file(plot, lambda tmp: bench.plot(tmp, rows, scores, title, plot.suffix.lstrip(".").lower() or "png"))
+        write_file(plot, lambda tmp: bench.plot(tmp, rows, scores, title, plot_format))
 
 
 def _video_benchmark(up, in_h: int, in_w: int, scales: list[float], frames: int, photos: list[Path],

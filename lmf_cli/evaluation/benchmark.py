@@ -351,9 +351,11 @@ def psnr_by_scale(model: ImplicitSR, device: torch.device, images: list[Path], s
     return scores
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
 def plot(path: Path, rows: list[Row], scores: dict[tuple[str, float], float], title: str, fmt: str = "png") -> None:
-    """Time and PSNR against scale, one line per method (needs matplotlib), as a `fmt` file (png, svg,
-    pdf: matplotlib's formats)."""
+    """Time and PSNR against scale, one line per method (needs matplotlib), as a `fmt` file (PLOT_FORMATS)."""
     import matplotlib
 
     matplotlib.use("Agg")
