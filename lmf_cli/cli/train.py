@@ -163,7 +163,7 @@ def train(
         log_file.flush()
         console.print(message, highlight=False)
 
-    val_images = list_images(val_folder) if val_every and val_folder.exists() else []
+    val_images = list_images(val_folder) if val_every else []  # the folder was checked above
 
     def validate(model: ImplicitSR) -> dict[str, float]:
         results = evaluate({"m": model_method(model, str(torch_device))}, val_images, [2, 3, 4], with_ssim=False)
