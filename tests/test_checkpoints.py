@@ -53,6 +53,15 @@ def test_half_precision_weights_are_half_the_file_and_stay_half_when_written_aga
                    "benchmark")
     again = load_weights(half)
     assert again.storage == torch.float16 and again.info["eval"] == {"Set5": {"2": 30.0}}
+    assert "eval_bicubic" not in again.info  # no bicubic row was run: no empty table recorded
+    record_results(again, again.model, "ours", [{"set": "B100", "method": "ours", "scale": 2.0, "psnr": 28.0},
+                                                {"set": "B100", "method": "bicubic", "scale": 2.0, "psnr": 27.0}],
+                   "benchmark", "jpeg:40")
+    record_results(load_weights(half), again.model, "ours",
+                   [{"set": "Set14", "method": "ours", "scale": 2.0, "psnr": 29.0}], "benchmark", "jpeg:40")
+    degraded = load_weights(half).info
+    assert degraded["eval_degraded"] == {"jpeg:40": {"B100": {"2": 28.0}, "Set14": {"2": 29.0}}}
+    assert degraded["eval_bicubic_degraded"] == {"jpeg:40": {"B100": {"2": 27.0}}}
     assert all(torch.equal(x, y) for x, y in zip(loaded.model.state_dict().values(),
                                                  again.model.state_dict().values(), strict=True))
 

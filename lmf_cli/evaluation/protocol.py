@@ -146,14 +146,15 @@ def record_results(loaded: LoadedModel, model: ImplicitSR, method: str, rows: li
         raise InputError(f"{source}: {option_name('record')} needs .safetensors weights")
     info = dict(loaded.info)
     for key, name in (("eval", method), ("eval_bicubic", "bicubic")):
+        measured = [r for r in rows if r["method"] == name]
+        if not measured:  # a method not run (--no-bicubic) leaves its table as it was, not empty
+            continue
         if degradation is None:
             table = info.setdefault(key, {})
         else:
-            table = info.setdefault(f"{key}_degraded" if key == "eval" else "eval_bicubic_degraded", {})
-            table = table.setdefault(degradation, {})
-        for r in rows:
-            if r["method"] == name:
-                table.setdefault(r["set"], {})[f"{r['scale']:g}"] = r["psnr"]
+            table = info.setdefault(f"{key}_degraded", {}).setdefault(degradation, {})
+        for r in measured:
+            table.setdefault(r["set"], {})[f"{r['scale']:g}"] = r["psnr"]
     info["eval_protocol"] = protocol
     save_weights(source, model.cpu(), loaded.spec, info, loaded.cmsr_tables, loaded.storage)
     return source
